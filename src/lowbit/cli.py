@@ -1,0 +1,231 @@
+"""The ``lowbit`` command: quantize, eval, inspect, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    return getattr(torch, name)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _presets_help() -> str:
+    from lowbit.recipes import PRESET_HELP
+
+    return "\n".join(f"  {k:16s} {v}" for k, v in PRESET_HELP.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Quantize causal LMs and measure what each quantization costs.",
+        epilog="MODEL is a built-in name (smollm2-135m), a Hugging Face folder or hub id, a .gguf file, "
+        "or a folder written by `lowbit quantize`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model and save it in lowbit's format",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize MODEL with a preset or a recipe file (YAML/JSON) and write it to --out.\n\npresets:\n"
+        + _presets_help(),
+    )
+    q.add_argument("model", metavar="MODEL")
+    q.add_argument("--recipe", required=True, metavar="PRESET_OR_FILE", help="preset name or recipe file")
+    q.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (must not exist)")
+    q.add_argument("--group-size", type=_positive, metavar="N", help="override the codec's group size")
+    q.add_argument("--bits", type=int, metavar="N", help="override the codec's bits (2..8 for int)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="perplexity, and KLD/top-1/delta PPL against a reference model")
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--ref", metavar="MODEL",
+                   help="reference model (default: the source of a lowbit folder; none for other models)")
+    e.add_argument("--no-ref", action="store_true", help="perplexity only")
+    e.add_argument("--text", default="pydoc", metavar="NAME_OR_FILE",
+                   help="pydoc (English), stdlib (Python code), a UTF-8 text file, or hf:DATASET[:CONFIG[:SPLIT]]"
+                   " (default: pydoc)")
+    e.add_argument("--seq-len", type=_positive, default=512, metavar="N", help="tokens per window (default 512)")
+    e.add_argument("--stride", type=_positive, metavar="N", help="window step (default: seq-len, no overlap)")
+    e.add_argument("--max-windows", type=_positive, metavar="N", help="evaluate at most N windows")
+    e.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="compute dtype of the evaluated model (default float32: bf16 itself costs KLD ~1e-3 on "
+                   "SmolLM2, see BENCHMARKS.md)")
+    e.add_argument("--ref-dtype", choices=DTYPES, default="float32", help="compute dtype of the reference")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the reference logits cache")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="per-layer codec, bits per weight and size of a lowbit folder")
+    i.add_argument("folder", metavar="DIR", type=Path)
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    b = sub.add_parser("bench", help="quantize with several recipes in memory, evaluate each, print a table")
+    b.add_argument("model", metavar="MODEL")
+    b.add_argument("--recipes", default="int8,w4a16,w4a16-asym,w3a16", metavar="LIST",
+                   help="comma-separated presets or recipe files (default: int8,w4a16,w4a16-asym,w3a16)")
+    b.add_argument("--text", default="pydoc", metavar="LIST", help="comma-separated texts (default: pydoc)")
+    b.add_argument("--seq-len", type=_positive, default=512, metavar="N")
+    b.add_argument("--max-windows", type=_positive, metavar="N", help="evaluate at most N windows per text")
+    b.add_argument("--dtype", choices=DTYPES, default="float32")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    b.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.io import save_quantized
+    from lowbit.models import load_model
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipes import resolve_recipe
+
+    recipe = resolve_recipe(args.recipe, group_size=args.group_size, bits=args.bits)
+    if args.out.exists() and not args.overwrite:
+        raise LowbitError(f"output folder {args.out} exists (pass --overwrite to replace it)")
+    loaded = load_model(args.model)
+    report = quantize_model(loaded.model, recipe, progress=not args.no_progress)
+    save_quantized(loaded, args.out, overwrite=args.overwrite, source=args.model)
+    from lowbit.bench.compare import block_linear_names, folder_bytes
+    from lowbit.evaluation import model_size
+
+    size = model_size(loaded.model, block_linear_names(loaded.model))
+    print(
+        f"quantized {len(report.quantized)} linears with {recipe.label()} ({recipe.codec.describe()}, "
+        f"{recipe.algorithm.name}) in {report.seconds:.1f}s: {size.bits_per_weight:.3f} bits per weight, "
+        f"{folder_bytes(args.out) / 1e6:.1f} MB on disk -> {args.out}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.bench.compare import block_linear_names
+    from lowbit.calibration import load_text
+    from lowbit.evaluation import evaluate, model_size
+    from lowbit.models import cache_dir, load_model
+
+    text = load_text(args.text)
+    loaded = load_model(args.model)
+    ref_spec = None if args.no_ref else args.ref
+    if ref_spec is None and not args.no_ref and getattr(loaded.model, "lowbit_recipe", None) is not None:
+        ref_spec = loaded.source
+    ref = load_model(ref_spec, _dtype(args.ref_dtype)).model if ref_spec else None
+    result = evaluate(
+        loaded.model, loaded.tokenizer, text, ref=ref, seq_len=args.seq_len, stride=args.stride,
+        max_windows=args.max_windows, dtype=_dtype(args.dtype), ref_dtype=_dtype(args.ref_dtype),
+        cache_dir=None if args.no_cache else cache_dir(), progress=not args.no_progress,
+    )
+    size = model_size(loaded.model, block_linear_names(loaded.model))
+    result.bits_per_weight = size.bits_per_weight
+    result.model_bytes = size.model_bytes
+    out = result.to_dict()
+    out["model"] = args.model
+    out["ref"] = ref_spec
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            if v is not None:
+                print(f"{k:16s} {v:.6g}" if isinstance(v, float) else f"{k:16s} {v}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowbit.codecs import QuantizedTensor
+    from lowbit.io.lowbit_format import read_marker, read_weights
+    from lowbit.recipes import Recipe
+
+    folder: Path = args.folder
+    if not folder.is_dir():
+        raise LowbitError(f"no such folder: {folder}")
+    marker = read_marker(folder)
+    recipe = Recipe.from_file(folder / "recipe.json")
+    tensors, headers = read_weights(folder)
+    layers = []
+    for name in sorted(headers, key=_natural_key):
+        qt = QuantizedTensor.from_state_dict(headers[name], tensors, f"{name}.weight")
+        layers.append({"module": name, "codec": qt.get_codec().describe(), "shape": list(qt.shape),
+                       "bpw": qt.bits_per_weight, "bytes": qt.nbytes})
+    quant_bytes = sum(layer["bytes"] for layer in layers)
+    quant_params = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
+    consumed = {k for name in headers for k in tensors if k.startswith(f"{name}.weight.")}
+    dense_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in consumed)
+    summary = {
+        "folder": str(folder), "source": marker.get("source"), "recipe": recipe.label(),
+        "recipe_digest": marker.get("recipe_digest"), "quantized_layers": len(layers),
+        "quantized_bits_per_weight": 8 * quant_bytes / max(quant_params, 1),
+        "quantized_bytes": quant_bytes, "dense_bytes": dense_bytes, "model_bytes": quant_bytes + dense_bytes,
+    }
+    if args.json:
+        print(json.dumps({**summary, "layers": layers}))
+        return 0
+    width = max((len(layer["module"]) for layer in layers), default=6)
+    print(f"{'module':{width}s}  {'codec':22s} {'shape':>12s} {'bpw':>7s} {'bytes':>10s}")
+    for layer in layers:
+        shape = "x".join(map(str, layer["shape"]))
+        print(f"{layer['module']:{width}s}  {layer['codec']:22s} {shape:>12s} {layer['bpw']:7.3f} {layer['bytes']:10d}")
+    print()
+    for k, v in summary.items():
+        print(f"{k:26s} {v:.4f}" if isinstance(v, float) else f"{k:26s} {v}")
+    return 0
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lowbit.bench import compare_recipes, format_table
+    from lowbit.calibration import load_text
+    from lowbit.models import load_model
+    from lowbit.recipes import resolve_recipe
+
+    recipes = [resolve_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
+    texts = [load_text(t.strip()) for t in args.text.split(",") if t.strip()]
+    base = load_model(args.model)
+    rows = compare_recipes(base, recipes, texts, seq_len=args.seq_len, max_windows=args.max_windows,
+                           dtype=_dtype(args.dtype), progress=not args.no_progress)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows]))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

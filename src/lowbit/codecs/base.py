@@ -1,0 +1,173 @@
+"""The codec interface: how numbers are stored.
+
+A codec turns a float weight into codes plus scale data and back, and knows its exact byte
+layout. Algorithms (RTN, GPTQ, AWQ, ...) only ever call the two steps below, so any algorithm
+can target any codec:
+
+* :meth:`Codec.fit` -- the scale data of each group, for a range shrunk by ``shrink``;
+* :meth:`Codec.encode` / :meth:`Codec.decode` -- values <-> codes, given scale data.
+
+All three work on the grouped view ``(R, G, g)`` of :mod:`lowbit.codecs.grouping` (or on any
+slice of it, e.g. one column ``(R, G, 1)``); scale data tensors have shape ``(R, G)`` and are
+returned already in their storage dtype, so that encoding with them is exactly what a reader
+of the stored file decodes.
+
+Codecs are pydantic models: their fields are their parameters, and a recipe stores them as is.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from lowbit.codecs.grouping import Grouping
+from lowbit.codecs.quantized_tensor import QuantizedTensor
+
+ScaleData = dict[str, torch.Tensor]
+
+
+class Codec(BaseModel, ABC):
+    """A number format. Subclasses declare ``name: Literal[...]`` and their parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    registry: ClassVar[dict[str, type["Codec"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: object) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields.get("name")
+        if field is not None and isinstance(field.default, str):
+            Codec.registry[field.default] = cls
+
+    # -- layout -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def grouping(self) -> Grouping:
+        """How weights are cut into groups that share scale data."""
+
+    @property
+    @abstractmethod
+    def code_bits(self) -> int:
+        """Bits per stored code."""
+
+    @abstractmethod
+    def scale_dtypes(self) -> dict[str, torch.dtype]:
+        """Name -> storage dtype of each scale-data tensor (each of shape ``(R, G)``)."""
+
+    # -- the two steps ------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, groups: torch.Tensor, shrink: float | torch.Tensor = 1.0) -> ScaleData:
+        """Scale data for ``groups`` ``(R, G, g)`` whose range is scaled by ``shrink``
+        (a float, or a ``(R, G)`` tensor of per-group factors in ``(0, 1]``)."""
+
+    @abstractmethod
+    def encode(self, values: torch.Tensor, scale: ScaleData) -> torch.Tensor:
+        """Codes (uint8, same shape as ``values`` ``(R, G, k)``) for values under ``scale``."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor, scale: ScaleData) -> torch.Tensor:
+        """Float32 values of ``codes`` ``(R, G, k)`` under ``scale``."""
+
+    # -- generic machinery --------------------------------------------------------------
+    def quantize_dequantize(self, values: torch.Tensor, scale: ScaleData) -> torch.Tensor:
+        """``decode(encode(values))``: the values this format stores for ``values``."""
+        return self.decode(self.encode(values, scale), scale)
+
+    def fit_group_scales(
+        self,
+        groups: torch.Tensor,
+        weights: torch.Tensor,
+        shrink_grid: torch.Tensor | None = None,
+    ) -> ScaleData:
+        """Scale data per group; with ``shrink_grid``, the shrink factor of each group that
+        gives the lowest ``weights``-weighted squared error (``weights`` broadcasts against
+        ``groups``; the factor 1.0 is always a candidate)."""
+        best = self.fit(groups, 1.0)
+        if shrink_grid is None or shrink_grid.numel() == 0:
+            return best
+        best_err = self._group_error(groups, weights, best)
+        for s in shrink_grid.tolist():
+            if s == 1.0:
+                continue
+            cand = self.fit(groups, float(s))
+            err = self._group_error(groups, weights, cand)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = {k: torch.where(better, cand[k], best[k]) for k in best}
+        return best
+
+    def _group_error(self, groups: torch.Tensor, weights: torch.Tensor, scale: ScaleData) -> torch.Tensor:
+        diff = self.quantize_dequantize(groups, scale) - groups
+        return (diff.square() * weights).sum(dim=-1)
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        importance: torch.Tensor | None = None,
+        shrink_grid: torch.Tensor | None = None,
+    ) -> QuantizedTensor:
+        """Round-to-nearest quantization of a 2-D weight ``(out, in)``.
+
+        ``importance`` ``(in,)`` weights the error of each input column in the scale search.
+        """
+        w = self.check_weight(weight)
+        g = self.grouping
+        groups = g.split(w)
+        scale = self.fit_group_scales(groups, g.weights(tuple(w.shape), importance), shrink_grid)
+        codes = self.encode(groups, scale)
+        return self.pack(g.merge(codes, tuple(w.shape)), scale, tuple(w.shape))
+
+    def check_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as float32 ``(out, in)``, or a ValueError that says what is wrong."""
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+        if not weight.dtype.is_floating_point:
+            raise ValueError(f"expected a floating-point weight, got {weight.dtype}")
+        w = weight.detach().to(torch.float32)
+        if not torch.isfinite(w).all():
+            raise ValueError("weight contains NaN or Inf")
+        return w
+
+    def pack(self, codes: torch.Tensor, scale: ScaleData, shape: tuple[int, int]) -> QuantizedTensor:
+        """Store codes ``(out, in)`` and scale data as a :class:`QuantizedTensor`."""
+        from lowbit.codecs.packing import pack_codes
+
+        data = {"codes": pack_codes(codes, self.code_bits)}
+        dtypes = self.scale_dtypes()
+        for k, v in scale.items():
+            data[k] = v.to(dtypes[k]).contiguous()
+        return QuantizedTensor(codec=self.model_dump(), shape=shape, data=data)
+
+    def unpack(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ScaleData]:
+        """Codes in the grouped view ``(R, G, g)`` and scale data of a stored tensor."""
+        from lowbit.codecs.packing import unpack_codes
+
+        rows, cols = qt.shape
+        codes = unpack_codes(qt.data["codes"], self.code_bits, rows * cols).view(rows, cols)
+        scale = {k: v for k, v in qt.data.items() if k != "codes"}
+        return self.grouping.split(codes), scale
+
+    def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
+        """Float32 ``(out, in)`` weight of a stored tensor."""
+        codes, scale = self.unpack(qt)
+        return self.grouping.merge(self.decode(codes, scale), qt.shape)
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Exact stored bytes of a weight of ``shape``: packed codes plus scale data."""
+        from lowbit.codecs.packing import packed_nbytes
+
+        R, G, _ = self.grouping.grid(shape)
+        scale_bytes = sum(R * G * torch.empty((), dtype=d).element_size() for d in self.scale_dtypes().values())
+        return packed_nbytes(shape[0] * shape[1], self.code_bits) + scale_bytes
+
+    def describe(self) -> str:
+        """Short human-readable name, e.g. ``int4 g128 sym``."""
+        return self.name

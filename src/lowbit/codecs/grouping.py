@@ -1,0 +1,78 @@
+"""How a 2-D weight is cut into the groups that share scale data.
+
+A weight of shape ``(rows, cols)`` (``rows`` = output features, ``cols`` = input features) is
+viewed as a 3-D tensor ``(R, G, g)``: ``G`` groups of ``g`` values per row, along the input
+dimension.
+
+* ``tensor``: one group for the whole tensor, ``(1, 1, rows*cols)``.
+* ``channel``: one group per output row, ``(rows, 1, cols)``.
+* ``group``: ``G = ceil(cols / group_size)`` groups per row, ``(rows, G, group_size)``. When
+  ``group_size`` does not divide ``cols`` the last group is shorter (as the GPTQ layout's
+  ``g_idx`` allows); in the 3-D view it is padded with zeros that carry zero weight in every
+  error and are dropped again by :meth:`Grouping.merge`. Zero padding never changes a
+  min/max or absmax fit that includes zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel", "group"]
+
+
+@dataclass(frozen=True)
+class Grouping:
+    granularity: Granularity
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity == "group":
+            if self.group_size is None or self.group_size <= 0:
+                raise ValueError(f"group_size must be a positive integer, got {self.group_size}")
+        elif self.granularity not in ("tensor", "channel"):
+            raise ValueError(f"unknown granularity {self.granularity!r}")
+
+    def grid(self, shape: tuple[int, int]) -> tuple[int, int, int]:
+        """``(R, G, g)`` of the grouped view of a ``(rows, cols)`` weight."""
+        rows, cols = shape
+        if self.granularity == "tensor":
+            return 1, 1, rows * cols
+        if self.granularity == "channel":
+            return rows, 1, cols
+        g = self.group_size
+        assert g is not None
+        return rows, -(-cols // g), g
+
+    def split(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(rows, cols)`` -> ``(R, G, g)``, zero-padded where the last group is short."""
+        rows, cols = weight.shape
+        R, G, g = self.grid((rows, cols))
+        if self.granularity != "group":
+            return weight.reshape(R, G, g)
+        pad = G * g - cols
+        if pad:
+            weight = torch.nn.functional.pad(weight, (0, pad))
+        return weight.reshape(R, G, g)
+
+    def merge(self, groups: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`split`: drop padding, back to ``(rows, cols)``."""
+        rows, cols = shape
+        if self.granularity != "group":
+            return groups.reshape(rows, cols)
+        return groups.reshape(rows, -1)[:, :cols]
+
+    def weights(self, shape: tuple[int, int], importance: torch.Tensor | None) -> torch.Tensor:
+        """Per-value error weights in the grouped view: the per-column ``importance`` (or 1),
+        zero on padding. Shape broadcasts against ``(R, G, g)``."""
+        rows, cols = shape
+        imp = torch.ones(cols) if importance is None else importance.detach().to(torch.float32).reshape(-1)
+        if imp.numel() != cols:
+            raise ValueError(f"importance has {imp.numel()} entries for {cols} columns")
+        if self.granularity == "tensor":
+            return imp.repeat(rows).reshape(1, 1, rows * cols)
+        if self.granularity == "channel":
+            return imp.reshape(1, 1, cols)
+        return self.split(imp.reshape(1, cols))

@@ -1,0 +1,120 @@
+"""Integer codec: INT2..INT8, symmetric or asymmetric, per tensor / channel / group.
+
+Codes are unsigned ``q`` in ``[0, 2**bits - 1]`` and decode as ``x = scale * (q - zero)``.
+
+* asymmetric, ``zero_point="integer"`` (GPTQ, AWQ, compressed-tensors): the range
+  ``[min(x, 0), max(x, 0)]`` (times ``shrink``) maps onto the codes;
+  ``scale = (hi - lo) / (2**bits - 1)``, ``zero = round(-lo / scale)``. ``scale`` and the
+  integer ``zero`` are both stored as fp16 (every integer up to 2048 is exact in fp16), so
+  4-bit with 128-wide groups costs ``4 + 32/128 = 4.25`` bits per weight.
+* asymmetric, ``zero_point="float"`` (llama.cpp Q4_1/Q5_1, HQQ): ``x = scale * q + offset``
+  with ``offset = lo`` and ``lo, hi`` the group's own min and max (zero need not be in range),
+  both stored as fp16 (``zero`` holds ``offset``). Same size; it reproduces a Q4_1 grid exactly
+  at 32-wide groups.
+* symmetric: ``zero = 2**(bits-1)`` is implied, not stored, and
+  ``scale = absmax / ((2**bits - 1) / 2)``, the convention of GPTQ and compressed-tensors:
+  codes reach ``-2**(bits-1)`` steps below zero and ``2**(bits-1) - 1`` above, so the largest
+  positive value clips by half a step. 4-bit g128 symmetric costs 4.125 bits per weight.
+
+Rounding is round-half-to-even in float32 (``torch.round``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from lowbit.codecs.base import Codec, ScaleData
+from lowbit.codecs.grouping import Granularity, Grouping
+
+# Smallest scale we store: keeps an all-zero group finite in fp16 and its codes at `zero`.
+_MIN_SCALE = 2.0**-24
+_FP16_MAX = 65504.0
+
+
+class IntCodec(Codec):
+    """Uniform integer quantization (see module docstring for the exact mapping)."""
+
+    name: Literal["int"] = "int"
+    bits: int = Field(4, ge=2, le=8, description="bits per code, 2..8")
+    symmetric: bool = Field(True, description="zero point fixed at 2**(bits-1) (not stored)")
+    granularity: Granularity = Field("group", description="tensor, channel (per output row) or group")
+    group_size: int | None = Field(128, gt=0, description="values per group along the input dimension")
+    zero_point: Literal["integer", "float"] = Field(
+        "integer", description="asymmetric only: integer zero point (GPTQ) or float offset (Q4_1)"
+    )
+
+    @model_validator(mode="after")
+    def _group_size_matches(self) -> "IntCodec":
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs a group_size")
+        if self.granularity != "group" and self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+        return self
+
+    @property
+    def grouping(self) -> Grouping:
+        return Grouping(self.granularity, self.group_size)
+
+    @property
+    def code_bits(self) -> int:
+        return self.bits
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def scale_dtypes(self) -> dict[str, torch.dtype]:
+        if self.symmetric:
+            return {"scale": torch.float16}
+        return {"scale": torch.float16, "zero": torch.float16}
+
+    def fit(self, groups: torch.Tensor, shrink: float | torch.Tensor = 1.0) -> ScaleData:
+        groups = groups.to(torch.float32)
+        if self.symmetric:
+            absmax = groups.abs().amax(dim=-1) * shrink
+            scale = absmax / (self.qmax / 2)
+            return {"scale": _to_fp16_scale(scale)}
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        if self.zero_point == "float":
+            mid = (lo + hi) / 2
+            lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
+            scale = _to_fp16_scale((hi - lo) / self.qmax)
+            return {"scale": scale, "zero": lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)}
+        lo, hi = lo.clamp(max=0) * shrink, hi.clamp(min=0) * shrink
+        scale = _to_fp16_scale((hi - lo) / self.qmax)
+        zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, self.qmax)
+        return {"scale": scale, "zero": zero.to(torch.float16)}
+
+    @property
+    def _float_zero(self) -> bool:
+        return not self.symmetric and self.zero_point == "float"
+
+    def _zero(self, scale: ScaleData) -> torch.Tensor | float:
+        return float(1 << (self.bits - 1)) if self.symmetric else scale["zero"].to(torch.float32).unsqueeze(-1)
+
+    def encode(self, values: torch.Tensor, scale: ScaleData) -> torch.Tensor:
+        s = scale["scale"].to(torch.float32).unsqueeze(-1)
+        if self._float_zero:
+            q = torch.round((values.to(torch.float32) - scale["zero"].to(torch.float32).unsqueeze(-1)) / s)
+            return q.clamp(0, self.qmax).to(torch.uint8)
+        q = torch.round(values.to(torch.float32) / s) + self._zero(scale)
+        return q.clamp(0, self.qmax).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, scale: ScaleData) -> torch.Tensor:
+        s = scale["scale"].to(torch.float32).unsqueeze(-1)
+        if self._float_zero:
+            return codes.to(torch.float32) * s + scale["zero"].to(torch.float32).unsqueeze(-1)
+        return (codes.to(torch.float32) - self._zero(scale)) * s
+
+    def describe(self) -> str:
+        kind = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        mode = "sym" if self.symmetric else ("asym-f" if self._float_zero else "asym")
+        return f"int{self.bits} {kind} {mode}"
+
+
+def _to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round a float32 scale to its fp16 storage value, kept away from 0 and Inf."""
+    return scale.clamp(_MIN_SCALE, _FP16_MAX).to(torch.float16)

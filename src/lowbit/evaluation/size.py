@@ -1,0 +1,59 @@
+"""Bytes and bits per weight of a model as lowbit stores it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.modules import QuantLinear
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    model_bytes: int  # every stored tensor: quantized parts plus dense tensors in their storage dtype
+    linear_bytes: int  # the decoder-block linears (quantized or not)
+    linear_params: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight over the decoder-block linears, scale data included."""
+        return 8.0 * self.linear_bytes / max(self.linear_params, 1)
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype lowbit stores dense tensors of a quantized model in (None: as they are)."""
+    recipe = getattr(model, "lowbit_recipe", None)
+    return None if recipe is None else getattr(torch, recipe.dense_dtype)
+
+
+def model_size(model: nn.Module, block_linears: list[str]) -> ModelSize:
+    """Sizes of ``model``; ``block_linears`` are the full names of its decoder-block linears."""
+    dense_dtype = storage_dtype(model)
+    linear_set = set(block_linears)
+    total = lin_bytes = lin_params = 0
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            nbytes = module.qweight.nbytes
+            total += nbytes
+            if mod_name in linear_set:
+                lin_bytes += nbytes
+                lin_params += module.in_features * module.out_features
+        for p_name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if isinstance(module, QuantLinear) and p_name.startswith("qweight_"):
+                continue
+            if id(t) in seen or (p_name not in dict(module.named_parameters(recurse=False)) and not _persistent(module, p_name)):
+                continue
+            seen.add(id(t))
+            elt = torch.empty((), dtype=dense_dtype or t.dtype).element_size() if t.dtype.is_floating_point else t.element_size()
+            total += t.numel() * elt
+            if mod_name in linear_set and p_name == "weight":
+                lin_bytes += t.numel() * elt
+                lin_params += t.numel()
+    return ModelSize(total, lin_bytes, lin_params)
+
+
+def _persistent(module: nn.Module, name: str) -> bool:
+    return name not in getattr(module, "_non_persistent_buffers_set", set())

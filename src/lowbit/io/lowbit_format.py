@@ -1,0 +1,198 @@
+"""lowbit's own checkpoint format.
+
+A folder::
+
+    lowbit.json          format version, lowbit version, source model, recipe digest
+    recipe.json          the full recipe (reproduces the result)
+    config.json          the transformers config of the model
+    model.safetensors    dense tensors in the recipe's dense dtype, and for each quantized
+                         linear NAME: NAME.weight.codes (packed uint8) plus its scale data
+                         (NAME.weight.scale, NAME.weight.zero, ...); the safetensors metadata
+                         key "lowbit.quantized" maps NAME to its codec and logical shape
+    tokenizer files
+
+It is written into a hidden temporary folder beside the target and renamed only when complete,
+so a failure never leaves a partial model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import lowbit
+from lowbit.codecs import QuantizedTensor
+from lowbit.errors import LowbitError
+from lowbit.modules import QuantLinear
+
+if TYPE_CHECKING:
+    from lowbit.models.loading import LoadedModel
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MARKER = "lowbit.json"
+QUANT_KEY = "lowbit.quantized"
+
+
+def quantized_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store and the per-linear headers; tied tensors are stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    headers: dict[str, str] = {}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, QuantLinear):
+            qt = module.qweight
+            headers[mod_name] = qt.header()
+            tensors.update({k: v.contiguous() for k, v in qt.state_dict(f"{prefix}weight").items()})
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        items = list(module.named_parameters(recurse=False))
+        items += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in non_persistent]
+        for name, t in items:
+            if isinstance(module, QuantLinear) and name.startswith("qweight_"):
+                continue
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            t = t.detach()
+            tensors[prefix + name] = (t.to(dense_dtype) if t.dtype.is_floating_point else t).contiguous()
+    return tensors, headers
+
+
+def save_quantized(loaded: "LoadedModel", out: Path, overwrite: bool = False, source: str | None = None) -> Path:
+    """Write a quantized model (``loaded.model.lowbit_recipe`` set) to the folder ``out``."""
+    model = loaded.model
+    recipe = getattr(model, "lowbit_recipe", None)
+    if recipe is None:
+        raise LowbitError("the model is not quantized (no recipe attached)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"output folder {out} exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors, headers = quantized_state(model, getattr(torch, recipe.dense_dtype))
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", QUANT_KEY: json.dumps(headers)})
+        model.config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        marker = {
+            "format": "lowbit",
+            "format_version": FORMAT_VERSION,
+            "lowbit_version": lowbit.__version__,
+            "source": source or loaded.source,
+            "recipe_digest": recipe.digest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "quantized_modules": len(headers),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{path}: unreadable {MARKER} ({e})") from None
+    if marker.get("format") != "lowbit" or marker.get("format_version") != FORMAT_VERSION:
+        raise LowbitError(f"{path}: not a lowbit folder of format version {FORMAT_VERSION}")
+    return marker
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of ``model.safetensors`` and the quantized-linear headers."""
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise LowbitError(f"{path}: missing {WEIGHTS}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+        raise LowbitError(f"{file}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
+    try:
+        headers = json.loads(meta.get(QUANT_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise LowbitError(f"{file}: corrupt {QUANT_KEY} metadata") from None
+    return tensors, headers
+
+
+def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
+    """Rebuild a quantized model from a lowbit folder; dense tensors are cast to ``dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from lowbit.models.loading import LoadedModel, _quiet_transformers
+    from lowbit.recipes import Recipe
+
+    _quiet_transformers()
+    path = Path(path)
+    marker = read_marker(path)
+    recipe = Recipe.from_file(path / "recipe.json")
+    tensors, headers = read_weights(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise LowbitError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0][:200]}") from None
+
+    consumed: set[str] = set()
+    for name, header in headers.items():
+        try:
+            qt = QuantizedTensor.from_state_dict(header, tensors, f"{name}.weight")
+            old = model.get_submodule(name)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise LowbitError(f"{path}: bad quantized tensor {name}: {e}") from None
+        bias = tensors.get(f"{name}.bias")
+        if bias is not None:
+            consumed.add(f"{name}.bias")
+        if getattr(old, "bias", None) is not None and bias is None:
+            raise LowbitError(f"{path}: missing {name}.bias")
+        model.set_submodule(name, QuantLinear(qt, None if bias is None else bias.to(dtype)))
+        consumed.update(qt.state_dict(f"{name}.weight"))
+
+    rest = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items() if k not in consumed}
+    result = model.load_state_dict(rest, strict=False)
+    if result.unexpected_keys:
+        raise LowbitError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if not _is_tied_or_quantized(model, k)]
+    if missing:
+        raise LowbitError(f"{path}: missing tensors {missing[:5]}")
+    model.lowbit_recipe = recipe
+    model.eval()
+    return LoadedModel(model, tokenizer, str(marker.get("source", path)), path)
+
+
+def _is_tied_or_quantized(model: nn.Module, key: str) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if isinstance(module, QuantLinear):
+        return True
+    # A tied weight (e.g. lm_head.weight = embed_tokens.weight) is stored once, under its source.
+    t = getattr(module, attr, None)
+    if t is None:
+        return False
+    return any(p is t for n, p in model.named_parameters() if n != key)

@@ -1,0 +1,133 @@
+"""Load a causal LM and its tokenizer from a local HF folder, a hub id, a ``.gguf`` file, a
+lowbit quantized folder, or a built-in name."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+LOWBIT_MARKER = "lowbit.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: ``model`` in eval mode, its ``tokenizer``, and where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    path: Path | None = None
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``spec``: a built-in name (``smollm2-135m``), a lowbit folder, an HF folder, a
+    ``.gguf`` file, or a hub id. Weights are in ``dtype`` (quantized weights stay packed)."""
+    from lowbit.models.builtin import BUILTIN_MODELS, builtin_model_path
+
+    if spec in BUILTIN_MODELS:
+        return _load_hf_folder(builtin_model_path(spec), dtype, source=spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if (path / LOWBIT_MARKER).exists():
+                from lowbit.io.lowbit_format import load_quantized
+
+                return load_quantized(path, dtype)
+            return _load_hf_folder(path, dtype, source=spec)
+        if path.suffix == ".gguf":
+            return load_gguf(path, dtype)
+        raise LowbitError(f"{spec}: not a model folder or a .gguf file")
+    if _looks_like_path(spec):
+        raise LowbitError(f"no such file or directory: {spec}")
+    return _load_from_hub(spec, dtype)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or spec.endswith((".gguf", ".safetensors")) or spec.count("/") > 1 or os.sep in spec and spec.count(os.sep) > 1
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _load_hf_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    if not (path / "config.json").is_file():
+        raise LowbitError(f"{path}: no config.json, not a Hugging Face model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for corrupt or partial folders
+        raise LowbitError(f"cannot load model from {path}: {_first_line(e)}") from None
+    model.eval()
+    return LoadedModel(model, tokenizer, source, path)
+
+
+def _load_from_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    except Exception as e:
+        raise LowbitError(
+            f"cannot load {repo_id!r} from the Hugging Face hub ({_first_line(e)}); if offline, pass a local "
+            "folder, a .gguf file, or the built-in 'smollm2-135m'"
+        ) from None
+    model.eval()
+    return LoadedModel(model, tokenizer, repo_id, None)
+
+
+def check_gguf(path: Path) -> None:
+    """Parse a GGUF file's header and tensor table; LowbitError if it is truncated or corrupt."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except Exception as e:
+        raise LowbitError(f"{path}: corrupt or truncated GGUF file ({_first_line(e)})") from None
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Dequantize a GGUF file into a transformers model, with the tokenizer stored in it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(path)
+    _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise LowbitError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
+    # The weights are now plain dense tensors; drop the marker so that saving writes an HF model.
+    model.config.quantization_config = None
+    if hasattr(model.config, "_pre_quantization_dtype"):
+        del model.config._pre_quantization_dtype
+    model.hf_quantizer = None
+    model.eval()
+    return LoadedModel(model, tokenizer, str(path), path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,87 @@
+"""QuantLinear: a linear layer whose weight is a packed :class:`QuantizedTensor`.
+
+The reference path dequantizes to the input's dtype and calls ``F.linear``. Fast kernels
+(torch int8/int4 ops, CUDA/Triton) plug in later behind the same module. During evaluation,
+:func:`cache_dequantized_weights` keeps one dense copy per layer so that repeated forwards do
+not unpack again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.codecs import QuantizedTensor
+
+_PART_PREFIX = "qweight_"
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored as codes and scale data (module buffers)."""
+
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.codec = dict(qweight.codec)
+        self.out_features, self.in_features = qweight.shape
+        self.parts = sorted(qweight.data)
+        for part, t in qweight.data.items():
+            self.register_buffer(_PART_PREFIX + part, t)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        data = {p: getattr(self, _PART_PREFIX + p) for p in self.parts}
+        return QuantizedTensor(codec=self.codec, shape=(self.out_features, self.in_features), data=data)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (float32 unless cached in another dtype)."""
+        return self._dense if self._dense is not None else self.qweight.dequantize()
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._dense is not None and self._dense.dtype == dtype:
+            return self._dense
+        return self.qweight.dequantize(torch.float32).to(dtype=dtype, device=self.qweight_codes.device)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # model.to(dtype) must not cast codes or scale data (a bf16 cast of an fp16 scale loses
+        # bits): quantized parts follow the module's device only, keeping their storage dtype.
+        parts = {p: getattr(self, _PART_PREFIX + p) for p in self.parts}
+        super()._apply(fn, recurse)
+        for p, t in parts.items():
+            moved = getattr(self, _PART_PREFIX + p)
+            self._buffers[_PART_PREFIX + p] = t.to(moved.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        qt = self.qweight
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"codec={json.dumps(self.codec, sort_keys=True)}, bpw={qt.bits_per_weight:.4f}"
+        )
+
+
+@contextlib.contextmanager
+def cache_dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, every QuantLinear keeps its dequantized weight in ``dtype``."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        for m in layers:
+            m._dense = m.qweight.dequantize(torch.float32).to(dtype=dtype, device=m.qweight_codes.device)
+        yield
+    finally:
+        for m in layers:
+            m._dense = None

@@ -1,0 +1,5 @@
+"""The layer-wise quantization runner."""
+
+from lowbit.pipeline.quantize import QuantizationReport, check_finite, quantize_model
+
+__all__ = ["QuantizationReport", "check_finite", "quantize_model"]

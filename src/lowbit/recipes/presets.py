@@ -1,0 +1,54 @@
+"""Named recipes, usable as ``--recipe NAME``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.recipes.recipe import Recipe
+
+
+def _int(bits: int, symmetric: bool = True, group_size: int | None = 128, **algo: Any) -> dict[str, Any]:
+    codec: dict[str, Any] = {"name": "int", "bits": bits, "symmetric": symmetric}
+    if group_size is None:
+        codec.update(granularity="channel", group_size=None)
+    else:
+        codec.update(granularity="group", group_size=group_size)
+    return {"codec": codec, "algorithm": {"name": "rtn", **algo}}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "int8": _int(8, group_size=None),
+    "w8a16": _int(8, group_size=None),
+    "w4a16": _int(4, group_size=128),
+    "w4a16-asym": _int(4, symmetric=False, group_size=128),
+    "w4a16-g64": _int(4, group_size=64),
+    "w4a16-asym-g64": _int(4, symmetric=False, group_size=64),
+    "w3a16": _int(3, group_size=64),
+    "w3a16-asym": _int(3, symmetric=False, group_size=64),
+    "w2a16": _int(2, group_size=64),
+    "w2a16-asym": _int(2, symmetric=False, group_size=64),
+}
+
+PRESET_HELP: dict[str, str] = {
+    "int8": "int8 per-channel symmetric, RTN",
+    "w8a16": "same as int8",
+    "w4a16": "int4 groups of 128 symmetric, RTN",
+    "w4a16-asym": "int4 groups of 128 asymmetric (fp16 zero), RTN",
+    "w4a16-g64": "int4 groups of 64 symmetric, RTN",
+    "w4a16-asym-g64": "int4 groups of 64 asymmetric, RTN",
+    "w3a16": "int3 groups of 64 symmetric, RTN",
+    "w3a16-asym": "int3 groups of 64 asymmetric, RTN",
+    "w2a16": "int2 groups of 64 symmetric, RTN",
+    "w2a16-asym": "int2 groups of 64 asymmetric, RTN",
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> Recipe:
+    if name not in PRESETS:
+        raise LowbitError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return Recipe.from_dict({"name": name, **PRESETS[name]}, source=f"preset {name}")

@@ -1,0 +1,115 @@
+"""The typed recipe: which codec and algorithm for which modules, and what to leave alone.
+
+A recipe is saved next to every quantized model (``recipe.json``) so a result can always be
+reproduced. Validation names the bad field: ``codec.bits: Input should be less than or equal
+to 8``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from lowbit.algorithms import Algorithm
+from lowbit.codecs import Codec
+from lowbit.errors import LowbitError
+
+DenseDType = Literal["float16", "bfloat16", "float32"]
+
+
+class Recipe(BaseModel):
+    """How to quantize a model.
+
+    ``targets``/``ignore`` are fnmatch patterns over the full module names of the linears of the
+    decoder blocks (e.g. ``model.layers.3.mlp.down_proj``); a linear is quantized when it matches
+    a target and no ignore pattern. Embeddings, norms and the LM head stay dense, stored in
+    ``dense_dtype``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    name: str | None = Field(None, description="preset name or a label for reports")
+    codec: SerializeAsAny[Codec]
+    algorithm: SerializeAsAny[Algorithm] = Field(default_factory=lambda: Algorithm.registry["rtn"]())
+    targets: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of linears to quantize")
+    ignore: list[str] = Field(default_factory=list, description="fnmatch patterns of linears to keep dense")
+    dense_dtype: DenseDType = Field("float16", description="storage dtype of everything not quantized")
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec(cls, v: Any) -> Any:
+        return _dispatch(v, Codec, "codec")
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm(cls, v: Any) -> Any:
+        return _dispatch(v, Algorithm, "algorithm")
+
+    def selects(self, module_name: str) -> bool:
+        hit = any(fnmatch.fnmatchcase(module_name, p) for p in self.targets)
+        return hit and not any(fnmatch.fnmatchcase(module_name, p) for p in self.ignore)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Short stable hash of everything that changes the result."""
+        d = self.to_dict()
+        d.pop("name", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def label(self) -> str:
+        return self.name or f"{self.codec.describe()} {self.algorithm.name}"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise LowbitError(f"invalid {source}: {_one_line(e)}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise LowbitError(f"cannot read recipe {p}: {e.strerror}") from None
+        try:
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise LowbitError(f"recipe {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+        if not isinstance(data, dict):
+            raise LowbitError(f"recipe {p} must be a mapping of fields")
+        return cls.from_dict(data, source=f"recipe {p}")
+
+
+def _dispatch(v: Any, base: type[BaseModel], field: str) -> Any:
+    """Turn ``{"name": ..., ...}`` into the registered subclass of ``base`` of that name."""
+    if isinstance(v, base):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"must be a mapping with a 'name', got {type(v).__name__}")
+    registry: dict[str, type[BaseModel]] = base.registry  # type: ignore[attr-defined]
+    name = v.get("name")
+    if name not in registry:
+        raise ValueError(f"unknown {field} name {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name].model_validate(v)
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
