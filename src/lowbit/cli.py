@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (must not exist)")
     q.add_argument("--group-size", type=_positive, metavar="N", help="override the codec's group size")
     q.add_argument("--bits", type=int, metavar="N", help="override the codec's bits (2..8 for int)")
+    q.add_argument("--clip-search", action="store_true", default=None,
+                   help="RTN: search each group's range shrink for the lowest squared error")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -100,7 +102,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.pipeline import quantize_model
     from lowbit.recipes import resolve_recipe
 
-    recipe = resolve_recipe(args.recipe, group_size=args.group_size, bits=args.bits)
+    recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, group_size=args.group_size, bits=args.bits)
     if args.out.exists() and not args.overwrite:
         raise LowbitError(f"output folder {args.out} exists (pass --overwrite to replace it)")
     loaded = load_model(args.model)

@@ -104,7 +104,7 @@ def compare_recipes(
         size = model_size(model, names)
         disk = None
         if save_dir is not None:
-            out = save_quantized(LoadedModel(model, base.tokenizer, base.source, None), save_dir / recipe.label(),
+            out = save_quantized(LoadedModel(model, base.tokenizer, base.source, None), save_dir / recipe.digest(),
                                  overwrite=True)
             disk = folder_bytes(out)
         for text in texts:

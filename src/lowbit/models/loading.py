@@ -79,19 +79,40 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
 
 
 def _load_from_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
+    """The real ``from_pretrained`` hub path: the local HF cache first, then the hub, failing at
+    once (instead of retrying for half a minute) when the hub's host does not even resolve."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(repo_id)
-    except Exception as e:
-        raise LowbitError(
-            f"cannot load {repo_id!r} from the Hugging Face hub ({_first_line(e)}); if offline, pass a local "
-            "folder, a .gguf file, or the built-in 'smollm2-135m'"
-        ) from None
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
+    except Exception:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not _hub_resolves()
+        if offline:
+            raise LowbitError(
+                f"cannot load {repo_id!r}: not in the local Hugging Face cache and the hub is unreachable "
+                "(offline); pass a local folder, a .gguf file, or the built-in 'smollm2-135m'"
+            ) from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(repo_id)
+        except Exception as e:
+            raise LowbitError(f"cannot load {repo_id!r} from the Hugging Face hub: {_first_line(e)}") from None
     model.eval()
     return LoadedModel(model, tokenizer, repo_id, None)
+
+
+def _hub_resolves() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def check_gguf(path: Path) -> None:

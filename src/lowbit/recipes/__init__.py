@@ -8,9 +8,9 @@ from lowbit.recipes.presets import PRESET_HELP, get_preset, preset_names
 from lowbit.recipes.recipe import Recipe
 
 
-def resolve_recipe(spec: str, **overrides: Any) -> Recipe:
+def resolve_recipe(spec: str, clip_search: bool | None = None, **overrides: Any) -> Recipe:
     """A preset name or a YAML/JSON recipe file, with codec field overrides applied
-    (e.g. ``group_size=64``; ``None`` values are ignored)."""
+    (e.g. ``group_size=64``; ``None`` values are ignored) and optionally RTN's clipping search."""
     if spec in preset_names():
         recipe = get_preset(spec)
     elif Path(spec).suffix in (".yaml", ".yml", ".json") or Path(spec).exists():
@@ -20,6 +20,12 @@ def resolve_recipe(spec: str, **overrides: Any) -> Recipe:
     else:
         raise LowbitError(f"unknown preset {spec!r} (and no such recipe file); presets: {', '.join(preset_names())}")
     codec_over = {k: v for k, v in overrides.items() if v is not None}
+    if clip_search is not None:
+        data = recipe.to_dict()
+        if "clip_search" not in type(recipe.algorithm).model_fields:
+            raise LowbitError(f"algorithm {recipe.algorithm.name!r} has no clipping search")
+        data["algorithm"]["clip_search"] = clip_search
+        recipe = Recipe.from_dict(data, source="recipe with overrides")
     if codec_over:
         data = recipe.to_dict()
         if "group_size" in codec_over and data["codec"].get("granularity") in ("channel", "tensor"):
