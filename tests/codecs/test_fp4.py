@@ -79,7 +79,8 @@ def test_scale_rule_and_storage_dtype() -> None:
     expect = (groups.abs().amax(-1).to(torch.float64) / 6).to(torch.float16)
     assert torch.equal(scale, expect)
     zero = codec.fit(torch.zeros(1, 1, 32))["scale"]
-    assert zero.item() == 2.0**-24 and torch.equal(codec.quantize_dequantize(torch.zeros(1, 1, 32), {"scale": zero}), torch.zeros(1, 1, 32))
+    assert zero.item() == 2.0**-24
+    assert torch.equal(codec.quantize_dequantize(torch.zeros(1, 1, 32), {"scale": zero}), torch.zeros(1, 1, 32))
 
 
 @pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("channel", None), ("group", 32), ("group", 20)])
@@ -150,7 +151,8 @@ def test_serialization_roundtrip(granularity: str, group_size: int | None) -> No
     assert codec_from_dict(back.codec) == codec
     assert torch.equal(back.dequantize(), qt.dequantize())
     groups = codec.grouping.split(w)
-    assert torch.equal(qt.dequantize(), codec.grouping.merge(codec.quantize_dequantize(groups, codec.fit(groups)), (7, 101)))
+    direct = codec.grouping.merge(codec.quantize_dequantize(groups, codec.fit(groups)), (7, 101))
+    assert torch.equal(qt.dequantize(), direct)
     R, G, _ = codec.grouping.grid((7, 101))
     assert qt.nbytes == codec.nbytes((7, 101)) == (7 * 101 + 1) // 2 + 2 * R * G
 

@@ -21,9 +21,9 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lowbit.codecs.grouping import Grouping
+from lowbit.codecs.grouping import Granularity, Grouping
 from lowbit.codecs.quantized_tensor import QuantizedTensor
 
 ScaleData = dict[str, torch.Tensor]
@@ -171,3 +171,27 @@ class Codec(BaseModel, ABC):
     def describe(self) -> str:
         """Short human-readable name, e.g. ``int4 g128 sym``."""
         return self.name
+
+
+class GroupedCodec(Codec):
+    """A codec whose scale data is per tensor, per output channel or per group of the input
+    dimension, as the user chooses. Subclasses may redeclare the two fields to change defaults."""
+
+    granularity: Granularity = Field("group", description="tensor, channel (per output row) or group")
+    group_size: int | None = Field(128, gt=0, description="values per group along the input dimension")
+
+    @model_validator(mode="after")
+    def _group_size_matches(self) -> "GroupedCodec":
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs a group_size")
+        if self.granularity != "group" and self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+        return self
+
+    @property
+    def grouping(self) -> Grouping:
+        return Grouping(self.granularity, self.group_size)
+
+    def granularity_label(self) -> str:
+        """``per-tensor``, ``per-channel`` or ``g128``."""
+        return {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")

@@ -18,34 +18,22 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from lowbit.codecs.base import Codec, ScaleData
-from lowbit.codecs.grouping import Granularity, Grouping
+from lowbit.codecs.base import GroupedCodec, ScaleData
+from lowbit.codecs.grouping import Granularity
 from lowbit.codecs.minifloat import E2M1_MAX, e2m1_decode, e2m1_encode
 
 _MIN_SCALE = 2.0**-24
 _FP16_MAX = 65504.0
 
 
-class FP4Codec(Codec):
+class FP4Codec(GroupedCodec):
     """E2M1 weights with fp16 scales (see module docstring for the exact mapping)."""
 
     name: Literal["fp4"] = "fp4"
     granularity: Granularity = Field("group", description="tensor, channel (per output row) or group")
     group_size: int | None = Field(32, gt=0, description="values per group along the input dimension")
-
-    @model_validator(mode="after")
-    def _group_size_matches(self) -> "FP4Codec":
-        if self.granularity == "group" and self.group_size is None:
-            raise ValueError("granularity 'group' needs a group_size")
-        if self.granularity != "group" and self.group_size is not None:
-            object.__setattr__(self, "group_size", None)
-        return self
-
-    @property
-    def grouping(self) -> Grouping:
-        return Grouping(self.granularity, self.group_size)
 
     @property
     def code_bits(self) -> int:
@@ -66,5 +54,5 @@ class FP4Codec(Codec):
         return e2m1_decode(codes) * scale["scale"].to(torch.float32).unsqueeze(-1)
 
     def describe(self) -> str:
-        kind = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        kind = self.granularity_label()
         return f"fp4 e2m1 {kind}"

@@ -21,34 +21,22 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from lowbit.codecs.base import Codec, ScaleData
-from lowbit.codecs.grouping import Granularity, Grouping
+from lowbit.codecs.base import GroupedCodec, ScaleData
+from lowbit.codecs.grouping import Granularity
 from lowbit.codecs.minifloat import FP8_MAX, Fp8Format, fp8_decode, fp8_encode
 
 _MIN_SCALE = 2.0**-126
 
 
-class FP8Codec(Codec):
+class FP8Codec(GroupedCodec):
     """FP8 weights with float32 scales (see module docstring for the exact mapping)."""
 
     name: Literal["fp8"] = "fp8"
     fmt: Fp8Format = Field("e4m3", description="element format: e4m3 (fn, max 448) or e5m2 (max 57344)")
     granularity: Granularity = Field("channel", description="tensor, channel (per output row) or group")
     group_size: int | None = Field(None, gt=0, description="values per group along the input dimension")
-
-    @model_validator(mode="after")
-    def _group_size_matches(self) -> "FP8Codec":
-        if self.granularity == "group" and self.group_size is None:
-            raise ValueError("granularity 'group' needs a group_size")
-        if self.granularity != "group" and self.group_size is not None:
-            object.__setattr__(self, "group_size", None)
-        return self
-
-    @property
-    def grouping(self) -> Grouping:
-        return Grouping(self.granularity, self.group_size)
 
     @property
     def code_bits(self) -> int:
@@ -69,5 +57,5 @@ class FP8Codec(Codec):
         return fp8_decode(codes, self.fmt) * scale["scale"].to(torch.float32).unsqueeze(-1)
 
     def describe(self) -> str:
-        kind = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        kind = self.granularity_label()
         return f"fp8 {self.fmt} {kind}"

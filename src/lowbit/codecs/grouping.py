@@ -8,9 +8,10 @@ dimension.
 * ``channel``: one group per output row, ``(rows, 1, cols)``.
 * ``group``: ``G = ceil(cols / group_size)`` groups per row, ``(rows, G, group_size)``. When
   ``group_size`` does not divide ``cols`` the last group is shorter (as the GPTQ layout's
-  ``g_idx`` allows); in the 3-D view it is padded with zeros that carry zero weight in every
-  error and are dropped again by :meth:`Grouping.merge`. Zero padding never changes a
-  min/max or absmax fit that includes zero.
+  ``g_idx`` allows); in the 3-D view it is padded by repeating the row's last value, which
+  never changes any min/max or absmax fit of the group (zeros would: a float offset is the
+  group's own min), carries zero weight in every error and is dropped again by
+  :meth:`Grouping.merge`.
 """
 
 from __future__ import annotations
@@ -46,15 +47,17 @@ class Grouping:
         assert g is not None
         return rows, -(-cols // g), g
 
-    def split(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(rows, cols)`` -> ``(R, G, g)``, zero-padded where the last group is short."""
+    def split(self, weight: torch.Tensor, zero_pad: bool = False) -> torch.Tensor:
+        """``(rows, cols)`` -> ``(R, G, g)``; a short last group is padded with the row's last
+        value (with zeros when ``zero_pad``)."""
         rows, cols = weight.shape
         R, G, g = self.grid((rows, cols))
         if self.granularity != "group":
             return weight.reshape(R, G, g)
         pad = G * g - cols
         if pad:
-            weight = torch.nn.functional.pad(weight, (0, pad))
+            fill = torch.zeros_like(weight[:, -1:]) if zero_pad else weight[:, -1:]
+            weight = torch.cat([weight, fill.expand(rows, pad)], dim=1)
         return weight.reshape(R, G, g)
 
     def merge(self, groups: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -75,4 +78,4 @@ class Grouping:
             return imp.repeat(rows).reshape(1, 1, rows * cols)
         if self.granularity == "channel":
             return imp.reshape(1, 1, cols)
-        return self.split(imp.reshape(1, cols))
+        return self.split(imp.reshape(1, cols), zero_pad=True)

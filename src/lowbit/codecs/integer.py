@@ -24,17 +24,17 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from lowbit.codecs.base import Codec, ScaleData
-from lowbit.codecs.grouping import Granularity, Grouping
+from lowbit.codecs.base import GroupedCodec, ScaleData
+from lowbit.codecs.grouping import Granularity
 
 # Smallest scale we store: keeps an all-zero group finite in fp16 and its codes at `zero`.
 _MIN_SCALE = 2.0**-24
 _FP16_MAX = 65504.0
 
 
-class IntCodec(Codec):
+class IntCodec(GroupedCodec):
     """Uniform integer quantization (see module docstring for the exact mapping)."""
 
     name: Literal["int"] = "int"
@@ -45,18 +45,6 @@ class IntCodec(Codec):
     zero_point: Literal["integer", "float"] = Field(
         "integer", description="asymmetric only: integer zero point (GPTQ) or float offset (Q4_1)"
     )
-
-    @model_validator(mode="after")
-    def _group_size_matches(self) -> "IntCodec":
-        if self.granularity == "group" and self.group_size is None:
-            raise ValueError("granularity 'group' needs a group_size")
-        if self.granularity != "group" and self.group_size is not None:
-            object.__setattr__(self, "group_size", None)
-        return self
-
-    @property
-    def grouping(self) -> Grouping:
-        return Grouping(self.granularity, self.group_size)
 
     @property
     def code_bits(self) -> int:
@@ -80,7 +68,8 @@ class IntCodec(Codec):
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         if self.zero_point == "float":
             mid = (lo + hi) / 2
-            lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
+            # shrink toward the middle; written so that shrink == 1 keeps lo and hi exactly
+            lo, hi = lo + (mid - lo) * (1 - shrink), hi - (hi - mid) * (1 - shrink)
             scale = _to_fp16_scale((hi - lo) / self.qmax)
             return {"scale": scale, "zero": lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)}
         lo, hi = lo.clamp(max=0) * shrink, hi.clamp(min=0) * shrink
@@ -110,7 +99,7 @@ class IntCodec(Codec):
         return (codes.to(torch.float32) - self._zero(scale)) * s
 
     def describe(self) -> str:
-        kind = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        kind = self.granularity_label()
         mode = "sym" if self.symmetric else ("asym-f" if self._float_zero else "asym")
         return f"int{self.bits} {kind} {mode}"
 

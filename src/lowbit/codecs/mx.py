@@ -20,14 +20,16 @@ search of :meth:`Codec.fit_group_scales` does not apply (it returns the spec's s
 compressed-tensors' MX scale generation rounds the block max to the nearest power of two first;
 lowbit follows the OCP spec (floor) instead.
 
-A row whose length is not a multiple of 32 ends with a short block: the grouped view pads it
-with zeros, which do not change the block max, and only real elements are stored (as the
-reference implementation pads). MXFP4 codes pack two per byte, first value in the low nibble;
-MXFP8 codes are bytes (fp8 bit patterns). Cost: MXFP4 4.25, MXFP8 8.25 bits per weight.
+A row whose length is not a multiple of 32 ends with a short block whose scale comes from its
+own values (the grouped view's padding never changes a block max), and only real elements are
+stored; the reference implementation (microxcaling) pads the same way. MXFP4 codes pack two
+per byte, first value in the low nibble; MXFP8 codes are bytes (fp8 bit patterns). Cost:
+MXFP4 4.25, MXFP8 8.25 bits per weight.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Literal
 
 import torch
@@ -62,8 +64,9 @@ class _MXCodec(Codec):
         return Grouping("group", MX_BLOCK)
 
     @property
+    @abstractmethod
     def emax_elem(self) -> int:
-        raise NotImplementedError
+        """Exponent of the element format's largest power of two (2 for E2M1, 8 for E4M3)."""
 
     def scale_dtypes(self) -> dict[str, torch.dtype]:
         return {"scale": torch.uint8}

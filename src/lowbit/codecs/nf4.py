@@ -22,8 +22,8 @@ Layout, as bitsandbytes stores it (``quant_type="nf4"``):
   ``byte = c0 << 4 | c1``, over the row-major stream of all codes (a last odd code is padded
   with a zero low nibble). Rows are whole blocks when ``in_features % block_size == 0`` (every
   transformer linear); then the layout equals bitsandbytes' flat one. Otherwise each row ends
-  with a short block (zero-padded in the grouped view, not stored): valid here, but not a
-  layout bitsandbytes can load.
+  with a short block, scaled by its own absmax (the grouped view's padding never changes an
+  absmax and is not stored): valid here, but not a layout bitsandbytes can load.
 
 Double quantization (QLoRA section 3, ``compress_statistics=True`` in bitsandbytes): the
 block absmaxes of the whole tensor, in row-major order, are stored as

@@ -23,8 +23,8 @@ value, so every slice of the scale data is self-contained; it is a whole-tensor 
 so fit the whole weight (as :meth:`Codec.quantize` does) before encoding slices of it;
 :meth:`pack` raises ValueError when the tensor scale is not one value.
 
-A row whose length is not a multiple of 16 ends with a short block, zero-padded in the grouped
-view (the padding never changes a block max) and not stored; vLLM's kernels need
+A row whose length is not a multiple of 16 ends with a short block scaled by its own values
+(the grouped view's padding never changes a block max and is not stored); vLLM's kernels need
 ``in_features % 16 == 0``, which every transformer linear satisfies.
 """
 
@@ -105,7 +105,8 @@ class NVFP4Codec(Codec):
         rows, cols = qt.shape
         codes = unpack_codes(qt.data["codes"], 4, rows * cols).view(rows, cols)
         b = qt.data["block_scale"]
-        scale = {"block_scale": b, "global_scale": qt.data["global_scale"].to(torch.float32).reshape(()).expand(b.shape)}
+        g = qt.data["global_scale"].to(torch.float32).reshape(())
+        scale = {"block_scale": b, "global_scale": g.expand(b.shape)}
         return self.grouping.split(codes), scale
 
     def nbytes(self, shape: tuple[int, int]) -> int:

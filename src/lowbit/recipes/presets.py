@@ -17,6 +17,10 @@ def _int(bits: int, symmetric: bool = True, group_size: int | None = 128, **algo
     return {"codec": codec, "algorithm": {"name": "rtn", **algo}}
 
 
+def _rtn(name: str, **params: Any) -> dict[str, Any]:
+    return {"codec": {"name": name, **params}, "algorithm": {"name": "rtn"}}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "int8": _int(8, group_size=None),
     "w8a16": _int(8, group_size=None),
@@ -28,6 +32,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w3a16-asym": _int(3, symmetric=False, group_size=64),
     "w2a16": _int(2, group_size=64),
     "w2a16-asym": _int(2, symmetric=False, group_size=64),
+    "fp8": _rtn("fp8", fmt="e4m3", granularity="channel"),
+    "fp8-e5m2": _rtn("fp8", fmt="e5m2", granularity="channel"),
+    "nf4": _rtn("nf4", block_size=64, double_quant=False),
+    "nf4-dq": _rtn("nf4", block_size=64, double_quant=True),
+    "fp4": _rtn("fp4", granularity="group", group_size=32),
+    "mxfp4": _rtn("mxfp4"),
+    "mxfp8": _rtn("mxfp8", element="e4m3"),
+    "nvfp4": _rtn("nvfp4"),
 }
 
 PRESET_HELP: dict[str, str] = {
@@ -41,6 +53,14 @@ PRESET_HELP: dict[str, str] = {
     "w3a16-asym": "int3 groups of 64 asymmetric, RTN",
     "w2a16": "int2 groups of 64 symmetric, RTN",
     "w2a16-asym": "int2 groups of 64 asymmetric, RTN",
+    "fp8": "FP8 E4M3 per-channel, float32 scales (compressed-tensors style)",
+    "fp8-e5m2": "FP8 E5M2 per-channel, float32 scales",
+    "nf4": "NF4 (QLoRA code book), absmax blocks of 64",
+    "nf4-dq": "NF4 blocks of 64 with double-quantized absmax (8-bit, blocks of 256)",
+    "fp4": "FP4 E2M1, fp16 scale per group of 32",
+    "mxfp4": "OCP MXFP4: E2M1, E8M0 scale per block of 32",
+    "mxfp8": "OCP MXFP8: E4M3, E8M0 scale per block of 32",
+    "nvfp4": "NVFP4: E2M1, FP8 E4M3 scale per block of 16, FP32 tensor scale",
 }
 
 

@@ -1,11 +1,11 @@
-"""Integer RTN on SmolLM2-135M: the table of BENCHMARKS.md, section "int-rtn".
+"""Every codec with RTN on SmolLM2-135M: the tables of BENCHMARKS.md, section "codecs-rtn".
 
-Quantizes the built-in model with each integer recipe, evaluates every result against the
-unquantized model on both built-in evaluation texts, saves each to disk for its size, measures
-what bf16 compute costs, checks that more bits give lower KLD, and rewrites the section between
-its markers in BENCHMARKS.md (``--no-write`` only prints).
+Quantizes the built-in model with each integer recipe and each float/microscaling preset,
+evaluates every result against the unquantized model on both built-in evaluation texts, saves
+each to disk for its size, measures what bf16 compute costs, checks that more bits give lower
+KLD, and rewrites the section between its markers in BENCHMARKS.md (``--no-write`` only prints).
 
-    .venv/bin/python scripts/benchmark_int.py
+    .venv/bin/python scripts/benchmark_codecs.py
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from lowbit.bench.compare import compare_recipes, format_table, remove_dir, temp
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
 from lowbit.models import cache_dir, load_model
-from lowbit.recipes import Recipe
+from lowbit.recipes import Recipe, get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "int-rtn"
+SECTION = "codecs-rtn"
 
 
 def int_recipe(label: str, bits: int, symmetric: bool, group_size: int | None, zero_point: str = "integer",
@@ -39,7 +39,7 @@ def int_recipe(label: str, bits: int, symmetric: bool, group_size: int | None, z
     return Recipe.from_dict({"name": label, "codec": codec, "algorithm": {"name": "rtn", "clip_search": clip_search}})
 
 
-RECIPES = [
+INT_RECIPES = [
     int_recipe("int8 per-channel sym", 8, True, None),
     int_recipe("int4 g64 sym", 4, True, 64),
     int_recipe("int4 g64 asym", 4, False, 64),
@@ -53,6 +53,9 @@ RECIPES = [
     int_recipe("int2 g64 sym", 2, True, 64),
     int_recipe("int2 g64 asym", 2, False, 64),
 ]
+FLOAT_PRESETS = ["fp8", "fp8-e5m2", "mxfp8", "nf4", "nf4-dq", "fp4", "mxfp4", "nvfp4"]
+# Integer rows shown beside the float ones, by size.
+INT_NEIGHBOURS = ["int8 per-channel sym", "int4 g64 sym", "int4 g64 asym", "int4 g128 sym", "int4 g128 asym"]
 
 
 def bf16_study(base, texts, max_windows):  # type: ignore[no-untyped-def]
@@ -81,7 +84,8 @@ def main() -> int:
     texts = [load_text("pydoc"), load_text("stdlib")]
     save_dir = temporary_save_dir()
     try:
-        rows = compare_recipes(base, RECIPES, texts, max_windows=args.max_windows, save_dir=save_dir,
+        recipes = INT_RECIPES + [get_preset(p) for p in FLOAT_PRESETS]
+        rows = compare_recipes(base, recipes, texts, max_windows=args.max_windows, save_dir=save_dir,
                                on_row=lambda r: print(f"{r.text:7s} {r.recipe:40s} kld={r.kld:.5f} top1={r.top1:.4f}",
                                                       file=sys.stderr, flush=True))
     finally:
@@ -97,7 +101,9 @@ def main() -> int:
             klds = [by[(text.name, c)] for c in chain]
             ok = all(a < b for a, b in zip(klds, klds[1:]))
             checks.append(f"- {text.name}: {' < '.join(chain)}: {'holds' if ok else 'FAILS'}")
-    table = format_table(rows)
+    table = format_table([r for r in rows if r.recipe not in FLOAT_PRESETS])
+    float_rows = [r for r in rows if r.recipe in FLOAT_PRESETS or r.recipe in INT_NEIGHBOURS]
+    float_table = format_table(sorted(float_rows, key=lambda r: (r.text != "pydoc", -r.bits_per_weight, r.kld)))
     minutes = (time.time() - t0) / 60
     body = "\n".join([
         f"Model: SmolLM2-135M-Instruct (built-in `smollm2-135m`, dequantized from its Q4_1 GGUF). "
@@ -109,7 +115,15 @@ def main() -> int:
         "(embeddings and norms in fp16); `disk MB` the saved safetensors file. The unquantized row is "
         "the fp32 model as converted.",
         "",
+        "### Integer codecs",
+        "",
         table,
+        "",
+        "### Float and microscaling codecs beside the integer rows of similar size",
+        "",
+        "Presets as `lowbit quantize --recipe NAME` uses them (RTN, no search), sorted by bits per weight.",
+        "",
+        float_table,
         "",
         "More bits, lower KLD:",
         *checks,
@@ -119,7 +133,7 @@ def main() -> int:
         study,
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"whole run {minutes:.1f} min. Command: `.venv/bin/python scripts/benchmark_int.py`.",
+        f"whole run {minutes:.1f} min. Command: `.venv/bin/python scripts/benchmark_codecs.py`.",
     ])
     print(body)
     if args.json:
@@ -132,7 +146,7 @@ def main() -> int:
         if begin in text:
             text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
         else:
-            text = text.rstrip() + f"\n\n## Integer RTN on SmolLM2-135M\n\n{block}\n"
+            text = text.rstrip() + f"\n\n## Codecs with RTN on SmolLM2-135M\n\n{block}\n"
         path.write_text(text)
     return 0
 
