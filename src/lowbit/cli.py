@@ -28,6 +28,12 @@ def _positive(text: str) -> int:
     return v
 
 
+def _preset_names() -> list[str]:
+    from lowbit.recipes import preset_names
+
+    return preset_names()
+
+
 def _presets_help() -> str:
     from lowbit.recipes import PRESET_HELP
 
@@ -39,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowbit",
         description="Quantize causal LMs and measure what each quantization costs.",
         epilog="MODEL is a built-in name (smollm2-135m), a Hugging Face folder or hub id, a .gguf file, "
-        "or a folder written by `lowbit quantize`.",
+        "or a folder written by `lowbit quantize`. Presets (see `lowbit quantize --help`): "
+        + ", ".join(_preset_names()) + ".",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

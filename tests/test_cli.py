@@ -1,0 +1,267 @@
+"""The `lowbit` command, in-process: every bad input is one line on stderr and leaves nothing
+behind; the happy path quantizes, inspects and evaluates a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.cli import main
+from lowbit.recipes import preset_names
+
+pytestmark = pytest.mark.usefixtures("lowbit_cache")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lowbit: error:"), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_nothing_written(out_dir: Path) -> None:
+    assert not out_dir.exists()
+    assert [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}")] == []
+
+
+@pytest.fixture
+def model_dir(hf_folder) -> Path:  # type: ignore[no-untyped-def]
+    return hf_folder("llama")
+
+
+@pytest.fixture
+def text_file(tmp_path, text_factory) -> Path:  # type: ignore[no-untyped-def]
+    p = tmp_path / "eval.txt"
+    p.write_text(text_factory(1500))
+    return p
+
+
+def quantize(capsys, model: Path | str, out: Path, *extra: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    return run(capsys, "quantize", str(model), "--out", str(out), "--no-progress", *extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def test_missing_model(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, tmp_path / "nope", out, "--recipe", "w4a16")
+    assert code == 1
+    assert_one_line_error(code, err, "no such file")
+    assert_nothing_written(out)
+
+
+def test_truncated_safetensors(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    st = model_dir / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:5000])
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16")
+    assert_one_line_error(code, err, "cannot load model")
+    assert_nothing_written(out)
+
+
+def test_truncated_gguf(capsys, tiny_gguf, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tiny_gguf(truncate_to=-64)
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, path, out, "--recipe", "w4a16")
+    assert_one_line_error(code, err, "GGUF")
+    assert_nothing_written(out)
+
+
+def test_unknown_preset(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w5a16")
+    assert_one_line_error(code, err, "unknown preset 'w5a16'", "w4a16")
+    assert_nothing_written(out)
+
+
+def test_recipe_with_unknown_field(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("codec:\n  name: int\n  bits: 4\n  group_size: 32\n  rounding: stochastic\n")
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", str(recipe))
+    assert_one_line_error(code, err, "codec.rounding", "Extra inputs")
+    assert_nothing_written(out)
+
+
+def test_bits_out_of_range(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--bits", "9")
+    assert code == 1
+    assert_one_line_error(code, err, "codec.bits", "less than or equal to 8")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc"])
+def test_group_size_not_positive(capsys, model_dir, tmp_path, value: str) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as ei:
+        main(["quantize", str(model_dir), "--recipe", "w4a16", "--out", str(out), "--group-size", value])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "--group-size" in err and ("must be positive" in err or "expected an integer" in err)
+    assert_nothing_written(out)
+
+
+def test_nan_weight(capsys, hf_folder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def plant(model) -> None:  # type: ignore[no-untyped-def]
+        model.model.layers[1].mlp.gate_proj.weight[3, 7] = float("nan")
+
+    folder = hf_folder("llama", name="nan-model", mutate=plant)
+    out = tmp_path / "out"
+    code, _, err = quantize(capsys, folder, out, "--recipe", "w4a16")
+    assert_one_line_error(code, err, "model.layers.1.mlp.gate_proj.weight", "NaN or Inf")
+    assert_nothing_written(out)
+
+
+def test_empty_text_file(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, out, err = run(capsys, "eval", str(model_dir), "--text", str(empty), "--no-progress")
+    assert_one_line_error(code, err, "empty")
+    assert out == ""
+
+
+def test_too_short_text_file(capsys, model_dir, tmp_path, lowbit_cache) -> None:  # type: ignore[no-untyped-def]
+    short = tmp_path / "short.txt"
+    short.write_text("tiny text")
+    code, out, err = run(capsys, "eval", str(model_dir), "--text", str(short), "--ref", str(model_dir),
+                         "--no-progress")
+    assert_one_line_error(code, err, "too short")
+    assert out == ""
+    assert not (lowbit_cache / "reference").exists() or not any((lowbit_cache / "reference").iterdir())
+
+
+def test_missing_text_file(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run(capsys, "eval", str(model_dir), "--text", str(tmp_path / "none.txt"), "--no-progress")
+    assert_one_line_error(code, err, "no such text file")
+
+
+def test_inspect_not_a_folder(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run(capsys, "inspect", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, "no such folder")
+
+
+def test_existing_out(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16")
+    assert_one_line_error(code, err, "exists", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    code, stdout, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--overwrite")
+    assert code == 0, err
+    assert (out / "lowbit.json").is_file() and not (out / "mine.txt").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# happy path
+# ---------------------------------------------------------------------------------------------
+def test_quantize_inspect_eval(capsys, model_dir, text_file, tmp_path, lowbit_cache) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, stdout, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--group-size", "32")
+    assert code == 0, err
+    assert "quantized 14 linears with w4a16" in stdout and "4.500 bits per weight" in stdout
+    assert str(out) in stdout
+
+    code, stdout, err = run(capsys, "inspect", str(out))
+    assert code == 0, err
+    layers = [f"model.layers.{i}.{n}" for i in range(2) for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    lines = stdout.splitlines()
+    for name in layers:
+        row = next(line for line in lines if line.startswith(name + " "))
+        assert "int4 g32 sym" in row and " 4.500 " in row
+    assert any(line.startswith("quantized_layers") and line.split()[-1] == "14" for line in lines)
+    assert any(line.startswith("quantized_bits_per_weight") and "4.5000" in line for line in lines)
+
+    code, stdout, err = run(capsys, "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    natural = sorted(layers, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+    assert info["quantized_layers"] == 14 and [layer["module"] for layer in info["layers"]] == natural
+    assert all(layer["bpw"] == 4.5 for layer in info["layers"])
+    assert info["source"] == str(model_dir)
+
+    common = ("--text", str(text_file), "--seq-len", "64", "--max-windows", "4", "--json", "--no-progress")
+    code, stdout, err = run(capsys, "eval", str(out), "--ref", str(model_dir), *common)
+    assert code == 0, err
+    r = json.loads(stdout)
+    for key in ("ppl", "ref_ppl", "delta_ppl", "kld", "top1", "tokens", "seconds", "bits_per_weight", "model_bytes"):
+        assert r[key] is not None, key
+    assert r["tokens"] == 4 * 63 and r["windows"] == 4
+    assert r["bits_per_weight"] == 4.5
+    assert r["kld"] > 0 and 0 < r["top1"] <= 1
+    assert r["delta_ppl"] == pytest.approx(r["ppl"] - r["ref_ppl"])
+    assert r["model"] == str(out) and r["ref"] == str(model_dir)
+    assert any((lowbit_cache / "reference").iterdir())  # the reference logits were cached
+
+    # a lowbit folder's default reference is its source model: same numbers, from the cache
+    code, stdout, err = run(capsys, "eval", str(out), *common)
+    assert code == 0, err
+    r2 = json.loads(stdout)
+    assert r2["ref"] == str(model_dir)
+    assert (r2["kld"], r2["top1"], r2["ppl"], r2["ref_ppl"]) == (r["kld"], r["top1"], r["ppl"], r["ref_ppl"])
+
+    # the unquantized model against itself, and without a reference
+    code, stdout, err = run(capsys, "eval", str(model_dir), "--ref", str(model_dir), *common)
+    r3 = json.loads(stdout)
+    assert r3["kld"] == 0 and r3["top1"] == 1 and r3["bits_per_weight"] == 32
+    assert r3["ppl"] == pytest.approx(r["ref_ppl"], rel=1e-6)
+    code, stdout, err = run(capsys, "eval", str(out), "--no-ref", *common)
+    r4 = json.loads(stdout)
+    assert r4["kld"] is None and r4["ref"] is None and r4["ppl"] == r["ppl"]
+
+    # text output
+    code, stdout, err = run(capsys, "eval", str(out), "--no-ref", "--text", str(text_file), "--seq-len", "64",
+                            "--max-windows", "2", "--no-progress")
+    assert code == 0 and any(line.split()[0] == "ppl" for line in stdout.splitlines())
+
+
+def test_quantize_a_gguf(capsys, tiny_gguf, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, stdout, err = quantize(capsys, tiny_gguf(), out, "--recipe", "int8")
+    assert code == 0, err
+    assert "quantized 7 linears with int8" in stdout
+    from lowbit.models import load_model
+
+    model = load_model(str(out)).model
+    assert model.lowbit_recipe.name == "int8"
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def test_help_mentions_presets(capsys) -> None:  # type: ignore[no-untyped-def]
+    for argv in (["--help"], ["quantize", "--help"]):
+        with pytest.raises(SystemExit) as ei:
+            main(argv)
+        assert ei.value.code == 0
+        text = capsys.readouterr().out
+        for name in ("w4a16", "int8", "w3a16-asym"):
+            assert name in text, (argv, name)
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in preset_names())
+
+
+def test_no_command(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as ei:
+        main([])
+    assert ei.value.code == 2
