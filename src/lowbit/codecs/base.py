@@ -37,9 +37,6 @@ class Codec(BaseModel, ABC):
     name: str
     registry: ClassVar[dict[str, type["Codec"]]] = {}
 
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: object) -> None:
         super().__pydantic_init_subclass__(**kwargs)
