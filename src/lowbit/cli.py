@@ -28,25 +28,15 @@ def _positive(text: str) -> int:
     return v
 
 
-def _preset_names() -> list[str]:
-    from lowbit.recipes import preset_names
-
-    return preset_names()
-
-
-def _presets_help() -> str:
+def build_parser() -> argparse.ArgumentParser:
     from lowbit.recipes import PRESET_HELP
 
-    return "\n".join(f"  {k:16s} {v}" for k, v in PRESET_HELP.items())
-
-
-def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
         description="Quantize causal LMs and measure what each quantization costs.",
         epilog="MODEL is a built-in name (smollm2-135m), a Hugging Face folder or hub id, a .gguf file, "
         "or a folder written by `lowbit quantize`. Presets (see `lowbit quantize --help`): "
-        + ", ".join(_preset_names()) + ".",
+        + ", ".join(PRESET_HELP) + ".",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -55,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a model and save it in lowbit's format",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantize MODEL with a preset or a recipe file (YAML/JSON) and write it to --out.\n\npresets:\n"
-        + _presets_help(),
+        + "\n".join(f"  {k:16s} {v}" for k, v in PRESET_HELP.items()),
     )
     q.add_argument("model", metavar="MODEL")
     q.add_argument("--recipe", required=True, metavar="PRESET_OR_FILE", help="preset name or recipe file")

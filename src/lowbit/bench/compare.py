@@ -19,6 +19,7 @@ import torch
 import lowbit
 from lowbit.calibration import Text
 from lowbit.evaluation import evaluate, model_size
+from lowbit.evaluation.reference import model_fingerprint
 from lowbit.models import LoadedModel, architecture_of, cache_dir
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import Recipe
@@ -83,6 +84,12 @@ def compare_recipes(
     cdir = cache_dir()
     names = block_linear_names(base.model)
     rows: list[Row] = []
+    # The reference (base, in float32) never changes: hash its weights once, not once per row.
+    ref_fingerprint = model_fingerprint(base.model.to(torch.float32))
+
+    def run_eval(model: torch.nn.Module, text: Text):  # type: ignore[no-untyped-def]
+        return evaluate(model, base.tokenizer, text, ref=base.model, seq_len=seq_len, max_windows=max_windows,
+                        dtype=dtype, cache_dir=cdir, progress=progress, ref_fingerprint=ref_fingerprint)
 
     def emit(row: Row) -> None:
         rows.append(row)
@@ -95,8 +102,7 @@ def compare_recipes(
         # Evaluating in another dtype casts the model in place: never do that to the reference.
         evaluated = base.model if dtype == torch.float32 else copy.deepcopy(base.model)
         for text in texts:
-            r = evaluate(evaluated, base.tokenizer, text, ref=base.model, seq_len=seq_len, max_windows=max_windows,
-                         dtype=dtype, cache_dir=cdir, progress=progress)
+            r = run_eval(evaluated, text)
             emit(_row(base.source, "unquantized", None, r, size.bits_per_weight, size.model_bytes, disk, None))
     for recipe in recipes:
         model = copy.deepcopy(base.model)
@@ -108,8 +114,7 @@ def compare_recipes(
                                  overwrite=True)
             disk = folder_bytes(out)
         for text in texts:
-            r = evaluate(model, base.tokenizer, text, ref=base.model, seq_len=seq_len, max_windows=max_windows,
-                         dtype=dtype, cache_dir=cdir, progress=progress)
+            r = run_eval(model, text)
             emit(_row(base.source, recipe.label(), recipe.digest(), r, size.bits_per_weight, size.model_bytes, disk,
                       report.seconds))
         del model

@@ -22,10 +22,7 @@ from pydantic import Field
 
 from lowbit.codecs.base import GroupedCodec, ScaleData
 from lowbit.codecs.grouping import Granularity
-from lowbit.codecs.minifloat import E2M1_MAX, e2m1_decode, e2m1_encode
-
-_MIN_SCALE = 2.0**-24
-_FP16_MAX = 65504.0
+from lowbit.codecs.minifloat import E2M1_MAX, e2m1_decode, e2m1_encode, fp16_scale
 
 
 class FP4Codec(GroupedCodec):
@@ -44,7 +41,7 @@ class FP4Codec(GroupedCodec):
 
     def fit(self, groups: torch.Tensor, shrink: float | torch.Tensor = 1.0) -> ScaleData:
         absmax = groups.to(torch.float32).abs().amax(dim=-1) * shrink
-        return {"scale": (absmax / E2M1_MAX).clamp(_MIN_SCALE, _FP16_MAX).to(torch.float16)}
+        return {"scale": fp16_scale(absmax / E2M1_MAX)}
 
     def encode(self, values: torch.Tensor, scale: ScaleData) -> torch.Tensor:
         s = scale["scale"].to(torch.float32).unsqueeze(-1)

@@ -28,10 +28,8 @@ from pydantic import Field
 
 from lowbit.codecs.base import GroupedCodec, ScaleData
 from lowbit.codecs.grouping import Granularity
+from lowbit.codecs.minifloat import FP16_MAX, fp16_scale
 
-# Smallest scale we store: keeps an all-zero group finite in fp16 and its codes at `zero`.
-_MIN_SCALE = 2.0**-24
-_FP16_MAX = 65504.0
 
 
 class IntCodec(GroupedCodec):
@@ -64,16 +62,16 @@ class IntCodec(GroupedCodec):
         if self.symmetric:
             absmax = groups.abs().amax(dim=-1) * shrink
             scale = absmax / (self.qmax / 2)
-            return {"scale": _to_fp16_scale(scale)}
+            return {"scale": fp16_scale(scale)}
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         if self.zero_point == "float":
             mid = (lo + hi) / 2
             # shrink toward the middle; written so that shrink == 1 keeps lo and hi exactly
             lo, hi = lo + (mid - lo) * (1 - shrink), hi - (hi - mid) * (1 - shrink)
-            scale = _to_fp16_scale((hi - lo) / self.qmax)
-            return {"scale": scale, "zero": lo.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)}
+            scale = fp16_scale((hi - lo) / self.qmax)
+            return {"scale": scale, "zero": lo.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)}
         lo, hi = lo.clamp(max=0) * shrink, hi.clamp(min=0) * shrink
-        scale = _to_fp16_scale((hi - lo) / self.qmax)
+        scale = fp16_scale((hi - lo) / self.qmax)
         zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, self.qmax)
         return {"scale": scale, "zero": zero.to(torch.float16)}
 
@@ -102,8 +100,3 @@ class IntCodec(GroupedCodec):
         kind = self.granularity_label()
         mode = "sym" if self.symmetric else ("asym-f" if self._float_zero else "asym")
         return f"int{self.bits} {kind} {mode}"
-
-
-def _to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round a float32 scale to its fp16 storage value, kept away from 0 and Inf."""
-    return scale.clamp(_MIN_SCALE, _FP16_MAX).to(torch.float16)

@@ -13,8 +13,10 @@ Element formats (OCP 8-bit Floating Point Specification and OCP Microscaling For
   bit 0), saturates at +-6, and keeps the sign of values that round to zero (code 8 for a small
   negative value), as the OCP spec, compressed-tensors and vLLM do.
 
-Scale format:
+Scale formats:
 
+* **fp16** (integer and FP4 scales): :func:`fp16_scale` rounds a float32 scale to its stored
+  value, clamped to ``[2**-24, 65504]`` so that an all-zero group keeps a finite, non-zero scale.
 * **E8M0** (MX shared scale): an unsigned biased exponent, code ``c`` in 0..254 decodes to
   ``2**(c - 127)``; code 255 is NaN.
 """
@@ -31,6 +33,9 @@ FP8_DTYPES: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch
 FP8_MAX: dict[str, float] = {"e4m3": 448.0, "e5m2": 57344.0}
 # Exponent of the largest power of two not above max normal: emax_elem of the MX spec.
 FP8_EMAX: dict[str, int] = {"e4m3": 8, "e5m2": 15}
+
+FP16_MAX = 65504.0
+FP16_MIN_SCALE = 2.0**-24  # smallest fp16 subnormal
 
 E2M1_MAX = 6.0
 E2M1_EMAX = 2
@@ -99,3 +104,8 @@ def e8m0_decode(codes: torch.Tensor) -> torch.Tensor:
     c = codes.to(torch.long)
     v = pow2(c.clamp(max=254) - E8M0_BIAS)
     return torch.where(c == E8M0_NAN, torch.tensor(float("nan")), v)
+
+
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A float32 scale rounded to its fp16 storage value, kept away from 0 and Inf."""
+    return scale.clamp(FP16_MIN_SCALE, FP16_MAX).to(torch.float16)

@@ -8,7 +8,9 @@ tokens; top-1 agreement is the share of tokens where both argmaxes agree.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,11 +66,14 @@ def evaluate(
     ref_dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     progress: bool = True,
+    ref_fingerprint: str | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (cast to ``dtype``) on ``text``; with ``ref``, also KLD/top-1/delta PPL.
 
     Reference log-probs are computed with ``ref`` in ``ref_dtype`` and cached under
-    ``cache_dir`` (skipped when None).
+    ``cache_dir`` (in a temporary folder, removed afterwards, when None). A caller that
+    evaluates many models against one reference may pass ``ref_fingerprint``
+    (``model_fingerprint(ref)`` in ``ref_dtype``) to hash its weights only once.
     """
     if not text.text.strip():
         raise LowbitError(f"evaluation text {text.name!r} is empty")
@@ -78,61 +83,54 @@ def evaluate(
     if int(ids.max()) >= vocab:
         raise LowbitError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab})")
 
-    reference = None
-    if ref is not None:
-        if _vocab_size(ref) != vocab:
-            raise LowbitError(f"reference vocabulary ({_vocab_size(ref)}) differs from the model's ({vocab})")
-        ref.to(ref_dtype)
-        key = reference_key(model_fingerprint(ref), ids, windows, ref_dtype)
-        if cache_dir is None:
-            import tempfile
+    with contextlib.ExitStack() as stack:
+        reference = None
+        if ref is not None:
+            if _vocab_size(ref) != vocab:
+                raise LowbitError(f"reference vocabulary ({_vocab_size(ref)}) differs from the model's ({vocab})")
+            ref.to(ref_dtype)
+            key = reference_key(ref_fingerprint or model_fingerprint(ref), ids, windows, ref_dtype)
+            if cache_dir is None:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lowbit-ref-")))
+            else:
+                root = cache_dir / "reference"
+            reference = compute_reference(ref, ids, windows, root, key, progress)
 
-            tmp_root = Path(tempfile.mkdtemp(prefix="lowbit-ref-"))
-            reference = compute_reference(ref, ids, windows, tmp_root, key, progress)
-        else:
-            reference = compute_reference(ref, ids, windows, cache_dir / "reference", key, progress)
+        model.to(dtype)
+        nll_sum = 0.0
+        kld_all: list[torch.Tensor] = []
+        agree = 0
+        n = 0
+        t0 = time.perf_counter()
+        with torch.inference_mode(), cache_dequantized_weights(model, dtype):
+            for i, w in enumerate(tqdm(windows, desc=f"eval {text.name}", unit="win", disable=not progress, leave=False)):
+                lp = window_logprobs(model, ids, w)
+                targets = ids[w.first_target : w.end]
+                nll_sum += float(-lp.gather(1, targets.unsqueeze(1)).sum())
+                n += w.n_scored
+                if reference is not None:
+                    rlp = reference.window(i)
+                    kld_all.append((rlp.exp() * (rlp - lp)).sum(dim=-1))
+                    agree += int((rlp.argmax(-1) == lp.argmax(-1)).sum())
+        seconds = time.perf_counter() - t0
 
-    model.to(dtype)
-    nll_sum = 0.0
-    ref_nll_sum = 0.0
-    kld_all: list[torch.Tensor] = []
-    agree = 0
-    n = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode(), cache_dequantized_weights(model, dtype):
-        for i, w in enumerate(tqdm(windows, desc=f"eval {text.name}", unit="win", disable=not progress, leave=False)):
-            lp = window_logprobs(model, ids, w)
-            targets = ids[w.first_target : w.end]
-            nll_sum += float(-lp.gather(1, targets.unsqueeze(1)).sum())
-            n += w.n_scored
-            if reference is not None:
-                rlp = reference.window(i)
-                kld_all.append((rlp.exp() * (rlp - lp)).sum(dim=-1))
-                agree += int((rlp.argmax(-1) == lp.argmax(-1)).sum())
-    seconds = time.perf_counter() - t0
-
-    result = EvalResult(
-        text=text.name,
-        tokens=n,
-        windows=len(windows),
-        seq_len=seq_len,
-        stride=stride or seq_len,
-        dtype=str(dtype).removeprefix("torch."),
-        ppl=math.exp(nll_sum / n),
-        seconds=seconds,
-    )
-    if reference is not None:
-        kld = torch.cat(kld_all).clamp(min=0)
-        ref_nll_sum = float(reference.nll.sum(dtype="float64"))
-        result.ref_ppl = math.exp(ref_nll_sum / n)
-        result.delta_ppl = result.ppl - result.ref_ppl
-        result.kld = float(kld.double().mean())
-        result.kld_p99 = float(torch.quantile(kld.double(), 0.99))
-        result.top1 = agree / n
-        if cache_dir is None:
-            import shutil
-
-            shutil.rmtree(reference.folder.parent, ignore_errors=True)
+        result = EvalResult(
+            text=text.name,
+            tokens=n,
+            windows=len(windows),
+            seq_len=seq_len,
+            stride=stride or seq_len,
+            dtype=str(dtype).removeprefix("torch."),
+            ppl=math.exp(nll_sum / n),
+            seconds=seconds,
+        )
+        if reference is not None:
+            kld = torch.cat(kld_all).clamp(min=0)
+            result.ref_ppl = math.exp(float(reference.nll.sum(dtype="float64")) / n)
+            result.delta_ppl = result.ppl - result.ref_ppl
+            result.kld = float(kld.double().mean())
+            result.kld_p99 = float(torch.quantile(kld.double(), 0.99))
+            result.top1 = agree / n
     return result
 
 

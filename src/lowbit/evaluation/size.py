@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.modules import QuantLinear
+from lowbit.modules import QuantLinear, dense_tensors
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,6 @@ def model_size(model: nn.Module, block_linears: list[str]) -> ModelSize:
     dense_dtype = storage_dtype(model)
     linear_set = set(block_linears)
     total = lin_bytes = lin_params = 0
-    seen: set[int] = set()
     for mod_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             nbytes = module.qweight.nbytes
@@ -41,19 +40,10 @@ def model_size(model: nn.Module, block_linears: list[str]) -> ModelSize:
             if mod_name in linear_set:
                 lin_bytes += nbytes
                 lin_params += module.in_features * module.out_features
-        for p_name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if isinstance(module, QuantLinear) and p_name.startswith("qweight_"):
-                continue
-            if id(t) in seen or (p_name not in dict(module.named_parameters(recurse=False)) and not _persistent(module, p_name)):
-                continue
-            seen.add(id(t))
-            elt = torch.empty((), dtype=dense_dtype or t.dtype).element_size() if t.dtype.is_floating_point else t.element_size()
-            total += t.numel() * elt
-            if mod_name in linear_set and p_name == "weight":
-                lin_bytes += t.numel() * elt
-                lin_params += t.numel()
+    for mod_name, _, name, t in dense_tensors(model):
+        elt = torch.empty((), dtype=dense_dtype or t.dtype).element_size() if t.dtype.is_floating_point else t.element_size()
+        total += t.numel() * elt
+        if mod_name in linear_set and name == "weight":
+            lin_bytes += t.numel() * elt
+            lin_params += t.numel()
     return ModelSize(total, lin_bytes, lin_params)
-
-
-def _persistent(module: nn.Module, name: str) -> bool:
-    return name not in getattr(module, "_non_persistent_buffers_set", set())

@@ -32,7 +32,7 @@ from torch import nn
 import lowbit
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
-from lowbit.modules import QuantLinear
+from lowbit.modules import QuantLinear, dense_tensors
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
@@ -47,24 +47,16 @@ def quantized_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict[st
     """Tensors to store and the per-linear headers; tied tensors are stored once."""
     tensors: dict[str, torch.Tensor] = {}
     headers: dict[str, str] = {}
-    seen: set[int] = set()
     for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
         if isinstance(module, QuantLinear):
             qt = module.qweight
             headers[mod_name] = qt.header()
+            prefix = f"{mod_name}." if mod_name else ""
             tensors.update({k: v.contiguous() for k, v in qt.state_dict(f"{prefix}weight").items()})
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
-        items = list(module.named_parameters(recurse=False))
-        items += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in non_persistent]
-        for name, t in items:
-            if isinstance(module, QuantLinear) and name.startswith("qweight_"):
-                continue
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            t = t.detach()
-            tensors[prefix + name] = (t.to(dense_dtype) if t.dtype.is_floating_point else t).contiguous()
+    for mod_name, _, name, t in dense_tensors(model):
+        t = t.detach()
+        key = f"{mod_name}.{name}" if mod_name else name
+        tensors[key] = (t.to(dense_dtype) if t.dtype.is_floating_point else t).contiguous()
     return tensors, headers
 
 

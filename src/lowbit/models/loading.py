@@ -51,7 +51,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", ".", "~")) or spec.endswith((".gguf", ".safetensors")) or spec.count("/") > 1 or os.sep in spec and spec.count(os.sep) > 1
+    # A hub id is "name" or "owner/name"; anything with more separators is a local path.
+    return spec.startswith(("/", ".", "~")) or spec.endswith((".gguf", ".safetensors")) or max(spec.count("/"), spec.count(os.sep)) > 1
 
 
 def _quiet_transformers() -> None:

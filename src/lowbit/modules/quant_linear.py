@@ -80,8 +80,26 @@ def cache_dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     try:
         for m in layers:
-            m._dense = m.qweight.dequantize(torch.float32).to(dtype=dtype, device=m.qweight_codes.device)
+            m._dense = m.dense_weight(dtype)
         yield
     finally:
         for m in layers:
             m._dense = None
+
+
+def dense_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Every tensor lowbit stores densely, once each: ``(module name, module, attribute, tensor)``
+    for parameters and persistent buffers, tied tensors under their first name, quantized parts
+    of :class:`QuantLinear` excluded."""
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        items = list(module.named_parameters(recurse=False))
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        items += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in non_persistent]
+        for name, t in items:
+            if isinstance(module, QuantLinear) and name.startswith(_PART_PREFIX):
+                continue
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield mod_name, module, name, t

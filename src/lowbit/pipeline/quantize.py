@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.models import Architecture, architecture_of
-from lowbit.modules import QuantLinear
+from lowbit.modules import QuantLinear, dense_tensors
 from lowbit.recipes import Recipe
 
 
@@ -86,15 +86,6 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, recipe: R
 def round_dense_tensors(model: nn.Module, dtype: torch.dtype) -> None:
     """Round every floating parameter and persistent buffer (quantized parts aside) to the values
     that ``dtype`` storage keeps, so the in-memory model equals the saved-and-reloaded one."""
-    seen: set[int] = set()
-    for module in model.modules():
-        tensors = list(module.named_parameters(recurse=False))
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
-        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in non_persistent]
-        for name, t in tensors:
-            if isinstance(module, QuantLinear) and name.startswith("qweight_"):
-                continue
-            if id(t) in seen or not t.dtype.is_floating_point:
-                continue
-            seen.add(id(t))
+    for _, _, _, t in dense_tensors(model):
+        if t.dtype.is_floating_point:
             t.data = t.data.to(dtype).to(t.dtype)

@@ -20,19 +20,17 @@ def resolve_recipe(spec: str, clip_search: bool | None = None, **overrides: Any)
     else:
         raise LowbitError(f"unknown preset {spec!r} (and no such recipe file); presets: {', '.join(preset_names())}")
     codec_over = {k: v for k, v in overrides.items() if v is not None}
+    if clip_search is None and not codec_over:
+        return recipe
+    data = recipe.to_dict()
     if clip_search is not None:
-        data = recipe.to_dict()
         if "clip_search" not in type(recipe.algorithm).model_fields:
             raise LowbitError(f"algorithm {recipe.algorithm.name!r} has no clipping search")
         data["algorithm"]["clip_search"] = clip_search
-        recipe = Recipe.from_dict(data, source="recipe with overrides")
-    if codec_over:
-        data = recipe.to_dict()
-        if "group_size" in codec_over and data["codec"].get("granularity") in ("channel", "tensor"):
-            data["codec"]["granularity"] = "group"
-        data["codec"].update(codec_over)
-        recipe = Recipe.from_dict(data, source="recipe with overrides")
-    return recipe
+    if "group_size" in codec_over and data["codec"].get("granularity") in ("channel", "tensor"):
+        data["codec"]["granularity"] = "group"
+    data["codec"].update(codec_over)
+    return Recipe.from_dict(data, source="recipe with overrides")
 
 
 __all__ = ["PRESET_HELP", "Recipe", "get_preset", "preset_names", "resolve_recipe"]

@@ -1,4 +1,4 @@
-"""Named recipes, usable as ``--recipe NAME``."""
+"""Named recipes, usable as ``--recipe NAME``: one table of (help line, recipe fields)."""
 
 from __future__ import annotations
 
@@ -8,60 +8,40 @@ from lowbit.errors import LowbitError
 from lowbit.recipes.recipe import Recipe
 
 
-def _int(bits: int, symmetric: bool = True, group_size: int | None = 128, **algo: Any) -> dict[str, Any]:
-    codec: dict[str, Any] = {"name": "int", "bits": bits, "symmetric": symmetric}
-    if group_size is None:
-        codec.update(granularity="channel", group_size=None)
-    else:
-        codec.update(granularity="group", group_size=group_size)
-    return {"codec": codec, "algorithm": {"name": "rtn", **algo}}
-
-
 def _rtn(name: str, **params: Any) -> dict[str, Any]:
     return {"codec": {"name": name, **params}, "algorithm": {"name": "rtn"}}
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "int8": _int(8, group_size=None),
-    "w8a16": _int(8, group_size=None),
-    "w4a16": _int(4, group_size=128),
-    "w4a16-asym": _int(4, symmetric=False, group_size=128),
-    "w4a16-g64": _int(4, group_size=64),
-    "w4a16-asym-g64": _int(4, symmetric=False, group_size=64),
-    "w3a16": _int(3, group_size=64),
-    "w3a16-asym": _int(3, symmetric=False, group_size=64),
-    "w2a16": _int(2, group_size=64),
-    "w2a16-asym": _int(2, symmetric=False, group_size=64),
-    "fp8": _rtn("fp8", fmt="e4m3", granularity="channel"),
-    "fp8-e5m2": _rtn("fp8", fmt="e5m2", granularity="channel"),
-    "nf4": _rtn("nf4", block_size=64, double_quant=False),
-    "nf4-dq": _rtn("nf4", block_size=64, double_quant=True),
-    "fp4": _rtn("fp4", granularity="group", group_size=32),
-    "mxfp4": _rtn("mxfp4"),
-    "mxfp8": _rtn("mxfp8", element="e4m3"),
-    "nvfp4": _rtn("nvfp4"),
+def _int(bits: int, symmetric: bool = True, group_size: int | None = 128) -> dict[str, Any]:
+    if group_size is None:
+        return _rtn("int", bits=bits, symmetric=symmetric, granularity="channel", group_size=None)
+    return _rtn("int", bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
+
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "int8": ("int8 per-channel symmetric, RTN", _int(8, group_size=None)),
+    "w8a16": ("same as int8", _int(8, group_size=None)),
+    "w4a16": ("int4 groups of 128 symmetric, RTN", _int(4, group_size=128)),
+    "w4a16-asym": ("int4 groups of 128 asymmetric (fp16 zero), RTN", _int(4, symmetric=False, group_size=128)),
+    "w4a16-g64": ("int4 groups of 64 symmetric, RTN", _int(4, group_size=64)),
+    "w4a16-asym-g64": ("int4 groups of 64 asymmetric, RTN", _int(4, symmetric=False, group_size=64)),
+    "w3a16": ("int3 groups of 64 symmetric, RTN", _int(3, group_size=64)),
+    "w3a16-asym": ("int3 groups of 64 asymmetric, RTN", _int(3, symmetric=False, group_size=64)),
+    "w2a16": ("int2 groups of 64 symmetric, RTN", _int(2, group_size=64)),
+    "w2a16-asym": ("int2 groups of 64 asymmetric, RTN", _int(2, symmetric=False, group_size=64)),
+    "fp8": ("FP8 E4M3 per-channel, float32 scales (compressed-tensors style)",
+            _rtn("fp8", fmt="e4m3", granularity="channel")),
+    "fp8-e5m2": ("FP8 E5M2 per-channel, float32 scales", _rtn("fp8", fmt="e5m2", granularity="channel")),
+    "nf4": ("NF4 (QLoRA code book), absmax blocks of 64", _rtn("nf4", block_size=64, double_quant=False)),
+    "nf4-dq": ("NF4 blocks of 64 with double-quantized absmax (8-bit, blocks of 256)",
+               _rtn("nf4", block_size=64, double_quant=True)),
+    "fp4": ("FP4 E2M1, fp16 scale per group of 32", _rtn("fp4", granularity="group", group_size=32)),
+    "mxfp4": ("OCP MXFP4: E2M1, E8M0 scale per block of 32", _rtn("mxfp4")),
+    "mxfp8": ("OCP MXFP8: E4M3, E8M0 scale per block of 32", _rtn("mxfp8", element="e4m3")),
+    "nvfp4": ("NVFP4: E2M1, FP8 E4M3 scale per block of 16, FP32 tensor scale", _rtn("nvfp4")),
 }
 
-PRESET_HELP: dict[str, str] = {
-    "int8": "int8 per-channel symmetric, RTN",
-    "w8a16": "same as int8",
-    "w4a16": "int4 groups of 128 symmetric, RTN",
-    "w4a16-asym": "int4 groups of 128 asymmetric (fp16 zero), RTN",
-    "w4a16-g64": "int4 groups of 64 symmetric, RTN",
-    "w4a16-asym-g64": "int4 groups of 64 asymmetric, RTN",
-    "w3a16": "int3 groups of 64 symmetric, RTN",
-    "w3a16-asym": "int3 groups of 64 asymmetric, RTN",
-    "w2a16": "int2 groups of 64 symmetric, RTN",
-    "w2a16-asym": "int2 groups of 64 asymmetric, RTN",
-    "fp8": "FP8 E4M3 per-channel, float32 scales (compressed-tensors style)",
-    "fp8-e5m2": "FP8 E5M2 per-channel, float32 scales",
-    "nf4": "NF4 (QLoRA code book), absmax blocks of 64",
-    "nf4-dq": "NF4 blocks of 64 with double-quantized absmax (8-bit, blocks of 256)",
-    "fp4": "FP4 E2M1, fp16 scale per group of 32",
-    "mxfp4": "OCP MXFP4: E2M1, E8M0 scale per block of 32",
-    "mxfp8": "OCP MXFP8: E4M3, E8M0 scale per block of 32",
-    "nvfp4": "NVFP4: E2M1, FP8 E4M3 scale per block of 16, FP32 tensor scale",
-}
+PRESET_HELP: dict[str, str] = {name: help_line for name, (help_line, _) in PRESETS.items()}
 
 
 def preset_names() -> list[str]:
@@ -71,4 +51,4 @@ def preset_names() -> list[str]:
 def get_preset(name: str) -> Recipe:
     if name not in PRESETS:
         raise LowbitError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return Recipe.from_dict({"name": name, **PRESETS[name]}, source=f"preset {name}")
+    return Recipe.from_dict({"name": name, **PRESETS[name][1]}, source=f"preset {name}")
