@@ -11,6 +11,8 @@ from safetensors.torch import load, save
 from lowbit.codecs import FP4Codec, QuantizedTensor, codec_from_dict
 from lowbit.codecs.minifloat import E2M1_VALUES, e2m1_decode, e2m1_encode
 
+from codec_references import student_t, weighted_group_error
+
 # OCP Microscaling Formats v1.0, FP4 E2M1: exponent bias 1, max normal 6, no Inf/NaN.
 SPEC_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -32,12 +34,6 @@ def ref_e2m1(y: torch.Tensor) -> torch.Tensor:
     score = (dist == best).to(torch.int64) * 2 + (torch.arange(8) % 2 == 0).to(torch.int64).reshape(1, -1)
     mag = score.argmax(dim=1)
     return (mag | (torch.signbit(y.reshape(-1)).to(torch.int64) << 3)).to(torch.uint8).reshape(y.shape)
-
-
-def student_t(shape: tuple[int, int], df: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g)
-    return z / torch.randn((df, *shape), generator=g).square().mean(dim=0).sqrt()
 
 
 def test_value_table_matches_spec() -> None:
@@ -131,8 +127,7 @@ def test_shrink_search_with_importance() -> None:
     weights = codec.grouping.weights(tuple(w.shape), imp)
 
     def err(scale: dict[str, torch.Tensor]) -> torch.Tensor:
-        d = codec.quantize_dequantize(groups, scale).to(torch.float64) - groups.to(torch.float64)
-        return (d.square() * weights.to(torch.float64)).sum(-1)
+        return weighted_group_error(codec, groups, weights, scale)
 
     best = codec.fit_group_scales(groups, weights, grid)
     floor = torch.stack([err(codec.fit(groups, float(s))) for s in grid.tolist()]).min(0).values

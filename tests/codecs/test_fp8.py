@@ -11,6 +11,8 @@ from safetensors.torch import load, save
 from lowbit.codecs import FP8Codec, QuantizedTensor, codec_from_dict
 from lowbit.codecs.minifloat import fp8_decode, fp8_encode
 
+from codec_references import student_t, weighted_group_error
+
 DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 MANT = {"e4m3": 3, "e5m2": 2}
@@ -44,13 +46,6 @@ def half_ulp_bound(y: torch.Tensor, fmt: str) -> torch.Tensor:
     a = y.abs().to(torch.float64)
     e = torch.floor(torch.log2(a.clamp(min=1e-300))).clamp(min=EMIN[fmt])
     return 2.0 ** (e - MANT[fmt]) / 2
-
-
-def student_t(shape: tuple[int, int], df: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g)
-    chi2 = torch.randn((df, *shape), generator=g).square().mean(dim=0)
-    return z / chi2.sqrt()
 
 
 def special_values(fmt: str) -> torch.Tensor:
@@ -168,8 +163,7 @@ def test_shrink_search_with_importance_is_optimal_per_group() -> None:
     best = codec.fit_group_scales(groups, weights, grid_)
 
     def err(scale: dict[str, torch.Tensor]) -> torch.Tensor:
-        d = codec.quantize_dequantize(groups, scale).to(torch.float64) - groups.to(torch.float64)
-        return (d.square() * weights.to(torch.float64)).sum(-1)
+        return weighted_group_error(codec, groups, weights, scale)
 
     errs = torch.stack([err(codec.fit(groups, float(s))) for s in grid_.tolist()])
     chosen = err(best)

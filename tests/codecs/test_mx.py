@@ -14,8 +14,9 @@ from safetensors.torch import load, save
 from lowbit.codecs import MXFP4Codec, MXFP8Codec, QuantizedTensor, codec_from_dict
 from lowbit.codecs.minifloat import e8m0_decode
 
+from codec_references import ref_e2m1, student_t
+
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0, 8), "e5m2": (torch.float8_e5m2, 57344.0, 15)}
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
 def spec_shared_exp(block: list[float], emax_elem: int) -> int:
@@ -24,22 +25,6 @@ def spec_shared_exp(block: list[float], emax_elem: int) -> int:
     amax = max(abs(v) for v in block)
     e = math.frexp(amax)[1] - 1 if amax > 0 else -126
     return max(-127, min(127, e - emax_elem))
-
-
-def ref_e2m1(y: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 value (float64), ties to even mantissa, saturating, sign kept."""
-    vals = torch.tensor(E2M1, dtype=torch.float64)
-    a = y.to(torch.float64).abs().clamp(max=6.0).reshape(-1, 1)
-    dist = (a - vals).abs()
-    score = (dist == dist.min(1, keepdim=True).values).to(torch.int64) * 2 + (torch.arange(8) % 2 == 0).to(torch.int64)
-    mag = vals[score.argmax(1)]
-    return torch.where(torch.signbit(y.reshape(-1)), -mag, mag).reshape(y.shape)
-
-
-def student_t(shape: tuple[int, int], df: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g)
-    return z / torch.randn((df, *shape), generator=g).square().mean(dim=0).sqrt()
 
 
 def test_e8m0_table() -> None:

@@ -22,6 +22,8 @@ from lowbit.codecs.nf4 import (
     unpack_nibbles_high_first,
 )
 
+from codec_references import student_t
+
 # QLoRA (Dettmers et al. 2023), appendix E: the NF4 data type's values.
 PUBLISHED_NF4 = [
     -1.0,
@@ -48,12 +50,6 @@ def nearest_index(values: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tens
     d = (values.to(torch.float64).reshape(-1, 1) - table.to(torch.float64).reshape(1, -1)).abs()
     dist, idx = d.min(dim=1)  # min returns the first (lowest) index among equals
     return idx.reshape(values.shape), dist.reshape(values.shape)
-
-
-def student_t(shape: tuple[int, int], df: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g)
-    return z / torch.randn((df, *shape), generator=g).square().mean(dim=0).sqrt()
 
 
 def weight(dist: str, shape: tuple[int, int], seed: int) -> torch.Tensor:

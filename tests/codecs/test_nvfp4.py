@@ -9,17 +9,7 @@ from safetensors.torch import load, save
 
 from lowbit.codecs import NVFP4Codec, QuantizedTensor, codec_from_dict
 
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-
-
-def ref_e2m1(y: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 value (float64), ties to even mantissa, saturating, sign kept."""
-    vals = torch.tensor(E2M1, dtype=torch.float64)
-    a = y.to(torch.float64).abs().clamp(max=6.0).reshape(-1, 1)
-    dist = (a - vals).abs()
-    score = (dist == dist.min(1, keepdim=True).values).to(torch.int64) * 2 + (torch.arange(8) % 2 == 0).to(torch.int64)
-    mag = vals[score.argmax(1)]
-    return torch.where(torch.signbit(y.reshape(-1)), -mag, mag).reshape(y.shape)
+from codec_references import E2M1, ref_e2m1, student_t, weighted_group_error
 
 
 def compressed_tensors_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,12 +25,6 @@ def compressed_tensors_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.T
     eff = scales.to(torch.float32) / global_scale
     q = ref_e2m1(torch.clamp(blocks / eff.unsqueeze(-1), -6.0, 6.0)).to(torch.float32)
     return global_scale, scales, (q * eff.unsqueeze(-1)).reshape(w.shape)
-
-
-def student_t(shape: tuple[int, int], df: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g)
-    return z / torch.randn((df, *shape), generator=g).square().mean(dim=0).sqrt()
 
 
 def test_hand_computed_blocks() -> None:
@@ -145,8 +129,7 @@ def test_shrink_search_keeps_one_tensor_scale() -> None:
     weights = codec.grouping.weights(tuple(w.shape), imp)
 
     def err(scale: dict[str, torch.Tensor]) -> torch.Tensor:
-        d = codec.quantize_dequantize(groups, scale).to(torch.float64) - groups.to(torch.float64)
-        return (d.square() * weights.to(torch.float64)).sum(-1)
+        return weighted_group_error(codec, groups, weights, scale)
 
     best = codec.fit_group_scales(groups, weights, grid)
     floor = torch.stack([err(codec.fit(groups, float(s))) for s in grid.tolist()]).min(0).values
