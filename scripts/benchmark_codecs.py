@@ -28,6 +28,7 @@ from lowbit.models import cache_dir, load_model
 from lowbit.recipes import Recipe, get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "`.venv/bin/python scripts/benchmark_codecs.py`"
 SECTION = "codecs-rtn"
 
 
@@ -117,9 +118,13 @@ def main() -> int:
         "",
         "### Integer codecs",
         "",
+        f"Printed by {COMMAND}.",
+        "",
         table,
         "",
         "### Float and microscaling codecs beside the integer rows of similar size",
+        "",
+        f"Printed by {COMMAND}.",
         "",
         "Presets as `lowbit quantize --recipe NAME` uses them (RTN, no search), sorted by bits per weight.",
         "",
@@ -128,12 +133,13 @@ def main() -> int:
         "More bits, lower KLD:",
         *checks,
         "",
-        "What bf16 compute costs (unquantized model, same windows; KLD against the fp32 reference):",
+        f"What bf16 compute costs (unquantized model, same windows; KLD against the fp32 reference; "
+        f"printed by {COMMAND}):",
         "",
         study,
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"whole run {minutes:.1f} min. Command: `.venv/bin/python scripts/benchmark_codecs.py`.",
+        f"whole run {minutes:.1f} min. Command: {COMMAND}.",
     ])
     print(body)
     if args.json:
