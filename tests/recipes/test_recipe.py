@@ -31,7 +31,13 @@ def test_presets_resolve(name: str) -> None:
     r = resolve_recipe(name)
     assert r == get_preset(name)
     assert r.name == name and r.label() == name
-    assert isinstance(r.algorithm, RTN)
+    calibrated = name.endswith(("-gptq", "-awq"))
+    assert isinstance(r.algorithm, RTN) != calibrated
+    assert r.needs_calibration == calibrated
+    if calibrated:  # the calibration: 128 x 512 tokens of the built-in calibration split
+        assert r.calibration is not None
+        assert (r.calibration.source, r.calibration.samples, r.calibration.seq_len) == ("pydoc-calib", 128, 512)
+        assert r.algorithm.name == name.rsplit("-", 1)[1]
     assert name in PRESET_HELP
     if name in EXPECTED:  # the integer presets of the walking skeleton
         c = r.codec
@@ -181,3 +187,29 @@ def test_recipe_is_frozen() -> None:
     r = resolve_recipe("w4a16")
     with pytest.raises(Exception):
         r.dense_dtype = "float32"  # type: ignore[misc]
+
+
+def test_regex_and_glob_patterns_and_rules() -> None:
+    r = Recipe.from_dict({
+        "codec": {"name": "int", "bits": 4},
+        "targets": ["re:model\\.layers\\.[0-9]+\\.(self_attn|mlp)\\..*"],
+        "ignore": ["*.layers.3.*"],
+        "rules": [{"match": "*.down_proj", "codec": {"name": "int", "bits": 8, "granularity": "channel"}}],
+    })
+    assert r.assignment("model.layers.0.self_attn.q_proj")[0].bits == 4
+    assert r.assignment("model.layers.0.mlp.down_proj")[0].bits == 8
+    assert r.assignment("model.layers.3.mlp.down_proj") is None
+    assert r.assignment("lm_head") is None
+    back = Recipe.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back == r and back.digest() == r.digest()
+
+
+def test_bad_regex_names_the_field() -> None:
+    with pytest.raises(LowbitError, match="ignore: bad regular expression"):
+        Recipe.from_dict({"codec": {"name": "int", "bits": 4}, "ignore": ["re:(unclosed"]})
+
+
+def test_recipes_without_rules_keep_their_digest() -> None:
+    # rules/calibration are left out of the serialized form when unset, so old digests hold
+    r = Recipe.from_dict({"codec": {"name": "int", "bits": 4}})
+    assert "rules" not in r.to_dict() and "calibration" not in r.to_dict()

@@ -29,6 +29,20 @@ from lowbit.codecs.quantized_tensor import QuantizedTensor
 ScaleData = dict[str, torch.Tensor]
 
 
+class GroupHessian:
+    """Error weights that couple the values of a group: ``blocks`` ``(G, g, g)``, the diagonal
+    blocks of the input Hessian ``X^T X / n`` in the grouped view (zero on padding). The error of
+    a group's difference ``d`` is then ``d^T H_g d``, its share of the layer's output error."""
+
+    def __init__(self, hessian: torch.Tensor, grouping: Grouping, cols: int) -> None:
+        if grouping.granularity == "tensor":
+            raise ValueError("a per-tensor grouping has no per-group Hessian")
+        _, G, g = grouping.grid((1, cols))
+        h = torch.zeros(G * g, G * g, dtype=torch.float32)
+        h[:cols, :cols] = hessian.to(torch.float32)
+        self.blocks = h.view(G, g, G, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
 class Codec(BaseModel, ABC):
     """A number format. Subclasses declare ``name: Literal[...]`` and their parameters."""
 
@@ -54,6 +68,12 @@ class Codec(BaseModel, ABC):
     @abstractmethod
     def code_bits(self) -> int:
         """Bits per stored code."""
+
+    @property
+    def whole_tensor_fit(self) -> bool:
+        """Whether the scale data carries a whole-tensor state (fit the full weight once, then
+        encode slices with it) rather than independent per-group scales."""
+        return False
 
     @abstractmethod
     def scale_dtypes(self) -> dict[str, torch.dtype]:
@@ -81,12 +101,12 @@ class Codec(BaseModel, ABC):
     def fit_group_scales(
         self,
         groups: torch.Tensor,
-        weights: torch.Tensor,
+        weights: "torch.Tensor | GroupHessian",
         shrink_grid: torch.Tensor | None = None,
     ) -> ScaleData:
         """Scale data per group; with ``shrink_grid``, the shrink factor of each group that
         gives the lowest ``weights``-weighted squared error (``weights`` broadcasts against
-        ``groups``; the factor 1.0 is always a candidate)."""
+        ``groups``, or is a :class:`GroupHessian`; the factor 1.0 is always a candidate)."""
         best = self.fit(groups, 1.0)
         if shrink_grid is None or shrink_grid.numel() == 0:
             return best
@@ -101,8 +121,10 @@ class Codec(BaseModel, ABC):
             best = {k: torch.where(better, cand[k], best[k]) for k in best}
         return best
 
-    def _group_error(self, groups: torch.Tensor, weights: torch.Tensor, scale: ScaleData) -> torch.Tensor:
+    def _group_error(self, groups: torch.Tensor, weights: "torch.Tensor | GroupHessian", scale: ScaleData) -> torch.Tensor:
         diff = self.quantize_dequantize(groups, scale) - groups
+        if isinstance(weights, GroupHessian):
+            return torch.einsum("rgi,gij,rgj->rg", diff, weights.blocks, diff)
         return (diff.square() * weights).sum(dim=-1)
 
     def quantize(
@@ -153,9 +175,23 @@ class Codec(BaseModel, ABC):
         return self.grouping.split(codes), scale
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
-        """Float32 ``(out, in)`` weight of a stored tensor."""
-        codes, scale = self.unpack(qt)
-        return self.grouping.merge(self.decode(codes, scale), qt.shape)
+        """Float32 ``(out, in)`` weight of a stored tensor.
+
+        With a ``g_idx`` part (GPTQ act-order), codes are in column order and column ``c``
+        belongs to group ``g_idx[c]``: the columns are gathered group by group, decoded, and
+        scattered back."""
+        g_idx = qt.data.get("g_idx")
+        if g_idx is None:
+            codes, scale = self.unpack(qt)
+            return self.grouping.merge(self.decode(codes, scale), qt.shape)
+        inner = QuantizedTensor(qt.codec, qt.shape, {k: v for k, v in qt.data.items() if k != "g_idx"})
+        codes, scale = self.unpack(inner)
+        order = group_order(g_idx, self.grouping, qt.shape)
+        flat = self.grouping.merge(codes, qt.shape)[:, order]
+        values = self.grouping.merge(self.decode(self.grouping.split(flat), scale), qt.shape)
+        out = torch.empty_like(values)
+        out[:, order] = values
+        return out
 
     def nbytes(self, shape: tuple[int, int]) -> int:
         """Exact stored bytes of a weight of ``shape``: packed codes plus scale data."""
@@ -168,6 +204,20 @@ class Codec(BaseModel, ABC):
     def describe(self) -> str:
         """Short human-readable name, e.g. ``int4 g128 sym``."""
         return self.name
+
+
+def group_order(g_idx: torch.Tensor, grouping: Grouping, shape: tuple[int, int]) -> torch.Tensor:
+    """Column order that makes the groups of ``g_idx`` ``(in,)`` contiguous; ValueError unless
+    every group holds exactly the columns the grouping gives it."""
+    rows, cols = shape
+    if grouping.granularity != "group" or g_idx.shape != (cols,):
+        raise ValueError(f"g_idx of shape {tuple(g_idx.shape)} does not fit a grouped weight of shape {shape}")
+    g = g_idx.to(torch.long)
+    order = torch.argsort(g, stable=True)
+    assert grouping.group_size is not None
+    if not torch.equal(g[order], torch.arange(cols) // grouping.group_size):
+        raise ValueError("g_idx does not assign group_size columns to each group")
+    return order
 
 
 class GroupedCodec(Codec):

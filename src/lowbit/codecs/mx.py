@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from lowbit.codecs.base import Codec, ScaleData
+from lowbit.codecs.base import Codec, GroupHessian, ScaleData
 from lowbit.codecs.grouping import Grouping
 from lowbit.codecs.minifloat import (
     E2M1_EMAX,
@@ -81,7 +81,7 @@ class _MXCodec(Codec):
     def fit_group_scales(
         self,
         groups: torch.Tensor,
-        weights: torch.Tensor,
+        weights: "torch.Tensor | GroupHessian",
         shrink_grid: torch.Tensor | None = None,
     ) -> ScaleData:
         """The spec's scale: no search (see module docstring)."""

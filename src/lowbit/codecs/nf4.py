@@ -60,7 +60,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from lowbit.codecs.base import Codec, ScaleData
+from lowbit.codecs.base import Codec, GroupHessian, ScaleData
 from lowbit.codecs.grouping import Grouping
 from lowbit.codecs.quantized_tensor import QuantizedTensor
 
@@ -143,6 +143,10 @@ class NF4Codec(Codec):
     def code_bits(self) -> int:
         return 4
 
+    @property
+    def whole_tensor_fit(self) -> bool:
+        return self.double_quant
+
     def scale_dtypes(self) -> dict[str, torch.dtype]:
         if self.double_quant:
             return {"absmax_q": torch.uint8, "absmax_scale": torch.float32, "absmax_offset": torch.float32}
@@ -158,7 +162,7 @@ class NF4Codec(Codec):
     def fit_group_scales(
         self,
         groups: torch.Tensor,
-        weights: torch.Tensor,
+        weights: "torch.Tensor | GroupHessian",
         shrink_grid: torch.Tensor | None = None,
     ) -> ScaleData:
         if not self.double_quant:

@@ -64,6 +64,10 @@ class NVFP4Codec(Codec):
     def code_bits(self) -> int:
         return 4
 
+    @property
+    def whole_tensor_fit(self) -> bool:
+        return True
+
     def scale_dtypes(self) -> dict[str, torch.dtype]:
         return {"block_scale": torch.float8_e4m3fn, "global_scale": torch.float32}
 

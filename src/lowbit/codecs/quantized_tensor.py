@@ -17,8 +17,9 @@ class QuantizedTensor:
     """A quantized 2-D weight.
 
     ``codec`` is the codec's parameters (``Codec.model_dump()``), ``shape`` the logical
-    ``(out, in)`` shape, ``data`` the stored tensors: ``codes`` (packed uint8, 1-D) and the
-    codec's scale data (e.g. ``scale`` and ``zero``, fp16, ``(R, G)``).
+    ``(out, in)`` shape, ``data`` the stored tensors: ``codes`` (packed uint8, 1-D), the
+    codec's scale data (e.g. ``scale`` and ``zero``, fp16, ``(R, G)``) and, for GPTQ's
+    act-order, ``g_idx`` (int32 ``(in,)``: the group of each input column).
     """
 
     codec: dict[str, Any]
@@ -64,7 +65,7 @@ class QuantizedTensor:
             raise ValueError(f"quantized tensor {prefix!r} is missing parts {missing}")
         data = {p: tensors[f"{prefix}.{p}"] for p in meta["parts"]}
         qt = cls(codec=meta["codec"], shape=(int(meta["shape"][0]), int(meta["shape"][1])), data=data)
-        expected = qt.get_codec().nbytes(qt.shape)
+        expected = qt.get_codec().nbytes(qt.shape) + (4 * qt.shape[1] if "g_idx" in data else 0)
         if qt.nbytes != expected:
             raise ValueError(f"quantized tensor {prefix!r} holds {qt.nbytes} bytes, its codec needs {expected}")
         return qt

@@ -18,6 +18,12 @@ def _int(bits: int, symmetric: bool = True, group_size: int | None = 128) -> dic
     return _rtn("int", bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
 
 
+def _calibrated(algorithm: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """``base``'s codec with a calibration-based ``algorithm`` and the default calibration
+    (128 samples of 512 tokens from the built-in pydoc calibration split)."""
+    return {**base, "algorithm": algorithm, "calibration": {"source": "pydoc-calib", "samples": 128, "seq_len": 512}}
+
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("int8 per-channel symmetric, RTN", _int(8, group_size=None)),
     "w8a16": ("same as int8", _int(8, group_size=None)),
@@ -39,6 +45,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mxfp4": ("OCP MXFP4: E2M1, E8M0 scale per block of 32", _rtn("mxfp4")),
     "mxfp8": ("OCP MXFP8: E4M3, E8M0 scale per block of 32", _rtn("mxfp8", element="e4m3")),
     "nvfp4": ("NVFP4: E2M1, FP8 E4M3 scale per block of 16, FP32 tensor scale", _rtn("nvfp4")),
+    "w4a16-gptq": ("int4 groups of 128 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(4, group_size=128))),
+    "w4a16-g64-gptq": ("int4 groups of 64 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(4, group_size=64))),
+    "w3a16-gptq": ("int3 groups of 64 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(3, group_size=64))),
+    "w2a16-gptq": ("int2 groups of 64 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(2, group_size=64))),
+    "nf4-gptq": ("NF4 blocks of 64, GPTQ", _calibrated({"name": "gptq"}, _rtn("nf4", block_size=64, double_quant=False))),
+    "w4a16-awq": ("int4 groups of 128 asymmetric, AWQ (the AutoAWQ format's codec)",
+                  _calibrated({"name": "awq"}, _int(4, symmetric=False, group_size=128))),
+    "w4a16-g64-awq": ("int4 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(4, group_size=64))),
+    "w3a16-awq": ("int3 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(3, group_size=64))),
 }
 
 PRESET_HELP: dict[str, str] = {name: help_line for name, (help_line, _) in PRESETS.items()}

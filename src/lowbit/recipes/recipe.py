@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,19 +18,63 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from lowbit.algorithms import Algorithm
+from lowbit.calibration.samples import CalibrationConfig
 from lowbit.codecs import Codec
 from lowbit.errors import LowbitError
 
 DenseDType = Literal["float16", "bfloat16", "float32"]
 
 
+def matches(pattern: str, name: str) -> bool:
+    """``re:REGEX`` (``re.fullmatch``) or an fnmatch glob, over a full module name."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_pattern(p: str) -> str:
+    if p.startswith("re:"):
+        try:
+            re.compile(p[3:])
+        except re.error as e:
+            raise ValueError(f"bad regular expression {p[3:]!r}: {e}") from None
+    return p
+
+
+class Rule(BaseModel):
+    """Per-module override: linears matching ``match`` use this codec and/or algorithm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: str = Field(description="glob, or re:REGEX, over full module names")
+    codec: SerializeAsAny[Codec] | None = None
+    algorithm: SerializeAsAny[Algorithm] | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, v: str) -> str:
+        return _check_pattern(v)
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec(cls, v: Any) -> Any:
+        return None if v is None else _dispatch(v, Codec, "codec")
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm(cls, v: Any) -> Any:
+        return None if v is None else _dispatch(v, Algorithm, "algorithm")
+
+
 class Recipe(BaseModel):
     """How to quantize a model.
 
-    ``targets``/``ignore`` are fnmatch patterns over the full module names of the linears of the
-    decoder blocks (e.g. ``model.layers.3.mlp.down_proj``); a linear is quantized when it matches
-    a target and no ignore pattern. Embeddings, norms and the LM head stay dense, stored in
-    ``dense_dtype``.
+    ``targets``/``ignore`` are fnmatch globs (or ``re:REGEX``) over the full module names of the
+    linears of the decoder blocks (e.g. ``model.layers.3.mlp.down_proj``); a linear is quantized
+    when it matches a target and no ignore pattern, with the codec and algorithm of the first
+    ``rules`` entry that matches it (each field defaulting to the recipe's). Embeddings, norms
+    and the LM head stay dense, stored in ``dense_dtype``. ``calibration`` is used by algorithms
+    that need calibration data.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,7 +85,14 @@ class Recipe(BaseModel):
     algorithm: SerializeAsAny[Algorithm] = Field(default_factory=lambda: Algorithm.registry["rtn"]())
     targets: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of linears to quantize")
     ignore: list[str] = Field(default_factory=list, description="fnmatch patterns of linears to keep dense")
+    rules: list[Rule] = Field(default_factory=list, description="per-module codec/algorithm overrides, first match wins")
+    calibration: CalibrationConfig | None = Field(None, description="calibration data (default: CalibrationConfig())")
     dense_dtype: DenseDType = Field("float16", description="storage dtype of everything not quantized")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        return [_check_pattern(p) for p in v]
 
     @field_validator("codec", mode="before")
     @classmethod
@@ -53,11 +105,31 @@ class Recipe(BaseModel):
         return _dispatch(v, Algorithm, "algorithm")
 
     def selects(self, module_name: str) -> bool:
-        hit = any(fnmatch.fnmatchcase(module_name, p) for p in self.targets)
-        return hit and not any(fnmatch.fnmatchcase(module_name, p) for p in self.ignore)
+        hit = any(matches(p, module_name) for p in self.targets)
+        return hit and not any(matches(p, module_name) for p in self.ignore)
+
+    def assignment(self, module_name: str) -> tuple[Codec, Algorithm] | None:
+        """The codec and algorithm of a linear, or None when it stays dense."""
+        if not self.selects(module_name):
+            return None
+        for rule in self.rules:
+            if matches(rule.match, module_name):
+                return rule.codec or self.codec, rule.algorithm or self.algorithm
+        return self.codec, self.algorithm
+
+    @property
+    def algorithms(self) -> list[Algorithm]:
+        return [self.algorithm, *(r.algorithm for r in self.rules if r.algorithm is not None)]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(a.needs_calibration for a in self.algorithms)
+
+    def calibration_config(self) -> CalibrationConfig:
+        return self.calibration or CalibrationConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude_defaults=False, exclude={k for k in ("rules", "calibration") if not getattr(self, k)})
 
     def digest(self) -> str:
         """Short stable hash of everything that changes the result."""
