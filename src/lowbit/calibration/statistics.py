@@ -1,0 +1,88 @@
+"""Statistics of a linear's input, accumulated over calibration tokens.
+
+One :class:`InputStatistics` per distinct input of a block's sub-step (q/k/v share one): the
+Hessian proxy ``X^T X`` (one matrix product per batch), per-column mean ``|x|`` and ``x^2``,
+and an evenly spread sample of input rows for algorithms that evaluate output errors (AWQ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """What an algorithm needs collected: the Hessian (in ``hessian_dtype``) and/or up to
+    ``input_rows`` sample rows of the input."""
+
+    hessian: bool = False
+    hessian_dtype: torch.dtype = torch.float32
+    input_rows: int = 0
+
+    def merge(self, other: "StatsRequest") -> "StatsRequest":
+        wide = torch.float64 if torch.float64 in (self.hessian_dtype, other.hessian_dtype) else torch.float32
+        return StatsRequest(self.hessian or other.hessian, wide, max(self.input_rows, other.input_rows))
+
+
+class InputStatistics:
+    """Accumulates statistics of inputs ``(..., n_features)`` over ``n_batches`` batches."""
+
+    def __init__(self, n_features: int, request: StatsRequest, n_batches: int) -> None:
+        self.n_features = n_features
+        self.request = request
+        self.n_tokens = 0
+        self.abs_sum = torch.zeros(n_features, dtype=torch.float64)
+        self.sq_sum = torch.zeros(n_features, dtype=torch.float64)
+        self.hessian_sum = torch.zeros(n_features, n_features, dtype=request.hessian_dtype) if request.hessian else None
+        self._rows_per_batch = -(-request.input_rows // max(n_batches, 1)) if request.input_rows else 0
+        self._rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.n_features)
+        xf = x.to(torch.float32)
+        self.n_tokens += xf.shape[0]
+        self.abs_sum += xf.abs().sum(0, dtype=torch.float64)
+        self.sq_sum += xf.square().sum(0, dtype=torch.float64)
+        if self.hessian_sum is not None:
+            xh = xf.to(self.hessian_sum.dtype)
+            self.hessian_sum.addmm_(xh.t(), xh)
+        if self._rows_per_batch:
+            step = max(1, xf.shape[0] // self._rows_per_batch)
+            self._rows.append(xf[::step][: self._rows_per_batch].clone())
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """``(n_features,)`` float32 mean ``|x|`` per input column."""
+        return (self.abs_sum / max(self.n_tokens, 1)).to(torch.float32)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """``(n_features,)`` float32 mean ``x^2`` per input column (the diagonal of the Hessian)."""
+        return (self.sq_sum / max(self.n_tokens, 1)).to(torch.float32)
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """``X^T X / n_tokens`` ``(n_features, n_features)``, in the requested dtype."""
+        if self.hessian_sum is None:
+            return None
+        return self.hessian_sum / max(self.n_tokens, 1)
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """Sampled input rows ``(n, n_features)`` float32, or None when none were requested."""
+        if not self._rows:
+            return None
+        return torch.cat(self._rows)
+
+    def scale_columns(self, s: torch.Tensor) -> None:
+        """The statistics of ``x / s`` (after an equivalence transform folded ``1/s`` into the
+        module that produces the input): ``s`` ``(n_features,)`` positive."""
+        s64 = s.to(torch.float64)
+        self.abs_sum /= s64
+        self.sq_sum /= s64.square()
+        if self.hessian_sum is not None:
+            sh = s.to(self.hessian_sum.dtype)
+            self.hessian_sum /= sh.unsqueeze(0) * sh.unsqueeze(1)
+        self._rows = [r / s.to(torch.float32) for r in self._rows]
