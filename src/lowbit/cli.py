@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_positive, metavar="N", help="override the codec's group size")
     q.add_argument("--bits", type=int, metavar="N", help="override the codec's bits (2..8 for int)")
     q.add_argument("--clip-search", action="store_true", default=None,
-                   help="RTN: search each group's range shrink for the lowest squared error")
+                   help="RTN/GPTQ: search each group's range shrink for the lowest squared error")
+    _add_calibration_args(q)
+    q.add_argument("--restart", action="store_true",
+                   help="discard the resume state of an interrupted run (OUT.partial) and start over")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -88,9 +91,40 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=_positive, default=512, metavar="N")
     b.add_argument("--max-windows", type=_positive, metavar="N", help="evaluate at most N windows per text")
     b.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_calibration_args(b)
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     b.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (GPTQ, AWQ)")
+    g.add_argument("--calib", metavar="SOURCE",
+                   help="pydoc-calib (default), stdlib-calib, a UTF-8 text file, a .jsonl of chat messages "
+                   "(rendered with the tokenizer's chat template), or hf:DATASET[:CONFIG[:SPLIT]]")
+    g.add_argument("--calib-samples", type=_positive, metavar="N", help="calibration sequences (default 128)")
+    g.add_argument("--calib-seq-len", type=_positive, metavar="L", help="tokens per sequence (default 512)")
+    g.add_argument("--calib-seed", type=int, metavar="S", help="seed of the sample offsets (default 0)")
+    g.add_argument("--calib-batch", type=_positive, default=8, metavar="B",
+                   help="sequences per forward pass (default 8)")
+    g.add_argument("--calib-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the calibration forward passes (default float32; bfloat16 runs on AMX/tensor "
+                   "cores, statistics stay float32)")
+
+
+def _with_calibration(recipe, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """``recipe`` with the --calib* overrides applied to its calibration config."""
+    over = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.calib_seq_len, "seed": args.calib_seed}
+    over = {k: v for k, v in over.items() if v is not None}
+    if not over:
+        return recipe
+    if not recipe.needs_calibration:
+        raise LowbitError(f"--calib options given, but {recipe.label()} uses no calibration data")
+    from lowbit.recipes import Recipe
+
+    data = recipe.to_dict()
+    data["calibration"] = {**recipe.calibration_config().model_dump(), **over}
+    return Recipe.from_dict(data, source="recipe with calibration overrides")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -100,11 +134,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.recipes import resolve_recipe
 
     recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, group_size=args.group_size, bits=args.bits)
+    recipe = _with_calibration(recipe, args)
     if args.out.exists() and not args.overwrite:
         raise LowbitError(f"output folder {args.out} exists (pass --overwrite to replace it)")
-    loaded = load_model(args.model)
-    report = quantize_model(loaded.model, recipe, progress=not args.no_progress)
+    loaded, weights = _load_for_quantization(args.model)
+    calib, resume = None, None
+    if recipe.needs_calibration:
+        from lowbit.calibration import calibration_set
+        from lowbit.pipeline.resume import ResumeState, run_fingerprint
+
+        calib = calibration_set(loaded.tokenizer, recipe.calibration_config())
+        model_id = weights.fingerprint() if weights is not None else None
+        resume = ResumeState(
+            args.out.with_name(args.out.name + ".partial"),
+            run_fingerprint(loaded.model, model_id, recipe, calib, args.calib_dtype),
+        )
+        if args.restart:
+            resume.discard()
+    report = quantize_model(
+        loaded.model, recipe, progress=not args.no_progress, calibration=calib, weights=weights, resume=resume,
+        compute_dtype=_dtype(args.calib_dtype), batch_size=args.calib_batch,
+    )
+    if report.sequential is not None and not args.no_progress:
+        print(report.sequential.summary(), file=sys.stderr)
     save_quantized(loaded, args.out, overwrite=args.overwrite, source=args.model)
+    if resume is not None:
+        resume.discard()
     from lowbit.bench.compare import block_linear_names, folder_bytes
     from lowbit.evaluation import model_size
 
@@ -115,6 +170,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{folder_bytes(args.out) / 1e6:.1f} MB on disk -> {args.out}"
     )
     return 0
+
+
+def _load_for_quantization(spec: str):  # type: ignore[no-untyped-def]
+    """A lazily loaded model (blocks stay on disk until quantized) when ``spec`` is a Hugging
+    Face folder with safetensors weights, else a fully loaded one."""
+    from lowbit.models import load_model
+    from lowbit.models.lazy import lazy_source
+
+    folder = lazy_source(spec)
+    if folder is not None:
+        from lowbit.models.lazy import load_lazy
+
+        try:
+            return load_lazy(folder, source=spec)
+        except LowbitError:
+            pass  # e.g. checkpoint names that need transformers' conversion: load it whole
+    return load_model(spec), None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -200,10 +272,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lowbit.recipes import resolve_recipe
 
     recipes = [resolve_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
+    if any(v is not None for v in (args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed)):
+        recipes = [_with_calibration(r, args) if r.needs_calibration else r for r in recipes]
     texts = [load_text(t.strip()) for t in args.text.split(",") if t.strip()]
     base = load_model(args.model)
     rows = compare_recipes(base, recipes, texts, seq_len=args.seq_len, max_windows=args.max_windows,
-                           dtype=_dtype(args.dtype), progress=not args.no_progress)
+                           dtype=_dtype(args.dtype), progress=not args.no_progress,
+                           compute_dtype=_dtype(args.calib_dtype))
     if args.json:
         print(json.dumps([r.to_dict() for r in rows]))
     else:

@@ -1,6 +1,8 @@
-"""Algorithms: which codes are chosen (RTN now; GPTQ, AWQ, ... register the same way)."""
+"""Algorithms: which codes are chosen (RTN, GPTQ, AWQ; others register the same way)."""
 
-from lowbit.algorithms.base import Algorithm, LayerStats
+from lowbit.algorithms.awq import AWQ
+from lowbit.algorithms.base import Algorithm, LayerStats, StepContext
+from lowbit.algorithms.gptq import GPTQ, SingularHessianError
 from lowbit.algorithms.rtn import RTN
 
-__all__ = ["RTN", "Algorithm", "LayerStats"]
+__all__ = ["AWQ", "GPTQ", "RTN", "Algorithm", "LayerStats", "SingularHessianError", "StepContext"]

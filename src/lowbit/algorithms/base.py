@@ -10,23 +10,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from lowbit.calibration.statistics import InputStatistics, StatsRequest
 from lowbit.codecs import Codec, QuantizedTensor
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
 class LayerStats:
     """Calibration statistics of one linear's input, as collected by the pipeline.
 
-    ``importance``: ``(in,)`` per-input-column weight of the error (e.g. mean squared
-    activation), or None for unweighted.
+    ``importance``: ``(in,)`` per-input-column weight of the error (mean squared activation),
+    or None for unweighted. ``hessian``: ``X^T X / n`` ``(in, in)`` when requested. ``rows``:
+    sampled input rows ``(n, in)`` when requested. ``n_tokens``: calibration tokens seen.
     """
 
     importance: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    n_tokens: int = 0
+
+
+@dataclass
+class StepContext:
+    """One sub-step of a decoder block, as the pipeline hands it to :meth:`Algorithm.transform_step`:
+    the linears ``names`` (block-relative) that read one input, their codecs, that input's
+    ``stats``, and ``source``: the block-relative name of the module whose output is that input
+    and can absorb a per-channel scale (None when there is none); ``norm_plus_one``: norms
+    compute ``x * (1 + w)``."""
+
+    block: "nn.Module"
+    prefix: str
+    names: list[str]
+    codecs: dict[str, Codec]
+    stats: InputStatistics
+    source: str | None
+    norm_plus_one: bool
 
 
 class Algorithm(BaseModel, ABC):
@@ -46,6 +71,20 @@ class Algorithm(BaseModel, ABC):
     def needs_calibration(self) -> bool:
         """Whether the pipeline must run calibration data to collect :class:`LayerStats`."""
         return False
+
+    def stats_request(self) -> StatsRequest:
+        """Which statistics the pipeline must collect for each linear's input."""
+        return StatsRequest()
+
+    @property
+    def transforms_block(self) -> bool:
+        """Whether :meth:`transform_step` edits the block (the pipeline then runs a first pass
+        over the unquantized block to give every sub-step its statistics)."""
+        return False
+
+    def transform_step(self, ctx: StepContext) -> None:
+        """An equivalence transform of the block before anything is quantized (AWQ's scaling),
+        given one sub-step's shared input statistics. No-op by default."""
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, codec: Codec, stats: LayerStats | None = None) -> QuantizedTensor:

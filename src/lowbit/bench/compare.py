@@ -74,11 +74,17 @@ def compare_recipes(
     include_reference: bool = True,
     progress: bool = True,
     on_row=None,  # type: ignore[no-untyped-def]
+    compute_dtype: torch.dtype = torch.float32,
 ) -> list[Row]:
     """Rows for the unquantized model (when ``include_reference``) and each recipe, per text.
 
     With ``save_dir``, each quantized model is also written there and its size on disk measured.
+    Recipes whose algorithm needs calibration draw their samples from the recipe's calibration
+    source (drawn once per distinct calibration config); their calibration forward passes run in
+    ``compute_dtype``.
     """
+    from lowbit.calibration import CalibrationSet, calibration_set
+
     from lowbit.io import save_quantized
 
     cdir = cache_dir()
@@ -104,9 +110,17 @@ def compare_recipes(
         for text in texts:
             r = run_eval(evaluated, text)
             emit(_row(base.source, "unquantized", None, r, size.bits_per_weight, size.model_bytes, disk, None))
+    calibrations: dict[str, CalibrationSet] = {}
     for recipe in recipes:
+        calib = None
+        if recipe.needs_calibration:
+            config = recipe.calibration_config()
+            key = config.model_dump_json()
+            if key not in calibrations:
+                calibrations[key] = calibration_set(base.tokenizer, config)
+            calib = calibrations[key]
         model = copy.deepcopy(base.model)
-        report = quantize_model(model, recipe, progress=progress)
+        report = quantize_model(model, recipe, progress=progress, calibration=calib, compute_dtype=compute_dtype)
         size = model_size(model, names)
         disk = None
         if save_dir is not None:

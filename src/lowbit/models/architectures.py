@@ -3,6 +3,13 @@
 ``steps`` lists the linears of a decoder block in execution order, grouped by the input they
 share (the sequential sub-steps that GPTQ-style algorithms quantize in turn): e.g. Llama's
 q/k/v read the same normed input, o_proj reads the attention output.
+
+``scale_sources`` names, per step, the module whose output *is* that step's input and can absorb
+a per-channel scale exactly (AWQ/SmoothQuant fold ``1/s`` into it): the norm before q/k/v, the
+linear before another linear when nothing but a positively homogeneous op lies between them
+(v_proj -> o_proj through attention, up_proj -> down_proj through the gated product); None when
+no such module exists (fused projections, a GELU in between). ``norm_plus_one``: the norms
+compute ``x * (1 + weight)`` (Gemma), so a fold must rewrite ``weight`` as ``(1 + w) / s - 1``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,12 @@ class Architecture:
     steps: tuple[tuple[str, ...], ...]  # linears of a block, grouped by shared input, in order
     embeddings: str
     lm_head: str
+    scale_sources: tuple[str | None, ...] = ()
+    norm_plus_one: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scale_sources and len(self.scale_sources) != len(self.steps):
+            raise ValueError(f"{self.family}: one scale source per step")
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = model.get_submodule(self.blocks)
@@ -40,18 +53,25 @@ _LLAMA_STEPS = (
 )
 
 
-def _llama_like(family: str) -> Architecture:
-    return Architecture(family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head")
+_LLAMA_SOURCES = ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj")
+
+
+def _llama_like(family: str, norm_plus_one: bool = False) -> Architecture:
+    return Architecture(
+        family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head", _LLAMA_SOURCES, norm_plus_one
+    )
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    **{f: _llama_like(f) for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    **{f: _llama_like(f) for f in ("llama", "mistral", "qwen2", "qwen3")},
+    **{f: _llama_like(f, norm_plus_one=True) for f in ("gemma", "gemma2")},
     "phi3": Architecture(
         "phi3",
         "model.layers",
         (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
         "model.embed_tokens",
         "lm_head",
+        ("input_layernorm", None, "post_attention_layernorm", None),
     ),
     "opt": Architecture(
         "opt",
@@ -59,6 +79,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
         "model.decoder.embed_tokens",
         "lm_head",
+        # fc1 -> ReLU -> fc2: ReLU commutes with a positive scale.
+        ("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"),
     ),
     # GPT-2 stores its linears as transformers' Conv1D, weight (in, out); the pipeline transposes.
     "gpt2": Architecture(
@@ -67,6 +89,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         "transformer.wte",
         "lm_head",
+        ("ln_1", None, "ln_2", None),
     ),
 }
 

@@ -1,5 +1,6 @@
 """Runtime modules that compute with quantized weights."""
 
+from lowbit.modules.linears import linear_weight, set_linear_weight
 from lowbit.modules.quant_linear import QuantLinear, cache_dequantized_weights, dense_tensors
 
-__all__ = ["QuantLinear", "cache_dequantized_weights", "dense_tensors"]
+__all__ = ["QuantLinear", "cache_dequantized_weights", "dense_tensors", "linear_weight", "set_linear_weight"]

@@ -48,8 +48,8 @@ class QuantLinear(nn.Module):
         return self._dense if self._dense is not None else self.qweight.dequantize()
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._dense is not None and self._dense.dtype == dtype:
-            return self._dense
+        if self._dense is not None:
+            return self._dense if self._dense.dtype == dtype else self._dense.to(dtype)
         return self.qweight.dequantize(torch.float32).to(dtype=dtype, device=self.qweight_codes.device)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]

@@ -1,9 +1,9 @@
-"""The layer-wise runner: walk the decoder blocks and let the recipe's algorithm quantize
+"""The layer-wise runner: walk the decoder blocks and let the recipe's algorithms quantize
 each selected linear, step by step in execution order.
 
-Calibration-based algorithms (GPTQ, AWQ, ...) will extend the loop here: capture the inputs of
-block 0, then per block collect statistics, quantize, and run the quantized block to produce
-the next block's inputs. RTN needs no statistics, so each block is quantized in place.
+Algorithms that need calibration (GPTQ, AWQ) go through :mod:`lowbit.pipeline.sequential`;
+RTN needs no statistics, so each block is quantized in place (loaded from disk first when the
+model is lazy).
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.calibration.samples import CalibrationSet
 from lowbit.errors import LowbitError
 from lowbit.models import Architecture, architecture_of
-from lowbit.modules import QuantLinear, dense_tensors
+from lowbit.models.lazy import LazyWeights
+from lowbit.modules import QuantLinear, dense_tensors, linear_weight
+from lowbit.pipeline.resume import ResumeState
+from lowbit.pipeline.sequential import SequentialStats, _progress, capture_block_inputs, quantize_block_sequential, release_dense_weights, run_block
 from lowbit.recipes import Recipe
 
 
@@ -27,56 +31,124 @@ class QuantizationReport:
     seconds: float
     quantized: list[str] = field(default_factory=list)  # full module names
     skipped: list[str] = field(default_factory=list)
+    sequential: SequentialStats | None = None  # per-linear errors of a calibrated run
 
 
-def check_finite(model: nn.Module) -> None:
-    """LowbitError naming the first parameter that holds NaN or Inf."""
+def check_finite(model: nn.Module, prefix: str = "") -> None:
+    """LowbitError naming the first parameter that holds NaN or Inf (``prefix``: the module's
+    full name, to name the parameter in full)."""
     for name, p in model.named_parameters():
         if p.dtype.is_floating_point and not torch.isfinite(p).all():
-            raise LowbitError(f"weight {name} contains NaN or Inf")
+            raise LowbitError(f"weight {prefix + '.' if prefix else ''}{name} contains NaN or Inf")
 
 
-def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight ``(out, in)`` and bias of an ``nn.Linear`` or transformers ``Conv1D``."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach(), module.bias
-    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight (in, out)
-        return module.weight.detach().t(), module.bias
-    raise LowbitError(f"cannot quantize a {type(module).__name__}: not a linear layer")
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    progress: bool = True,
+    calibration: CalibrationSet | None = None,
+    weights: LazyWeights | None = None,
+    resume: ResumeState | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+) -> QuantizationReport:
+    """Quantize ``model`` in place per ``recipe``; returns what was done and how long it took.
 
-
-def quantize_model(model: nn.Module, recipe: Recipe, progress: bool = True) -> QuantizationReport:
-    """Quantize ``model`` in place per ``recipe``; returns what was done and how long it took."""
+    Algorithms that need calibration run through the sequential runner on ``calibration``'s
+    tokens (forward passes in ``compute_dtype``, ``batch_size`` samples at a time). With
+    ``weights`` the decoder blocks are on ``meta`` and are loaded from disk one at a time. With
+    ``resume`` finished blocks are saved as they complete, and an earlier interrupted run with
+    the same fingerprint is continued.
+    """
     arch = architecture_of(model)
-    if recipe.algorithm.needs_calibration:
-        raise LowbitError(f"algorithm {recipe.algorithm.name!r} needs calibration, which this runner cannot do yet")
-    check_finite(model)
+    needs = recipe.needs_calibration
+    if needs and calibration is None:
+        names = ", ".join(sorted({a.name for a in recipe.algorithms if a.needs_calibration}))
+        raise LowbitError(f"algorithm {names} needs calibration data")
+    if weights is None:
+        check_finite(model)
     report = QuantizationReport(recipe=recipe, seconds=0.0)
     t0 = time.perf_counter()
     blocks = arch.block_list(model)
     with torch.no_grad():
-        for i, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label()}", unit="block", disable=not progress)):
-            _quantize_block(block, f"{arch.blocks}.{i}", arch, recipe, report)
+        if needs:
+            assert calibration is not None
+            _run_sequential(model, arch, blocks, recipe, calibration, weights, resume, compute_dtype, batch_size, report, progress)
+        else:
+            for i, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label()}", unit="block", disable=not progress)):
+                prefix = f"{arch.blocks}.{i}"
+                if weights is not None:
+                    weights.materialize(block, prefix)
+                    check_finite(block, prefix)
+                _quantize_block(block, prefix, arch, recipe, report)
         round_dense_tensors(model, getattr(torch, recipe.dense_dtype))
     model.lowbit_recipe = recipe
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def _run_sequential(
+    model: nn.Module,
+    arch: Architecture,
+    blocks: nn.ModuleList,
+    recipe: Recipe,
+    calibration: CalibrationSet,
+    weights: LazyWeights | None,
+    resume: ResumeState | None,
+    compute_dtype: torch.dtype,
+    batch_size: int,
+    report: QuantizationReport,
+    progress: bool,
+) -> None:
+    seq = report.sequential = SequentialStats(calibration_tokens=calibration.n_tokens)
+    done = resume.finished_blocks() if resume is not None else 0
+    for i in range(done):
+        resume.restore_block(blocks[i], i)  # type: ignore[union-attr]
+    seq.resumed_blocks = done
+    if done == len(blocks):
+        return
+    if done:
+        inputs = resume.load_inputs()  # type: ignore[union-attr]
+    else:
+        inputs = capture_block_inputs(model, blocks[0], calibration.tokens, batch_size, compute_dtype)
+    desc = f"quantize {recipe.label()}"
+    with _progress(len(blocks), desc, progress, done) as bar:
+        for i in range(done, len(blocks)):
+            block, prefix = blocks[i], f"{arch.blocks}.{i}"
+            if weights is not None:
+                weights.materialize(block, prefix)
+                check_finite(block, prefix)
+            results = quantize_block_sequential(block, prefix, arch, recipe, inputs, compute_dtype, report.skipped)
+            inputs = run_block(block, inputs, compute_dtype)
+            release_dense_weights(block)
+            if not all(torch.isfinite(h).all() for h, _ in inputs):
+                raise LowbitError(f"block {prefix} produced NaN or Inf on the calibration data")
+            seq.linears.extend(results)
+            report.quantized.extend(r.name for r in results)
+            if resume is not None:
+                resume.save(block, i, inputs)
+            if progress and results:
+                errs = " ".join(f"{r.name.rsplit('.', 1)[-1]}={r.error:.4f}" for r in results)
+                bar.write(f"block {i:3d}: relative output error {errs}")
+            bar.update(1)
+
+
 def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe, report: QuantizationReport) -> None:
     for step in arch.steps:
         for name in step:
             full = f"{prefix}.{name}"
-            if not recipe.selects(full):
+            plan = recipe.assignment(full)
+            if plan is None:
                 report.skipped.append(full)
                 continue
+            codec, algorithm = plan
             try:
                 module = block.get_submodule(name)
             except AttributeError:
                 raise LowbitError(f"{arch.family}: block has no module {name}") from None
             weight, bias = linear_weight(module)
             try:
-                qt = recipe.algorithm.quantize(weight, recipe.codec, None)
+                qt = algorithm.quantize(weight, codec, None)
             except ValueError as e:
                 raise LowbitError(f"cannot quantize {full}: {e}") from None
             block.set_submodule(name, QuantLinear(qt, bias))

@@ -1,0 +1,203 @@
+"""GPTQ (Frantar et al., 2022): choose codes column by column, pushing each column's rounding
+error onto the columns not yet quantized through the inverse Hessian of the layer's input.
+
+The fast blocked form: columns are processed in blocks of ``block_size``; inside a block each
+column's error updates only the block (rank-1 updates), and the rest of the matrix receives the
+block's errors in one matrix product ("lazy batch" updates). The Hessian ``H = X^T X / n`` is
+dampened by ``dampening * mean(diag H)``, raised tenfold (up to ``damp_retries`` times) while its
+Cholesky factorization fails. Input columns that never saw a non-zero activation ("dead") are
+zeroed and ignored.
+
+Codecs are used only through ``fit_group_scales`` / ``encode`` / ``decode``, so GPTQ works on
+every codec. Scale data is fitted once on the whole original weight up front (``static_groups``,
+the default, as llm-compressor does; always for per-channel/per-tensor scales and for codecs
+whose scale data has a whole-tensor state such as NF4 with double quantization and NVFP4), or per
+group when GPTQ reaches the group's first column, on the already-updated weights (the original
+paper's code). Static fits lose less here: at 2-3 bits the updated weights drift outward and
+inflate the late scales (``tests/algorithms/test_gptq.py`` and BENCHMARKS.md show both). With ``act_order``
+columns are processed in order of decreasing Hessian diagonal; without static groups the groups
+are then formed in that order and stored with a ``g_idx`` (the group of each column).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from lowbit.algorithms.base import Algorithm, LayerStats
+from lowbit.calibration.statistics import StatsRequest
+from lowbit.codecs import Codec, QuantizedTensor
+from lowbit.codecs.base import ScaleData
+from lowbit.codecs.grouping import Grouping
+
+
+class SingularHessianError(ValueError):
+    """The Hessian stays not positive definite even after the largest dampening."""
+
+
+class GPTQ(Algorithm):
+    name: Literal["gptq"] = "gptq"
+    block_size: int = Field(128, gt=0, description="columns per lazy-update block")
+    dampening: float = Field(0.01, gt=0, description="diagonal dampening, relative to the mean of diag(H)")
+    damp_retries: int = Field(4, ge=0, description="times the dampening is raised tenfold if Cholesky fails")
+    act_order: bool = Field(False, description="quantize columns in order of decreasing Hessian diagonal")
+    static_groups: bool = Field(
+        True, description="fit every group's scale data up front on the original weight (else when GPTQ reaches it)"
+    )
+    hessian_dtype: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of X^T X")
+    clip_search: bool = Field(False, description="search each group's shrink factor, weighted by diag(H)")
+    clip_min: float = Field(0.5, gt=0, le=1, description="smallest shrink factor tried")
+    clip_steps: int = Field(26, ge=2, description="number of shrink factors tried")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def stats_request(self) -> StatsRequest:
+        return StatsRequest(hessian=True, hessian_dtype=getattr(torch, self.hessian_dtype))
+
+    def quantize(self, weight: torch.Tensor, codec: Codec, stats: LayerStats | None = None) -> QuantizedTensor:
+        if stats is None or stats.hessian is None:
+            raise ValueError("GPTQ needs the Hessian of the layer's input (calibration statistics)")
+        shrink = torch.linspace(self.clip_min, 1.0, self.clip_steps) if self.clip_search else None
+        qt, _ = gptq_quantize(
+            weight,
+            stats.hessian,
+            codec,
+            block_size=self.block_size,
+            dampening=self.dampening,
+            damp_retries=self.damp_retries,
+            act_order=self.act_order,
+            static_groups=self.static_groups,
+            shrink_grid=shrink,
+        )
+        return qt
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + d * mean(diag H) * I)^-1`` and the dampening ``d`` that
+    made it exist (raised tenfold per failed try)."""
+    mean_diag = hessian.diagonal().mean()
+    damp = dampening
+    for _ in range(retries + 1):
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            inv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        damp *= 10
+    raise SingularHessianError(f"Hessian not positive definite even with dampening {damp / 10:g}")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codec: Codec,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    damp_retries: int = 4,
+    act_order: bool = False,
+    static_groups: bool = False,
+    shrink_grid: torch.Tensor | None = None,
+) -> tuple[QuantizedTensor, float]:
+    """GPTQ of a weight ``(out, in)`` given ``hessian`` ``(in, in)``; returns the quantized
+    tensor and the dampening used."""
+    w = codec.check_weight(weight).clone()
+    rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight with {cols} input columns")
+    h = hessian.clone()
+    if not torch.isfinite(h).all():
+        raise ValueError("Hessian contains NaN or Inf")
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    importance = h.diagonal().to(torch.float32).clone()
+    importance[dead] = 0
+
+    grouping = codec.grouping
+    dynamic = grouping.granularity == "group" and not static_groups and not codec.whole_tensor_fit
+    static_scale: ScaleData | None = None
+    if not dynamic:
+        static_scale = codec.fit_group_scales(grouping.split(w), grouping.weights((rows, cols), importance), shrink_grid)
+
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else None
+    if perm is not None:
+        w = w[:, perm]
+        h = h[perm][:, perm]
+        importance = importance[perm]
+    hinv, damp = inverse_hessian_factor(h, dampening, damp_retries)
+    hinv = hinv.to(torch.float32)
+
+    # Work on the transpose so that a column of W is a contiguous row and the rank-1 updates
+    # touch contiguous memory.
+    wt = w.t().contiguous()  # (cols, rows)
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
+    gs = grouping.group_size or cols
+    group_cols = Grouping("group", gs)
+    dyn_scale: dict[str, torch.Tensor] = {}
+    col_scale: ScaleData = {}
+    view = (1, 1, rows) if grouping.granularity == "tensor" else (rows, 1, 1)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.empty(i2 - i1, rows)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic:
+                if j % gs == 0:
+                    vals = w1[i : i + gs]
+                    if vals.shape[0] < gs and i2 < cols:  # the group runs past this block
+                        vals = torch.cat([vals, wt[i2 : j + gs]])
+                    wts = group_cols.weights((1, vals.shape[0]), importance[j : j + vals.shape[0]])
+                    col_scale = codec.fit_group_scales(group_cols.split(vals.t()), wts, shrink_grid)
+                    _store_group(dyn_scale, col_scale, j // gs, -(-cols // gs))
+            else:
+                col_scale = _column_scale(static_scale, grouping, int(perm[j]) if perm is not None else j)
+            col = w1[i]
+            c = codec.encode(col.view(view), col_scale)
+            codes_t[j] = c.reshape(rows)
+            e = (col - codec.decode(c, col_scale).reshape(rows)) / hinv1[i, i]
+            w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
+            err1[i] = e
+        if i2 < cols:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
+    codes = codes_t.t()
+
+    g_idx = None
+    if perm is not None:
+        unpermuted = torch.empty_like(codes)
+        unpermuted[:, perm] = codes
+        codes = unpermuted
+        if dynamic:
+            g_idx = torch.empty(cols, dtype=torch.int32)
+            g_idx[perm] = (torch.arange(cols) // gs).to(torch.int32)
+    scale = dyn_scale if dynamic else static_scale
+    assert scale is not None
+    qt = codec.pack(codes, scale, (rows, cols))
+    if g_idx is not None:
+        qt.data["g_idx"] = g_idx
+    return qt, damp
+
+
+def _column_scale(scale: ScaleData | None, grouping: Grouping, column: int) -> ScaleData:
+    """The scale data that covers input ``column`` (original order)."""
+    assert scale is not None
+    if grouping.granularity == "group":
+        assert grouping.group_size is not None
+        g = column // grouping.group_size
+        return {k: v[:, g : g + 1] for k, v in scale.items()}
+    return scale
+
+
+def _store_group(out: dict[str, torch.Tensor], scale: ScaleData, g: int, n_groups: int) -> None:
+    for k, v in scale.items():
+        if k not in out:
+            out[k] = torch.empty(v.shape[0], n_groups, dtype=v.dtype)
+        out[k][:, g : g + 1] = v

@@ -1,0 +1,302 @@
+"""The sequential (layer-wise) runner for algorithms that need calibration data.
+
+1. Run the model on the calibration samples up to decoder block 0 and keep what block 0
+   receives: hidden states plus every keyword the model passes it (position embeddings,
+   masks, positions), batch by batch.
+2. For each block: load it (from disk when the model is lazy), then for each sub-step of the
+   architecture (q/k/v, then o, then gate/up, then down): run the block on the calibration
+   inputs with the sub-steps already quantized, stopping as soon as the sub-step's linears have
+   seen their input; collect the statistics the algorithms ask for (one ``X^T X`` matrix product
+   per batch and per distinct input); let the algorithm transform the block (AWQ) and quantize
+   the sub-step's linears. Then run the quantized block once more to produce the next block's
+   inputs, and save a resume point.
+
+Forward passes may run in bfloat16 (``compute_dtype``) through CPU autocast (AMX); statistics
+are always accumulated in float32 or wider, and weights are quantized from their float32 values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms import RTN, Algorithm, LayerStats, SingularHessianError, StepContext
+from lowbit.calibration.samples import CalibrationSet
+from lowbit.calibration.statistics import InputStatistics, StatsRequest
+from lowbit.codecs import Codec
+from lowbit.errors import LowbitError
+from lowbit.models import Architecture
+from lowbit.modules import QuantLinear, linear_weight
+from lowbit.pipeline.resume import BlockInputs, ResumeState
+from lowbit.recipes import Recipe
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the inputs it was waiting for have been seen."""
+
+
+@dataclass
+class LinearResult:
+    name: str
+    error: float  # relative output error ||(W - Q) X|| ^ 2 / ||W X|| ^ 2 on the calibration inputs
+    seconds: float
+    note: str = ""  # why it fell back to RTN, or the raised dampening
+
+
+@dataclass
+class SequentialStats:
+    linears: list[LinearResult] = field(default_factory=list)
+    resumed_blocks: int = 0
+    calibration_tokens: int = 0
+
+    def summary(self) -> str:
+        if not self.linears:
+            return "no linear quantized"
+        by_kind: dict[str, list[float]] = {}
+        for r in self.linears:
+            by_kind.setdefault(r.name.rsplit(".", 1)[-1], []).append(r.error)
+        parts = [f"{k} {sum(v) / len(v):.4f}" for k, v in by_kind.items()]
+        notes = [f"{r.name}: {r.note}" for r in self.linears if r.note]
+        text = "mean relative output error per linear: " + ", ".join(parts)
+        if notes:
+            text += "\n" + "\n".join(notes)
+        return text
+
+
+def autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def _first_tensor(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
+
+
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, tokens: torch.Tensor, batch_size: int, compute_dtype: torch.dtype
+) -> BlockInputs:
+    """What ``block`` (the first decoder block) receives for each batch of ``tokens``."""
+    captured: BlockInputs = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k != "past_key_values" and k != "past_key_value"}
+        captured.append((hidden.detach().to(torch.float32), kw))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), autocast(compute_dtype):
+            for batch in tokens.split(batch_size):
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != -(-tokens.shape[0] // batch_size):
+        raise LowbitError("the model never reached its first decoder block")
+    return captured
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, compute_dtype: torch.dtype) -> BlockInputs:
+    outs: BlockInputs = []
+    with torch.no_grad(), autocast(compute_dtype):
+        for hidden, kw in inputs:
+            outs.append((_first_tensor(block(hidden, **kw)).to(torch.float32), kw))
+    return outs
+
+
+def collect_step_statistics(
+    block: nn.Module,
+    names: list[str],
+    inputs: BlockInputs,
+    request: StatsRequest,
+    compute_dtype: torch.dtype,
+) -> dict[str, InputStatistics]:
+    """Run ``block`` on ``inputs`` until the linears ``names`` have seen their input, per batch;
+    linears fed the same tensor share one :class:`InputStatistics`."""
+    stats: dict[str, InputStatistics] = {}
+    seen: set[str] = set()
+    fed: set[int] = set()
+    last: list = [None, None]  # (input tensor, its statistics) of the latest hook, first batch only
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name not in stats:
+                if last[0] is x:
+                    stats[name] = last[1]
+                else:
+                    stats[name] = InputStatistics(x.shape[-1], request, len(inputs))
+            st = stats[name]
+            if id(st) not in fed:
+                st.add(x)
+                fed.add(id(st))
+            last[0], last[1] = x, st
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _StopForward
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        with torch.no_grad(), autocast(compute_dtype):
+            for hidden, kw in inputs:
+                seen.clear()
+                fed.clear()
+                try:
+                    block(hidden, **kw)
+                except _StopForward:
+                    pass
+                last[0] = None
+    finally:
+        for h in handles:
+            h.remove()
+    for n in names:
+        if n not in stats:
+            stats[n] = InputStatistics(linear_weight(block.get_submodule(n))[0].shape[1], request, len(inputs))
+    return stats
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, stats: InputStatistics) -> float:
+    """``||(W - Q) X||^2 / ||W X||^2`` from the Hessian when collected, else from sampled rows."""
+    d = (weight.to(torch.float32) - quantized.to(torch.float32))
+    h = stats.hessian
+    if h is not None:
+        h = h.to(torch.float32)
+        num = ((d @ h) * d).sum()
+        den = ((weight.to(torch.float32) @ h) * weight.to(torch.float32)).sum()
+    elif stats.rows is not None:
+        num = (stats.rows @ d.t()).square().sum()
+        den = (stats.rows @ weight.to(torch.float32).t()).square().sum()
+    else:
+        return float("nan")
+    return float(num / den) if den > 0 else 0.0
+
+
+def quantize_linear(
+    module: nn.Module, name: str, codec: Codec, algorithm: Algorithm, stats: InputStatistics
+) -> tuple[QuantLinear, LinearResult]:
+    """Quantize one linear with its statistics; falls back to RTN (with a note) when no
+    calibration token reached it or its Hessian is singular."""
+    t0 = time.perf_counter()
+    weight, bias = linear_weight(module)
+    layer = LayerStats(
+        importance=stats.mean_square if stats.n_tokens else None,
+        hessian=stats.hessian,
+        rows=stats.rows,
+        n_tokens=stats.n_tokens,
+    )
+    note = ""
+    try:
+        if stats.n_tokens == 0 and algorithm.needs_calibration:
+            note = "no calibration token reached it: RTN"
+            qt = RTN().quantize(weight, codec, None)
+        else:
+            qt = algorithm.quantize(weight, codec, layer)
+    except SingularHessianError as e:
+        note = f"{e}: RTN"
+        warnings.warn(f"{name}: {note}", stacklevel=2)
+        qt = RTN().quantize(weight, codec, layer)
+    except ValueError as e:
+        raise LowbitError(f"cannot quantize {name}: {e}") from None
+    q = QuantLinear(qt, bias)
+    dense = qt.dequantize()
+    q._dense = dense  # kept while the block is being processed; see release_dense_weights
+    err = relative_output_error(weight, dense, stats) if stats.n_tokens else float("nan")
+    return q, LinearResult(name, err, time.perf_counter() - t0, note)
+
+
+def quantize_block_sequential(
+    block: nn.Module,
+    prefix: str,
+    arch: Architecture,
+    recipe: Recipe,
+    inputs: BlockInputs,
+    compute_dtype: torch.dtype,
+    skipped: list[str],
+) -> list[LinearResult]:
+    """Quantize the selected linears of one block, sub-step by sub-step (module docstring).
+
+    When an algorithm transforms the block (AWQ), one pass over the unquantized block first
+    gives every sub-step its input statistics and the transforms are applied, all before any
+    linear is quantized (a transform may rescale a linear of an earlier sub-step)."""
+    steps: list[tuple[int, list[str], dict[str, tuple[Codec, Algorithm]]]] = []
+    for s, step in enumerate(arch.steps):
+        plan = {n: recipe.assignment(f"{prefix}.{n}") for n in step}
+        skipped.extend(f"{prefix}.{n}" for n in step if plan[n] is None)
+        names = [n for n in step if plan[n] is not None]
+        for n in names:
+            try:
+                block.get_submodule(n)
+            except AttributeError:
+                raise LowbitError(f"{arch.family}: block has no module {n}") from None
+        if names:
+            steps.append((s, names, {n: plan[n] for n in names}))  # type: ignore[misc]
+
+    transforming = [(s, names, plan) for s, names, plan in steps if _step_transformer(names, plan) is not None]
+    if transforming:
+        all_names = [n for _, names, _ in transforming for n in names]
+        request = _merge_requests(a for _, _, plan in transforming for _, a in plan.values())
+        first = collect_step_statistics(block, all_names, inputs, request, compute_dtype)
+        for s, names, plan in transforming:
+            algorithm = _step_transformer(names, plan)
+            if len({id(first[n]) for n in names}) != 1:
+                continue  # the sub-step's linears do not share one input: nothing to scale
+            source = arch.scale_sources[s] if arch.scale_sources else None
+            codecs = {n: plan[n][0] for n in names}
+            algorithm.transform_step(StepContext(block, prefix, names, codecs, first[names[0]], source, arch.norm_plus_one))  # type: ignore[union-attr]
+
+    results: list[LinearResult] = []
+    for _, names, plan in steps:
+        request = _merge_requests(a for _, a in plan.values())
+        stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
+        for n in names:
+            codec, algorithm = plan[n]
+            q, result = quantize_linear(block.get_submodule(n), f"{prefix}.{n}", codec, algorithm, stats[n])
+            block.set_submodule(n, q)
+            results.append(result)
+    return results
+
+
+def _step_transformer(names: list[str], plan: dict[str, tuple[Codec, Algorithm]]) -> Algorithm | None:
+    """The algorithm that transforms this sub-step, when all its linears share one that does."""
+    algorithms = {plan[n][1] for n in names}
+    if len(algorithms) != 1:
+        return None
+    a = next(iter(algorithms))
+    return a if a.transforms_block else None
+
+
+def _merge_requests(algorithms) -> StatsRequest:  # type: ignore[no-untyped-def]
+    request = StatsRequest()
+    for a in algorithms:
+        request = request.merge(a.stats_request())
+    return request
+
+
+def release_dense_weights(block: nn.Module) -> None:
+    """Drop the dequantized copies kept by :func:`quantize_linear` once a block is done."""
+    for m in block.modules():
+        if isinstance(m, QuantLinear):
+            m._dense = None
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, enabled: bool, initial: int) -> Iterator[tqdm]:
+    bar = tqdm(total=total, desc=desc, unit="block", disable=not enabled, initial=initial)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -1,0 +1,225 @@
+"""The sequential runner on tiny random models: GPTQ/AWQ through the pipeline, resume, lazy
+(on-disk) weights, per-module rules, fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit import LowbitError
+from lowbit.calibration import CalibrationSet
+from lowbit.models.lazy import load_lazy
+from lowbit.modules import QuantLinear
+from lowbit.pipeline import quantize_model
+from lowbit.pipeline import sequential as seq
+from lowbit.pipeline.resume import ResumeState
+from lowbit.recipes import Recipe
+
+
+def calib(n: int = 8, length: int = 32, seed: int = 0) -> CalibrationSet:
+    gen = torch.Generator().manual_seed(seed)
+    return CalibrationSet(tokens=torch.randint(2, 256, (n, length), generator=gen), source="random")
+
+
+def recipe(algorithm: str = "gptq", bits: int = 3, **extra) -> Recipe:  # type: ignore[no-untyped-def]
+    return Recipe.from_dict(
+        {"codec": {"name": "int", "bits": bits, "group_size": 32}, "algorithm": {"name": algorithm}, **extra}
+    )
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gemma", "opt", "gpt2"])
+def test_gptq_runs_on_every_family_and_beats_rtn(tiny_model, family: str) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model(family)
+    cal = calib()
+    ref = logits(base, cal.tokens)
+    errs = {}
+    for algo in ("rtn", "gptq"):
+        model = copy.deepcopy(base)
+        report = quantize_model(model, recipe(algo), calibration=cal, progress=False)
+        per_block = {"phi3": 4, "gpt2": 4, "opt": 6}.get(family, 7)
+        assert len(report.quantized) == 2 * per_block
+        assert all(isinstance(model.get_submodule(n), QuantLinear) for n in report.quantized)
+        errs[algo] = float((logits(model, cal.tokens) - ref).square().mean())
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_sequential_report_has_an_error_per_linear(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    report = quantize_model(model, recipe("gptq"), calibration=calib(), progress=False)
+    assert report.sequential is not None
+    assert [r.name for r in report.sequential.linears] == report.quantized
+    assert all(0 < r.error < 1 for r in report.sequential.linears)
+    assert "q_proj" in report.sequential.summary()
+
+
+def test_calibration_is_required(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LowbitError, match="gptq needs calibration data"):
+        quantize_model(tiny_model("llama"), recipe("gptq"), progress=False)
+
+
+def test_rules_give_modules_their_own_codec_and_algorithm(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    r = recipe(
+        "gptq",
+        rules=[
+            {"match": "re:.*\\.mlp\\.down_proj", "codec": {"name": "int", "bits": 8, "granularity": "channel"}},
+            {"match": "*.self_attn.q_proj", "algorithm": {"name": "rtn"}},
+        ],
+        ignore=["model.layers.1.*"],
+    )
+    model = tiny_model("llama")
+    report = quantize_model(model, r, calibration=calib(), progress=False)
+    assert model.model.layers[0].mlp.down_proj.codec["bits"] == 8
+    assert model.model.layers[0].mlp.up_proj.codec["bits"] == 3
+    assert not isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert all(n.startswith("model.layers.0.") for n in report.quantized)
+    assert "model.layers.1.mlp.down_proj" in report.skipped
+
+
+def test_bf16_forward_passes_stay_close(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model("llama")
+    cal = calib()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_model(a, recipe("gptq", bits=4), calibration=cal, progress=False)
+    quantize_model(b, recipe("gptq", bits=4), calibration=cal, progress=False, compute_dtype=torch.bfloat16)
+    ref = logits(base, cal.tokens)
+    ea = float((logits(a, cal.tokens) - ref).square().mean())
+    eb = float((logits(b, cal.tokens) - ref).square().mean())
+    assert eb < 1.5 * ea
+
+
+def test_unreached_linear_falls_back_to_rtn(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    real = seq.collect_step_statistics
+
+    def starve_up_proj(block, names, inputs, request, dtype):  # type: ignore[no-untyped-def]
+        stats = real(block, names, inputs, request, dtype)
+        if "mlp.up_proj" in names:  # pretend no token reached it (an MoE expert nobody routed to)
+            from lowbit.calibration.statistics import InputStatistics
+
+            stats["mlp.up_proj"] = InputStatistics(stats["mlp.up_proj"].n_features, request, 1)
+        return stats
+
+    monkeypatch.setattr(seq, "collect_step_statistics", starve_up_proj)
+    report = quantize_model(model, recipe("gptq"), calibration=calib(), progress=False)
+    notes = {r.name: r.note for r in report.sequential.linears}
+    assert "no calibration token" in notes["model.layers.0.mlp.up_proj"]
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, QuantLinear) and torch.isfinite(up.weight).all()
+
+
+def test_singular_hessian_falls_back_to_rtn_with_a_warning(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.calibration.statistics import InputStatistics
+
+    real_hessian = InputStatistics.hessian
+
+    def broken(self):  # type: ignore[no-untyped-def]
+        h = real_hessian.fget(self)
+        return None if h is None else -torch.eye(h.shape[0])
+
+    monkeypatch.setattr(InputStatistics, "hessian", property(broken))
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="not positive definite"):
+        report = quantize_model(model, recipe("gptq"), calibration=calib(), progress=False)
+    assert all("RTN" in r.note for r in report.sequential.linears)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model("llama", num_hidden_layers=3)
+    cal = calib()
+    full = copy.deepcopy(base)
+    quantize_model(full, recipe("gptq"), calibration=cal, progress=False)
+
+    calls = {"n": 0}
+    real = seq.quantize_block_sequential
+
+    def dies_on_block_2(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupt
+        return real(*args, **kwargs)
+
+    folder = tmp_path / "run.partial"
+    interrupted = copy.deepcopy(base)
+    monkeypatch.setattr("lowbit.pipeline.quantize.quantize_block_sequential", dies_on_block_2)
+    with pytest.raises(Interrupt):
+        quantize_model(interrupted, recipe("gptq"), calibration=cal, progress=False, resume=ResumeState(folder, "fp"))
+    assert ResumeState(folder, "fp").finished_blocks() == 2
+    monkeypatch.setattr("lowbit.pipeline.quantize.quantize_block_sequential", real)
+
+    resumed = copy.deepcopy(base)
+    report = quantize_model(resumed, recipe("gptq"), calibration=cal, progress=False, resume=ResumeState(folder, "fp"))
+    assert report.sequential.resumed_blocks == 2
+    a, b = state(full), state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_mismatched_resume_is_refused(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "run.partial"
+    ResumeState(folder, "one").save(tiny_model("llama").model.layers[0], 0, [])
+    with pytest.raises(LowbitError, match="different model, recipe or calibration"):
+        quantize_model(tiny_model("llama"), recipe("gptq"), calibration=calib(), progress=False,
+                       resume=ResumeState(folder, "two"))
+
+
+def test_lazy_weights_give_the_same_result(hf_folder) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.models import load_model
+
+    folder = hf_folder("llama")
+    cal = calib()
+    eager = load_model(str(folder)).model
+    quantize_model(eager, recipe("gptq"), calibration=cal, progress=False)
+    loaded, weights = load_lazy(folder)
+    assert loaded.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+    quantize_model(loaded.model, recipe("gptq"), calibration=cal, progress=False, weights=weights)
+    a, b = state(eager), state(loaded.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_lazy_rtn_materializes_each_block(hf_folder) -> None:  # type: ignore[no-untyped-def]
+    folder = hf_folder("llama")
+    loaded, weights = load_lazy(folder)
+    quantize_model(loaded.model, recipe("rtn"), progress=False, weights=weights)
+    assert not any(t.device.type == "meta" for t in loaded.model.state_dict().values())
+
+
+def test_lazy_refuses_a_folder_missing_tensors(hf_folder) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file, save_file
+
+    folder = hf_folder("llama")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match="model.layers.1.mlp.down_proj.weight"):
+        load_lazy(folder)
+
+
+def test_awq_through_the_pipeline(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model("llama")
+    cal = calib()
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = quantize_model(model, recipe("awq", bits=4), calibration=cal, progress=False)
+    assert len(report.quantized) == 14
+    assert torch.isfinite(logits(model, cal.tokens)).all()
