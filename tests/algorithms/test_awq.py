@@ -27,7 +27,7 @@ def test_fold_leaves_the_unquantized_model_unchanged(tiny_model, family: str) ->
     inputs = capture_block_inputs(model, block, tokens, 2, torch.float32)
     expected = run_block(block, inputs, torch.float32)
     names = arch.linear_names()
-    stats = collect_step_statistics(block, names, inputs, StatsRequest(input_rows=256), torch.float32)
+    stats = collect_step_statistics(block, names, inputs, StatsRequest(hessian=True, means=True), torch.float32)
     codec = codec_from_dict({"name": "int", "bits": 3, "group_size": 16})
     folded = 0
     for s, step in enumerate(arch.steps):
@@ -54,7 +54,7 @@ def test_scale_search_never_loses_to_no_scaling() -> None:
         q = torch.cat([codec.quantize(x * s).dequantize() / s for x in w])
         return float((rows @ (q - torch.cat(w)).t()).square().mean())
 
-    s = search_scale(w, [codec, codec], rows, rows.abs().mean(0), grid=20)
+    s = search_scale(w, [codec, codec], rows.t() @ rows / rows.shape[0], rows.abs().mean(0), grid=20)
     assert err(s) <= err(torch.ones(64))
     assert err(s) < 0.9 * err(torch.ones(64))  # with outlier channels scaling really helps
 

@@ -10,7 +10,7 @@ from lowbit.calibration.statistics import InputStatistics, StatsRequest
 def test_hessian_and_means_match_float64() -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 7, 16, generator=gen) * torch.linspace(0.1, 3, 16) for _ in range(3)]
-    st = InputStatistics(16, StatsRequest(hessian=True, input_rows=12), n_batches=3)
+    st = InputStatistics(16, StatsRequest(hessian=True, input_rows=12, means=True), n_batches=3)
     for b in batches:
         st.add(b)
     x = torch.cat([b.reshape(-1, 16) for b in batches]).to(torch.float64)
@@ -27,10 +27,10 @@ def test_scale_columns_gives_the_statistics_of_scaled_inputs() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(50, 8, generator=gen)
     s = torch.rand(8, generator=gen) + 0.5
-    a = InputStatistics(8, StatsRequest(hessian=True, input_rows=50), 1)
+    a = InputStatistics(8, StatsRequest(hessian=True, input_rows=50, means=True), 1)
     a.add(x)
     a.scale_columns(s)
-    b = InputStatistics(8, StatsRequest(hessian=True, input_rows=50), 1)
+    b = InputStatistics(8, StatsRequest(hessian=True, input_rows=50, means=True), 1)
     b.add(x / s)
     torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.mean_abs, b.mean_abs)
@@ -41,3 +41,10 @@ def test_float64_hessian_on_request() -> None:
     st = InputStatistics(4, StatsRequest(hessian=True, hessian_dtype=torch.float64), 1)
     st.add(torch.randn(3, 4))
     assert st.hessian.dtype == torch.float64
+
+
+def test_mean_square_comes_from_the_hessian_without_means() -> None:
+    x = torch.randn(40, 6)
+    st = InputStatistics(6, StatsRequest(hessian=True), 1)
+    st.add(x)
+    torch.testing.assert_close(st.mean_square, x.square().mean(0), rtol=1e-5, atol=1e-6)

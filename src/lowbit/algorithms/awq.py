@@ -3,10 +3,11 @@
 For each sub-step whose input is the output of a module that can absorb a per-channel scale
 (the norm before q/k/v or gate/up, v_proj before o_proj, up_proj before down_proj; see
 :class:`lowbit.models.Architecture`), AWQ searches ``s = mean|x|^a / mean|w|^(1-a)`` over ``grid``
-exponents ``a`` in ``[0, 1)``, keeping the one whose quantized linears ``Q(W diag(s)) diag(s)^-1``
-give the smallest error on the concatenated outputs of the sub-step's linears over sampled
-calibration inputs. ``mean|w|`` is the mean over output rows of ``|W|`` normalized by each
-group's maximum, as in the reference implementation. The scale is then folded: ``W <- W diag(s)``
+exponents ``a`` in ``[0, 1)`` (and no scaling), keeping the one whose quantized linears
+``Q(W diag(s)) diag(s)^-1`` give the smallest error on the concatenated outputs of the
+sub-step's linears over all calibration tokens (computed from ``X^T X``). ``mean|w|`` is the
+mean over output rows of ``|W|`` normalized by each group's maximum, as in the reference
+implementation. The scale is then folded: ``W <- W diag(s)``
 and the source's output divided by ``s`` (norm weight and bias, or the source linear's rows), so
 the unquantized block computes the same function.
 
@@ -35,7 +36,6 @@ from lowbit.modules import linear_weight, set_linear_weight
 class AWQ(Algorithm):
     name: Literal["awq"] = "awq"
     grid: int = Field(20, ge=2, description="exponents tried for the activation-aware scale")
-    input_rows: int = Field(4096, ge=64, description="sampled calibration input rows for the scale search")
     clip_search: bool = Field(True, description="search each group's clipping after scaling")
     clip_min: float = Field(0.5, gt=0, le=1, description="smallest shrink factor tried")
     clip_steps: int = Field(20, ge=2, description="number of shrink factors tried")
@@ -49,17 +49,21 @@ class AWQ(Algorithm):
         return True
 
     def stats_request(self) -> StatsRequest:
-        return StatsRequest(hessian=self.clip_search, input_rows=self.input_rows)
+        return StatsRequest(hessian=self.clip_search)
+
+    def transform_request(self) -> StatsRequest:
+        return StatsRequest(hessian=True, means=True)
 
     def transform_step(self, ctx: StepContext) -> None:
-        if ctx.source is None or ctx.stats.rows is None:
+        hessian = ctx.stats.hessian
+        if ctx.source is None or hessian is None:
             return
         source = ctx.block.get_submodule(ctx.source)
         weights = [linear_weight(ctx.block.get_submodule(n))[0].to(torch.float32) for n in ctx.names]
         cols = weights[0].shape[1]
         if not _can_absorb(source, cols):
             return
-        s = search_scale(weights, [ctx.codecs[n] for n in ctx.names], ctx.stats.rows, ctx.stats.mean_abs, self.grid)
+        s = search_scale(weights, [ctx.codecs[n] for n in ctx.names], hessian.to(torch.float32), ctx.stats.mean_abs, self.grid)
         fold_scale(source, s, ctx.norm_plus_one, f"{ctx.prefix}.{ctx.source}")
         for n, w in zip(ctx.names, weights):
             set_linear_weight(ctx.block.get_submodule(n), w * s)
@@ -104,16 +108,18 @@ def mean_normalized_weight(weights: list[torch.Tensor], codecs: list[Codec]) -> 
 
 
 def search_scale(
-    weights: list[torch.Tensor], codecs: list[Codec], rows: torch.Tensor, x_mean: torch.Tensor, grid: int
+    weights: list[torch.Tensor], codecs: list[Codec], hessian: torch.Tensor, x_mean: torch.Tensor, grid: int
 ) -> torch.Tensor:
-    """The per-input-channel scale ``(in,)`` of the best exponent (module docstring)."""
+    """The per-input-channel scale ``(in,)`` of the best exponent (module docstring). The error of
+    a candidate is the sub-step's output error over all calibration tokens,
+    ``sum((Q - W) H (Q - W)^T)`` with ``H = X^T X / n``: exact, and cheaper than re-running the
+    tokens."""
     w_mean = mean_normalized_weight(weights, codecs)
     w_cat = torch.cat(weights)
-    reference = rows @ w_cat.t()
 
     def error(s: torch.Tensor) -> float:
-        q = torch.cat([c.quantize(w * s).dequantize() / s for w, c in zip(weights, codecs)])
-        return float((rows @ q.t() - reference).square().mean())
+        d = torch.cat([c.fake_quantize(w * s) / s for w, c in zip(weights, codecs)]) - w_cat
+        return float(((d @ hessian) * d).sum())
 
     best = torch.ones_like(x_mean)  # no scaling is always a candidate: AWQ never does worse than RTN here
     best_err = error(best)

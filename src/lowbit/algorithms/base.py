@@ -76,6 +76,10 @@ class Algorithm(BaseModel, ABC):
         """Which statistics the pipeline must collect for each linear's input."""
         return StatsRequest()
 
+    def transform_request(self) -> StatsRequest:
+        """Which statistics :meth:`transform_step` needs (collected on the unquantized block)."""
+        return StatsRequest()
+
     @property
     def transforms_block(self) -> bool:
         """Whether :meth:`transform_step` edits the block (the pipeline then runs a first pass

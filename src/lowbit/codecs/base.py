@@ -144,6 +144,14 @@ class Codec(BaseModel, ABC):
         codes = self.encode(groups, scale)
         return self.pack(g.merge(codes, tuple(w.shape)), scale, tuple(w.shape))
 
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 ``(out, in)`` values round-to-nearest stores for ``weight``, without
+        packing (equal to ``quantize(weight).dequantize()``; for searches that try many)."""
+        w = self.check_weight(weight)
+        g = self.grouping
+        groups = g.split(w)
+        return g.merge(self.quantize_dequantize(groups, self.fit(groups)), tuple(w.shape))
+
     def check_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as float32 ``(out, in)``, or a ValueError that says what is wrong."""
         if weight.dim() != 2:

@@ -30,6 +30,7 @@ class Architecture:
     lm_head: str
     scale_sources: tuple[str | None, ...] = ()
     norm_plus_one: bool = False
+    attention: str | None = None  # the attention submodule of a block (its output is replayed once frozen)
 
     def __post_init__(self) -> None:
         if self.scale_sources and len(self.scale_sources) != len(self.steps):
@@ -58,7 +59,7 @@ _LLAMA_SOURCES = ("input_layernorm", "self_attn.v_proj", "post_attention_layerno
 
 def _llama_like(family: str, norm_plus_one: bool = False) -> Architecture:
     return Architecture(
-        family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head", _LLAMA_SOURCES, norm_plus_one
+        family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head", _LLAMA_SOURCES, norm_plus_one, "self_attn"
     )
 
 
@@ -72,6 +73,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "model.embed_tokens",
         "lm_head",
         ("input_layernorm", None, "post_attention_layernorm", None),
+        attention="self_attn",
     ),
     "opt": Architecture(
         "opt",
@@ -81,6 +83,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "lm_head",
         # fc1 -> ReLU -> fc2: ReLU commutes with a positive scale.
         ("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"),
+        attention="self_attn",
     ),
     # GPT-2 stores its linears as transformers' Conv1D, weight (in, out); the pipeline transposes.
     "gpt2": Architecture(
@@ -90,6 +93,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "transformer.wte",
         "lm_head",
         ("ln_1", None, "ln_2", None),
+        attention="attn",
     ),
 }
 

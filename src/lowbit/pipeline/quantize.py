@@ -21,7 +21,7 @@ from lowbit.models import Architecture, architecture_of
 from lowbit.models.lazy import LazyWeights
 from lowbit.modules import QuantLinear, dense_tensors, linear_weight
 from lowbit.pipeline.resume import ResumeState
-from lowbit.pipeline.sequential import SequentialStats, _progress, capture_block_inputs, quantize_block_sequential, release_dense_weights, run_block
+from lowbit.pipeline.sequential import SequentialStats, _progress, capture_block_inputs, quantize_block_sequential, release_dense_weights
 from lowbit.recipes import Recipe
 
 
@@ -111,6 +111,7 @@ def _run_sequential(
         inputs = resume.load_inputs()  # type: ignore[union-attr]
     else:
         inputs = capture_block_inputs(model, blocks[0], calibration.tokens, batch_size, compute_dtype)
+    t_start = time.perf_counter()
     desc = f"quantize {recipe.label()}"
     with _progress(len(blocks), desc, progress, done) as bar:
         for i in range(done, len(blocks)):
@@ -118,8 +119,7 @@ def _run_sequential(
             if weights is not None:
                 weights.materialize(block, prefix)
                 check_finite(block, prefix)
-            results = quantize_block_sequential(block, prefix, arch, recipe, inputs, compute_dtype, report.skipped)
-            inputs = run_block(block, inputs, compute_dtype)
+            results, inputs = quantize_block_sequential(block, prefix, arch, recipe, inputs, compute_dtype, report.skipped)
             release_dense_weights(block)
             if not all(torch.isfinite(h).all() for h, _ in inputs):
                 raise LowbitError(f"block {prefix} produced NaN or Inf on the calibration data")
@@ -131,6 +131,7 @@ def _run_sequential(
                 errs = " ".join(f"{r.name.rsplit('.', 1)[-1]}={r.error:.4f}" for r in results)
                 bar.write(f"block {i:3d}: relative output error {errs}")
             bar.update(1)
+    seq.forward_seconds = time.perf_counter() - t_start - sum(r.seconds for r in seq.linears)
 
 
 def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe, report: QuantizationReport) -> None:

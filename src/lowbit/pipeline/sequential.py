@@ -55,6 +55,7 @@ class SequentialStats:
     linears: list[LinearResult] = field(default_factory=list)
     resumed_blocks: int = 0
     calibration_tokens: int = 0
+    forward_seconds: float = 0.0  # calibration passes, statistics included
 
     def summary(self) -> str:
         if not self.linears:
@@ -65,6 +66,8 @@ class SequentialStats:
         parts = [f"{k} {sum(v) / len(v):.4f}" for k, v in by_kind.items()]
         notes = [f"{r.name}: {r.note}" for r in self.linears if r.note]
         text = "mean relative output error per linear: " + ", ".join(parts)
+        text += (f"\n{sum(r.seconds for r in self.linears):.1f}s choosing codes, {self.forward_seconds:.1f}s in "
+                 f"calibration passes over {self.calibration_tokens} tokens")
         if notes:
             text += "\n" + "\n".join(notes)
         return text
@@ -90,6 +93,10 @@ def capture_block_inputs(
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k != "past_key_values" and k != "past_key_value"}
+        if compute_dtype != torch.float32 and isinstance(kw.get("position_embeddings"), tuple):
+            # RoPE's cos/sin come out in float32; in float32 they would promote every bf16 q/k
+            # product and copy it back (a third of a bf16 pass on SmolLM2).
+            kw["position_embeddings"] = tuple(t.to(compute_dtype) for t in kw["position_embeddings"])
         captured.append((hidden.detach().to(torch.float32), kw))
         raise _StopForward
 
@@ -137,7 +144,7 @@ def collect_step_statistics(
                 if last[0] is x:
                     stats[name] = last[1]
                 else:
-                    stats[name] = InputStatistics(x.shape[-1], request, len(inputs))
+                    stats[name] = InputStatistics(x.shape[-1], request, len(inputs), compute_dtype)
             st = stats[name]
             if id(st) not in fed:
                 st.add(x)
@@ -226,8 +233,9 @@ def quantize_block_sequential(
     inputs: BlockInputs,
     compute_dtype: torch.dtype,
     skipped: list[str],
-) -> list[LinearResult]:
-    """Quantize the selected linears of one block, sub-step by sub-step (module docstring).
+) -> tuple[list[LinearResult], BlockInputs]:
+    """Quantize the selected linears of one block, sub-step by sub-step (module docstring);
+    returns the per-linear results and the quantized block's outputs (the next block's inputs).
 
     When an algorithm transforms the block (AWQ), one pass over the unquantized block first
     gives every sub-step its input statistics and the transforms are applied, all before any
@@ -248,7 +256,10 @@ def quantize_block_sequential(
     transforming = [(s, names, plan) for s, names, plan in steps if _step_transformer(names, plan) is not None]
     if transforming:
         all_names = [n for _, names, _ in transforming for n in names]
-        request = _merge_requests(a for _, _, plan in transforming for _, a in plan.values())
+        request = StatsRequest()
+        for _, _, plan in transforming:
+            for _, a in plan.values():
+                request = request.merge(a.transform_request())
         first = collect_step_statistics(block, all_names, inputs, request, compute_dtype)
         for s, names, plan in transforming:
             algorithm = _step_transformer(names, plan)
@@ -259,15 +270,65 @@ def quantize_block_sequential(
             algorithm.transform_step(StepContext(block, prefix, names, codecs, first[names[0]], source, arch.norm_plus_one))  # type: ignore[union-attr]
 
     results: list[LinearResult] = []
-    for _, names, plan in steps:
-        request = _merge_requests(a for _, a in plan.values())
-        stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
-        for n in names:
-            codec, algorithm = plan[n]
-            q, result = quantize_linear(block.get_submodule(n), f"{prefix}.{n}", codec, algorithm, stats[n])
-            block.set_submodule(n, q)
-            results.append(result)
-    return results
+    replay = ModuleReplay(block.get_submodule(arch.attention)) if arch.attention else None
+    attention_steps = [s for s, step in enumerate(arch.steps) if any(n.startswith(f"{arch.attention}.") for n in step)]
+    try:
+        for s, names, plan in steps:
+            if replay is not None and s > max(attention_steps, default=-1):
+                replay.advance()  # attention is final now: record its outputs once, then replay them
+            request = _merge_requests(a for _, a in plan.values())
+            stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
+            for n in names:
+                codec, algorithm = plan[n]
+                q, result = quantize_linear(block.get_submodule(n), f"{prefix}.{n}", codec, algorithm, stats[n])
+                block.set_submodule(n, q)
+                results.append(result)
+        if replay is not None:
+            replay.advance()
+        next_inputs = run_block(block, inputs, compute_dtype)
+    finally:
+        if replay is not None:
+            replay.close()
+    return results, next_inputs
+
+
+class ModuleReplay:
+    """Records a module's outputs over one pass of the calibration batches, then returns them in
+    later passes instead of recomputing them. Only valid once nothing the module reads changes
+    (its weights are quantized and its inputs are the block's fixed inputs): the attention of a
+    block after q/k/v/o are quantized, which saves two of its four computations per block."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.outputs: list[object] = []
+        self.state = "off"
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._next = 0
+
+    def advance(self) -> None:
+        """off -> recording (the next pass) -> replaying (every pass after it)."""
+        if self.state == "off":
+            self._handle = self.module.register_forward_hook(lambda _m, _a, out: self.outputs.append(out))
+            self.state = "recording"
+        elif self.state == "recording":
+            assert self._handle is not None
+            self._handle.remove()
+            self._handle = None
+            if self.outputs:
+                self.module.forward = self._replay  # type: ignore[method-assign]
+                self.state = "replaying"
+
+    def _replay(self, *args: object, **kwargs: object) -> object:
+        out = self.outputs[self._next % len(self.outputs)]
+        self._next += 1
+        return out
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self.module.__dict__.pop("forward", None)
+        self.outputs = []
+        self.state = "off"
 
 
 def _step_transformer(names: list[str], plan: dict[str, tuple[Codec, Algorithm]]) -> Algorithm | None:

@@ -1,0 +1,350 @@
+"""GPTQ and AWQ on SmolLM2-135M: the tables of BENCHMARKS.md, section "calibration".
+
+Sections (``--sections``, default all):
+
+* ``quality``: RTN, GPTQ and AWQ at int4 g64, int4 g128 (ragged last group on 576-wide rows),
+  int3 g64 and int2 g64, symmetric; calibration 128 x 512 tokens of the built-in ``pydoc-calib``
+  split; evaluation against the unquantized model on the held-out ``pydoc`` and ``stdlib`` texts.
+* ``peer``: llm-compressor's GPTQ (in its own virtual environment, ``scripts/peers/``) on the same
+  calibration tokens at the same settings (int4 g64 symmetric, no act-order, dampening 0.01,
+  block 128, static group scales), evaluated by the same evaluator; its quantization time against
+  lowbit's.
+* ``memory``: GPTQ on a random-weight Llama whose float weights do not fit the memory budget set
+  for the run (RLIMIT_DATA), quantized from disk block by block in a subprocess; peak RSS.
+
+Each finished row is kept in ``$LOWBIT_CACHE/bench/calibration.json`` so an interrupted run
+resumes (``--fresh`` starts over). Timings are only comparable within one quiet run: never run
+another benchmark or test suite beside it.
+
+    .venv/bin/python scripts/benchmark_calibration.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.bench.compare import block_linear_names
+from lowbit.calibration import CalibrationConfig, calibration_set, load_text
+from lowbit.evaluation import evaluate, model_size
+from lowbit.evaluation.reference import model_fingerprint
+from lowbit.models import builtin_model_path, cache_dir, load_model
+from lowbit.pipeline import quantize_model
+from lowbit.recipes import Recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "`.venv/bin/python scripts/benchmark_calibration.py`"
+SECTION = "calibration"
+TEXTS = ("pydoc", "stdlib")
+CALIB = CalibrationConfig(source="pydoc-calib", samples=128, seq_len=512, seed=0)
+
+
+def recipe(bits: int, group: int, algorithm: str, **algo: object) -> Recipe:
+    return Recipe.from_dict({
+        "codec": {"name": "int", "bits": bits, "symmetric": True, "granularity": "group", "group_size": group},
+        "algorithm": {"name": algorithm, **algo},
+        "calibration": CALIB.model_dump() if algorithm != "rtn" else None,
+    })
+
+
+# (row label, recipe, dtype of the calibration forward passes)
+QUALITY = [
+    ("int4 g64 RTN", recipe(4, 64, "rtn"), "bfloat16"),
+    ("int4 g64 GPTQ", recipe(4, 64, "gptq"), "bfloat16"),
+    ("int4 g64 GPTQ, fp32 passes", recipe(4, 64, "gptq"), "float32"),
+    ("int4 g64 AWQ", recipe(4, 64, "awq"), "bfloat16"),
+    ("int4 g128 RTN", recipe(4, 128, "rtn"), "bfloat16"),
+    ("int4 g128 GPTQ", recipe(4, 128, "gptq"), "bfloat16"),
+    ("int4 g128 AWQ", recipe(4, 128, "awq"), "bfloat16"),
+    ("int3 g64 RTN", recipe(3, 64, "rtn"), "bfloat16"),
+    ("int3 g64 GPTQ", recipe(3, 64, "gptq"), "bfloat16"),
+    ("int3 g64 AWQ", recipe(3, 64, "awq"), "bfloat16"),
+    ("int2 g64 RTN", recipe(2, 64, "rtn"), "bfloat16"),
+    ("int2 g64 GPTQ", recipe(2, 64, "gptq"), "bfloat16"),
+]
+PEER_LOWBIT_ROW = "int4 g64 GPTQ"
+
+
+class Store:
+    """Finished rows on disk, keyed by row label and text."""
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, dict] = {} if fresh or not path.exists() else json.loads(path.read_text())
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, row: dict) -> None:
+        self.rows[key] = row
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows, indent=1))
+        tmp.replace(self.path)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate_rows(model, base, texts, ref_fp, label: str, extra: dict, store: Store) -> None:  # type: ignore[no-untyped-def]
+    size = model_size(model, block_linear_names(base.model))
+    for text in texts:
+        r = evaluate(model, base.tokenizer, text, ref=base.model, cache_dir=cache_dir(), progress=False,
+                     ref_fingerprint=ref_fp)
+        row = {"label": label, "text": text.name, "ppl": r.ppl, "delta_ppl": r.delta_ppl, "kld": r.kld,
+               "kld_p99": r.kld_p99, "top1": r.top1, "tokens": r.tokens, "bpw": size.bits_per_weight, **extra}
+        store.put(f"{label}|{text.name}", row)
+        log(f"{text.name:7s} {label:32s} kld={r.kld:.5f} top1={r.top1:.4f} quant={extra.get('quant_seconds')}")
+
+
+def run_quality(base, texts, ref_fp, calib, store: Store) -> None:  # type: ignore[no-untyped-def]
+    for label, rec, dtype in QUALITY:
+        if all(store.get(f"{label}|{t.name}") for t in texts):
+            continue
+        model = copy.deepcopy(base.model)
+        report = quantize_model(model, rec, progress=False, calibration=calib if rec.needs_calibration else None,
+                                compute_dtype=getattr(torch, dtype))
+        extra = {"quant_seconds": report.seconds, "dtype": dtype, "recipe": rec.to_dict()}
+        if report.sequential is not None:
+            extra["code_seconds"] = sum(r.seconds for r in report.sequential.linears)
+            extra["pass_seconds"] = report.sequential.forward_seconds
+            extra["fallbacks"] = [f"{r.name}: {r.note}" for r in report.sequential.linears if r.note]
+        evaluate_rows(model, base, texts, ref_fp, label, extra, store)
+        del model
+
+
+def run_peer(base, texts, ref_fp, calib, store: Store) -> None:  # type: ignore[no-untyped-def]
+    label = "llm-compressor int4 g64 GPTQ"
+    if all(store.get(f"{label}|{t.name}") for t in texts):
+        return
+    venv_python = ROOT / ".venv-llmcompressor" / "bin" / "python"
+    if not venv_python.exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "peers" / "setup_llmcompressor.sh")], check=True)
+    work = Path(tempfile.mkdtemp(prefix="lowbit-peer-"))
+    tokens = work / "tokens.pt"
+    torch.save(calib.tokens, tokens)
+    out = work / "model"
+    cmd = [str(venv_python), str(ROOT / "scripts" / "peers" / "llmcompressor_gptq.py"), "--model",
+           str(builtin_model_path("smollm2-135m")), "--tokens", str(tokens), "--bits", "4", "--group-size", "64",
+           "--symmetric", "--actorder", "none", "--dampening-frac", "0.01", "--block-size", "128",
+           "--threads", str(torch.get_num_threads()), "--out", str(out)]
+    log("running llm-compressor: " + " ".join(cmd))
+    proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    peer = load_model(str(out))
+    extra = {"quant_seconds": result["seconds"], "peak_rss_mb": result["peak_rss_mb"],
+             "versions": {k: result[k] for k in ("llmcompressor", "torch", "transformers")},
+             "settings": result["settings"]}
+    evaluate_rows(peer.model, base, texts, ref_fp, label, extra, store)
+    subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+MEMORY_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "num_key_value_heads": 4, "vocab_size": 49152, "tie_word_embeddings": False}
+MEMORY_BUDGET_MB = 1200
+
+
+def run_memory(store: Store) -> None:
+    key = "memory|random-llama"
+    if store.get(key):
+        return
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    work = Path(tempfile.mkdtemp(prefix="lowbit-memory-"))
+    try:
+        folder = work / "random-llama"
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            meta = LlamaForCausalLM(LlamaConfig(**MEMORY_CONFIG))
+        n_params = sum(p.numel() for p in meta.parameters())
+        # Write the checkpoint block by block so that this process never holds it whole either.
+        _write_random_checkpoint(folder, LlamaConfig(**MEMORY_CONFIG))
+        AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m")).save_pretrained(folder)
+        out = work / "quantized"
+        code = (
+            "import resource, sys, json, time\n"
+            f"resource.setrlimit(resource.RLIMIT_DATA, ({MEMORY_BUDGET_MB << 20}, {MEMORY_BUDGET_MB << 20}))\n"
+            "from lowbit.cli import main\n"
+            "t = time.perf_counter()\n"
+            f"rc = main(['quantize', {str(folder)!r}, '--recipe', 'w4a16-gptq', '--calib-samples', '16', "
+            f"'--calib-seq-len', '256', '--calib-dtype', 'bfloat16', '--out', {str(out)!r}, '--no-progress'])\n"
+            "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, "
+            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory run failed with exit code {proc.returncode}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        out_mb = sum(p.stat().st_size for p in out.rglob("*.safetensors")) / 1e6
+        store.put(key, {"params": n_params, "fp32_mb": n_params * 4 / 1e6, "budget_mb": MEMORY_BUDGET_MB,
+                        "config": MEMORY_CONFIG, "output_mb": out_mb, **result})
+        log(f"memory: {result}")
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def _write_random_checkpoint(folder: Path, config) -> None:  # type: ignore[no-untyped-def]
+    """A safetensors checkpoint of random weights (std 0.02, norms 1), one shard per block."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    folder.mkdir(parents=True)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in meta.named_parameters():
+        shard = f"block-{name.split('.')[2]}.safetensors" if name.startswith("model.layers.") else "rest.safetensors"
+        shards.setdefault(shard, {})
+    weight_map = {}
+    for shard in sorted(shards):
+        tensors = {}
+        for name, p in meta.named_parameters():
+            own = f"block-{name.split('.')[2]}.safetensors" if name.startswith("model.layers.") else "rest.safetensors"
+            if own != shard:
+                continue
+            tensors[name] = torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=gen) * 0.02
+            weight_map[name] = shard
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+
+
+def fmt_quality(rows: list[dict]) -> str:
+    head = ("| text | recipe | PPL | ΔPPL | mean KLD | KLD p99 | top-1 | bpw | quantize s | "
+            "of which passes s | passes dtype |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        q = r.get("quant_seconds")
+        p = r.get("pass_seconds")
+        lines.append(
+            f"| {r['text']} | {r['label']} | {r['ppl']:.3f} | {r['delta_ppl']:+.3f} | {r['kld']:.5f} | "
+            f"{r['kld_p99']:.4f} | {100 * r['top1']:.2f}% | {r['bpw']:.3f} | {'-' if q is None else f'{q:.1f}'} | "
+            f"{'-' if p is None else f'{p:.1f}'} | {r.get('dtype', '-') if p is not None else '-'} |")
+    return "\n".join(lines)
+
+
+def render(store: Store, minutes: float) -> str:
+    rows = store.rows
+    out = [
+        "Model: SmolLM2-135M-Instruct (built-in `smollm2-135m`). Calibration: 128 samples x 512 tokens drawn "
+        "(seed 0) from the built-in `pydoc-calib` split; evaluation on the held-out `pydoc` and `stdlib` texts "
+        "(windows of 512, no overlap), KLD and top-1 against the unquantized model, all models evaluated in "
+        "float32. Codecs: symmetric int, fp16 scales; g128 on 576-wide rows has a ragged last group (64 "
+        "columns). GPTQ: blocks of 128, dampening 0.01 x mean diag(H), static group scales, no act-order, "
+        "sub-steps quantized true-sequentially (q/k/v, o, gate/up, down). AWQ: 20 exponents, group-Hessian "
+        "clip search over 20 shrink factors in [0.5, 1]. `quantize s` is the whole `quantize_model` call; "
+        "`of which passes s` the calibration forward passes with their statistics (the rest chooses codes).",
+        "",
+        "### RTN vs GPTQ vs AWQ",
+        "",
+        f"Printed by {COMMAND}.",
+        "",
+    ]
+    q = [rows[f"{label}|{t}"] for t in TEXTS for label, _, _ in QUALITY if f"{label}|{t}" in rows]
+    out += [fmt_quality(q), ""]
+    checks = []
+    for t in TEXTS:
+        def k(label: str) -> float | None:
+            r = rows.get(f"{label}|{t}")
+            return None if r is None else r["kld"]
+
+        for cfg in ("int4 g64", "int4 g128", "int3 g64", "int2 g64"):
+            rtn, gptq, awq = k(f"{cfg} RTN"), k(f"{cfg} GPTQ"), k(f"{cfg} AWQ")
+            if rtn is not None and gptq is not None:
+                checks.append(f"- {t}, {cfg}: GPTQ KLD {gptq:.4f} vs RTN {rtn:.4f} ({100 * (1 - gptq / rtn):.0f}% lower)")
+            if rtn is not None and awq is not None:
+                checks.append(f"- {t}, {cfg}: AWQ KLD {awq:.4f} vs RTN {rtn:.4f} ({100 * (1 - awq / rtn):.0f}% lower)")
+    out += ["KLD reduction over RTN at the same codec:", *checks, ""]
+
+    peer = [rows.get(f"llm-compressor int4 g64 GPTQ|{t}") for t in TEXTS]
+    ours = [rows.get(f"{PEER_LOWBIT_ROW}|{t}") for t in TEXTS]
+    ours32 = [rows.get(f"int4 g64 GPTQ, fp32 passes|{t}") for t in TEXTS]
+    if all(peer) and all(ours):
+        out += ["### Side by side with llm-compressor's GPTQ", "", f"Printed by {COMMAND}.", "",
+                "Same model, same 128 x 512 calibration token ids, same settings (int4 g64 symmetric, scale "
+                "absmax/7.5, static group scales from the original weights, no act-order, dampening 0.01, "
+                f"blocks of 128), both on this machine's {torch.get_num_threads()} threads in the same run. "
+                "llm-compressor runs its sequential pipeline in float32 in its own virtual environment; its time "
+                "is its `oneshot` call only (model loading excluded), lowbit's the `quantize_model` call.", "",
+                "| text | implementation | mean KLD | top-1 | PPL | quantize s | time vs llm-compressor |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for t, p, o, o32 in zip(TEXTS, peer, ours, ours32):
+            for name, r in ((f"llm-compressor {p['versions']['llmcompressor']}", p), ("lowbit, bf16 passes", o),
+                            ("lowbit, fp32 passes", o32)):
+                if r is None:
+                    continue
+                ratio = p["quant_seconds"] / r["quant_seconds"]
+                out.append(f"| {t} | {name} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | {r['ppl']:.3f} | "
+                           f"{r['quant_seconds']:.1f} | {'1.00x' if r is p else f'{ratio:.2f}x faster'} |")
+        out += ["", f"llm-compressor settings as it reported them: `{json.dumps(peer[0]['settings'], sort_keys=True)}`", ""]
+
+    mem = rows.get("memory|random-llama")
+    if mem:
+        out += ["### Peak memory of a GPTQ run, model on disk", "", f"Printed by {COMMAND}.", "",
+                f"A random-weight Llama ({mem['params'] / 1e6:.0f}M parameters: {json.dumps(mem['config'])}), "
+                f"{mem['fp32_mb']:.0f} MB of float32 weights in per-block safetensors shards, quantized with "
+                "`lowbit quantize --recipe w4a16-gptq --calib-samples 16 --calib-seq-len 256 --calib-dtype bfloat16` "
+                f"in a subprocess whose writable memory is capped at {mem['budget_mb']} MB (RLIMIT_DATA), less than "
+                "the model's float weights: the blocks stay memory-mapped on disk and one is loaded at a time.", "",
+                "| float32 weights MB | memory budget MB | peak RSS MB | quantize + save s | output MB |",
+                "|---:|---:|---:|---:|---:|",
+                f"| {mem['fp32_mb']:.0f} | {mem['budget_mb']} | {mem['peak_rss_mb']:.0f} | {mem['seconds']:.1f} | "
+                f"{mem['output_mb']:.0f} |", ""]
+    out.append(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+               f"this invocation {minutes:.1f} min. Command: {COMMAND}.")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="quality,peer,memory", help="comma-separated: quality, peer, memory")
+    ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
+    args = ap.parse_args()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    store = Store(cache_dir() / "bench" / "calibration.json", args.fresh)
+    t0 = time.time()
+    if sections & {"quality", "peer"}:
+        base = load_model("smollm2-135m")
+        texts = [load_text(t) for t in TEXTS]
+        ref_fp = model_fingerprint(base.model)
+        calib = calibration_set(base.tokenizer, CALIB)
+        log(f"calibration: {tuple(calib.tokens.shape)} tokens, digest {calib.digest[:12]}")
+        if "quality" in sections:
+            run_quality(base, texts, ref_fp, calib, store)
+        if "peer" in sections:
+            run_peer(base, texts, ref_fp, calib, store)
+    if "memory" in sections:
+        run_memory(store)
+    body = render(store, (time.time() - t0) / 60)
+    print(body)
+    if not args.no_write:
+        path = ROOT / "BENCHMARKS.md"
+        text = path.read_text()
+        begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
+        block = f"{begin}\n{body}\n{end}"
+        if begin in text:
+            text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+        else:
+            text = text.rstrip() + f"\n\n## Calibration: GPTQ and AWQ on SmolLM2-135M\n\n{block}\n"
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    resource.getrlimit(resource.RLIMIT_DATA)  # fail early on platforms without it
+    sys.exit(main())
