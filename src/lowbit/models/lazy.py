@@ -63,7 +63,9 @@ class LazyWeights:
         for f, keys in by_file.items():
             with safe_open(str(f), framework="pt") as handle:
                 for k in keys:
-                    t = handle.get_tensor(k)
+                    # get_slice copies just this tensor's bytes; get_tensor would map the whole
+                    # file and keep it resident for as long as any tensor of it lives.
+                    t = handle.get_slice(k)[:]
                     out[k] = t.to(self.dtype) if t.dtype.is_floating_point else t
         return out
 
