@@ -190,7 +190,7 @@ def run_memory(store: Store) -> None:
             "from lowbit.cli import main\n"
             "t = time.perf_counter()\n"
             f"rc = main(['quantize', {str(folder)!r}, '--recipe', 'w4a16-gptq', '--calib-samples', '16', "
-            f"'--calib-seq-len', '256', '--out', {str(out)!r}, '--no-progress'])\n"
+            f"'--calib-seq-len', '256', '--calib-dtype', 'bfloat16', '--out', {str(out)!r}, '--no-progress'])\n"
             "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, "
             "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
         )
@@ -313,7 +313,8 @@ def render(store: Store, minutes: float) -> str:
         out += ["### Peak memory of a GPTQ run, model on disk", "", f"Printed by {COMMAND}.", "",
                 f"A random-weight Llama ({mem['params'] / 1e6:.0f}M parameters: {json.dumps(mem['config'])}), "
                 f"{mem['fp32_mb']:.0f} MB of float32 weights in per-block safetensors shards, quantized with "
-                "`lowbit quantize --recipe w4a16-gptq --calib-samples 16 --calib-seq-len 256` in a subprocess whose "
+                "`lowbit quantize --recipe w4a16-gptq --calib-samples 16 --calib-seq-len 256 --calib-dtype bfloat16` in a "
+                "subprocess whose "
                 f"resident memory is held under a budget of {mem['budget_mb']} MB (a watchdog thread reads "
                 "/proc/self/statm every 20 ms and kills the run above it), less than the model's float weights: "
                 "the blocks stay on disk and one is loaded at a time.", "",

@@ -55,8 +55,8 @@ class Row:
 
 def block_linear_names(model: torch.nn.Module) -> list[str]:
     arch = architecture_of(model)
-    n = len(arch.block_list(model))
-    return [f"{arch.blocks}.{i}.{name}" for i in range(n) for name in arch.linear_names()]
+    return [f"{arch.blocks}.{i}.{name}" for i, block in enumerate(arch.block_list(model))
+            for step in arch.block_steps(block) for name in step]
 
 
 def folder_bytes(path: Path) -> int:

@@ -38,6 +38,7 @@ class CalibrationConfig(BaseModel):
     samples: int = Field(128, gt=0, description="number of calibration sequences")
     seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
     seed: int = Field(0, description="seed of the window offsets")
+    all_experts: bool = Field(False, description="MoE: run every expert on every calibration token")
 
 
 @dataclass

@@ -150,6 +150,16 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
     except Exception as e:
         raise LowbitError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0][:200]}") from None
 
+    from lowbit.models import architecture_of
+    from lowbit.modules.experts import unfuse_experts
+
+    try:
+        arch = architecture_of(model)
+    except LowbitError:
+        arch = None
+    if arch is not None and arch.experts is not None:
+        for block in arch.block_list(model):  # quantized experts are stored one module per expert
+            unfuse_experts(block, arch.experts)
     consumed: set[str] = set()
     for name, header in headers.items():
         try:

@@ -31,6 +31,7 @@ class Architecture:
     scale_sources: tuple[str | None, ...] = ()
     norm_plus_one: bool = False
     attention: str | None = None  # the attention submodule of a block (its output is replayed once frozen)
+    experts: str | None = None  # the MoE experts module of a block; step names with "{e}" expand per expert
 
     def __post_init__(self) -> None:
         if self.scale_sources and len(self.scale_sources) != len(self.steps):
@@ -44,6 +45,19 @@ class Architecture:
 
     def linear_names(self) -> list[str]:
         return [name for step in self.steps for name in step]
+
+    def block_steps(self, block: nn.Module) -> list[tuple[str, ...]]:
+        """``steps`` for one block, with ``{e}`` expanded over its experts (whose fused
+        parameters are first split into one module per expert, see :mod:`lowbit.modules.experts`)."""
+        if self.experts is None:
+            return list(self.steps)
+        from lowbit.modules.experts import unfuse_experts
+
+        experts = unfuse_experts(block, self.experts)
+        if experts is None:
+            raise LowbitError(f"{self.family}: block has no fused experts module at {self.experts}")
+        return [tuple(n.format(e=e) for n in step for e in range(len(experts))) if "{e}" in "".join(step) else step
+                for step in self.steps]
 
 
 _LLAMA_STEPS = (
@@ -85,6 +99,18 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"),
         attention="self_attn",
     ),
+    **{f: Architecture(
+        f,
+        "model.layers",
+        (_LLAMA_STEPS[0], _LLAMA_STEPS[1], ("mlp.experts.{e}.gate_up_proj",), ("mlp.experts.{e}.down_proj",)),
+        "model.embed_tokens",
+        "lm_head",
+        # The norm before the experts also feeds the router, and the experts do not share one input
+        # tensor: no AWQ scale there.
+        ("input_layernorm", "self_attn.v_proj", None, None),
+        attention="self_attn",
+        experts="mlp.experts",
+    ) for f in ("mixtral", "qwen3_moe", "olmoe")},
     # GPT-2 stores its linears as transformers' Conv1D, weight (in, out); the pipeline transposes.
     "gpt2": Architecture(
         "gpt2",

@@ -135,7 +135,7 @@ def _run_sequential(
 
 
 def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe, report: QuantizationReport) -> None:
-    for step in arch.steps:
+    for step in arch.block_steps(block):
         for name in step:
             full = f"{prefix}.{name}"
             plan = recipe.assignment(full)

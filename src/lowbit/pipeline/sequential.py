@@ -34,6 +34,7 @@ from lowbit.codecs import Codec
 from lowbit.errors import LowbitError
 from lowbit.models import Architecture
 from lowbit.modules import QuantLinear, linear_weight
+from lowbit.modules.experts import UnfusedExperts
 from lowbit.pipeline.resume import BlockInputs, ResumeState
 from lowbit.recipes import Recipe
 
@@ -241,7 +242,8 @@ def quantize_block_sequential(
     gives every sub-step its input statistics and the transforms are applied, all before any
     linear is quantized (a transform may rescale a linear of an earlier sub-step)."""
     steps: list[tuple[int, list[str], dict[str, tuple[Codec, Algorithm]]]] = []
-    for s, step in enumerate(arch.steps):
+    block_steps = arch.block_steps(block)
+    for s, step in enumerate(block_steps):
         plan = {n: recipe.assignment(f"{prefix}.{n}") for n in step}
         skipped.extend(f"{prefix}.{n}" for n in step if plan[n] is None)
         names = [n for n in step if plan[n] is not None]
@@ -269,9 +271,12 @@ def quantize_block_sequential(
             codecs = {n: plan[n][0] for n in names}
             algorithm.transform_step(StepContext(block, prefix, names, codecs, first[names[0]], source, arch.norm_plus_one))  # type: ignore[union-attr]
 
+    experts = block.get_submodule(arch.experts) if arch.experts else None
+    if isinstance(experts, UnfusedExperts):
+        experts.all_experts = recipe.calibration_config().all_experts
     results: list[LinearResult] = []
     replay = ModuleReplay(block.get_submodule(arch.attention)) if arch.attention else None
-    attention_steps = [s for s, step in enumerate(arch.steps) if any(n.startswith(f"{arch.attention}.") for n in step)]
+    attention_steps = [s for s, step in enumerate(block_steps) if any(n.startswith(f"{arch.attention}.") for n in step)]
     try:
         for s, names, plan in steps:
             if replay is not None and s > max(attention_steps, default=-1):
@@ -285,6 +290,8 @@ def quantize_block_sequential(
                 results.append(result)
         if replay is not None:
             replay.advance()
+        if isinstance(experts, UnfusedExperts):
+            experts.all_experts = False  # same outputs, less work
         next_inputs = run_block(block, inputs, compute_dtype)
     finally:
         if replay is not None:
