@@ -85,9 +85,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, retries: int
         h = hessian.clone()
         h.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(h)
+        del h  # (in, in) temporaries dominate GPTQ's memory on wide layers: free each at once
         if info == 0:
             inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info == 0 and torch.isfinite(upper).all():
                 return upper, damp
         damp *= 10
@@ -132,6 +135,7 @@ def gptq_quantize(
         h = h[perm][:, perm]
         importance = importance[perm]
     hinv, damp = inverse_hessian_factor(h, dampening, damp_retries)
+    del h
     hinv = hinv.to(torch.float32)
 
     # Work on the transpose so that a column of W is a contiguous row and the rank-1 updates

@@ -63,10 +63,10 @@ class LazyWeights:
         for f, keys in by_file.items():
             with safe_open(str(f), framework="pt") as handle:
                 for k in keys:
-                    # get_slice copies just this tensor's bytes; get_tensor would map the whole
-                    # file and keep it resident for as long as any tensor of it lives.
+                    # A private copy of just this tensor's bytes: a tensor viewing the file's
+                    # memory map would keep its pages resident for as long as it lives.
                     t = handle.get_slice(k)[:]
-                    out[k] = t.to(self.dtype) if t.dtype.is_floating_point else t
+                    out[k] = t.to(self.dtype, copy=True) if t.dtype.is_floating_point else t.clone()
         return out
 
     def materialize(self, module: nn.Module, prefix: str) -> None:
