@@ -265,3 +265,22 @@ def test_no_command(capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as ei:
         main([])
     assert ei.value.code == 2
+
+
+def test_quantize_with_gptq_from_a_text_file(capsys, model_dir, text_file, tmp_path, lowbit_cache) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "gptq"
+    code, stdout, err = quantize(capsys, model_dir, out, "--recipe", "w4a16-gptq", "--group-size", "32",
+                                 "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "64")
+    assert code == 0, err
+    assert "quantized 14 linears with w4a16-gptq" in stdout
+    assert not out.with_name(out.name + ".partial").exists()  # resume state removed once saved
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["algorithm"]["name"] == "gptq"
+    assert recipe["calibration"]["samples"] == 4 and recipe["calibration"]["source"] == str(text_file)
+
+
+def test_calib_options_on_an_rtn_recipe_are_refused(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--calib-samples", "4")
+    assert_one_line_error(code, err, "uses no calibration data")
+    assert_nothing_written(out)
