@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from lowbit.bench.compare import block_linear_names
+from lowbit.bench.markdown import replace_section
 from lowbit.calibration import CalibrationConfig, calibration_set, load_text
 from lowbit.evaluation import evaluate, model_size
 from lowbit.evaluation.reference import model_fingerprint
@@ -351,15 +351,7 @@ def main() -> int:
     body = render(store, (time.time() - t0) / 60)
     print(body)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text()
-        begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-        block = f"{begin}\n{body}\n{end}"
-        if begin in text:
-            text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + f"\n\n## Calibration: GPTQ and AWQ on SmolLM2-135M\n\n{block}\n"
-        path.write_text(text)
+        replace_section(ROOT / "BENCHMARKS.md", SECTION, "Calibration: GPTQ and AWQ on SmolLM2-135M", body)
     return 0
 
 

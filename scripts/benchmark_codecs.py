@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lowbit.bench.compare import compare_recipes, format_table, remove_dir, temporary_save_dir
+from lowbit.bench.markdown import replace_section
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
 from lowbit.models import cache_dir, load_model
@@ -145,15 +145,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=1))
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-        block = f"{begin}\n{body}\n{end}"
-        if begin in text:
-            text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + f"\n\n## Codecs with RTN on SmolLM2-135M\n\n{block}\n"
-        path.write_text(text)
+        replace_section(ROOT / "BENCHMARKS.md", SECTION, "Codecs with RTN on SmolLM2-135M", body)
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lowbit.algorithms.base import Algorithm, LayerStats, StepContext
+from lowbit.algorithms.base import ClipSearch, LayerStats, StepContext
 from lowbit.calibration.statistics import StatsRequest
 from lowbit.codecs import Codec, QuantizedTensor
 from lowbit.codecs.base import GroupHessian
@@ -33,12 +33,11 @@ from lowbit.errors import LowbitError
 from lowbit.modules import linear_weight, set_linear_weight
 
 
-class AWQ(Algorithm):
+class AWQ(ClipSearch):
     name: Literal["awq"] = "awq"
     grid: int = Field(20, ge=2, description="exponents tried for the activation-aware scale")
     clip_search: bool = Field(True, description="search each group's clipping after scaling")
-    clip_min: float = Field(0.5, gt=0, le=1, description="smallest shrink factor tried")
-    clip_steps: int = Field(20, ge=2, description="number of shrink factors tried")
+    clip_steps: int = Field(20, ge=2, description="number of shrink factors tried, from clip_min to 1")
 
     @property
     def needs_calibration(self) -> bool:
@@ -75,13 +74,10 @@ class AWQ(Algorithm):
         w = codec.check_weight(weight)
         grouping = codec.grouping
         if grouping.granularity == "tensor":
-            return codec.quantize(w, importance=stats.importance, shrink_grid=self._shrink_grid())
+            return codec.quantize(w, importance=stats.importance, shrink_grid=self.shrink_grid())
         groups = grouping.split(w)
-        scale = codec.fit_group_scales(groups, GroupHessian(stats.hessian, grouping, w.shape[1]), self._shrink_grid())
+        scale = codec.fit_group_scales(groups, GroupHessian(stats.hessian, grouping, w.shape[1]), self.shrink_grid())
         return codec.pack(grouping.merge(codec.encode(groups, scale), tuple(w.shape)), scale, tuple(w.shape))
-
-    def _shrink_grid(self) -> torch.Tensor:
-        return torch.linspace(self.clip_min, 1.0, self.clip_steps)
 
 
 def _can_absorb(source: nn.Module, cols: int) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from lowbit.calibration.statistics import InputStatistics, StatsRequest
 from lowbit.codecs import Codec, QuantizedTensor
@@ -93,3 +93,18 @@ class Algorithm(BaseModel, ABC):
     @abstractmethod
     def quantize(self, weight: torch.Tensor, codec: Codec, stats: LayerStats | None = None) -> QuantizedTensor:
         """Quantize a 2-D weight ``(out, in)`` with ``codec``."""
+
+
+class ClipSearch(Algorithm):
+    """An algorithm with a search over shrink factors of each group's range: ``clip_steps``
+    factors evenly spaced in ``[clip_min, 1]`` (RTN, GPTQ and AWQ share these options)."""
+
+    clip_search: bool = Field(False, description="search a shrink factor of each group's range")
+    clip_min: float = Field(0.5, gt=0, le=1, description="smallest shrink factor tried")
+    clip_steps: int = Field(26, ge=2, description="number of shrink factors tried, from clip_min to 1")
+
+    def shrink_grid(self) -> torch.Tensor | None:
+        """The shrink factors to try, or None without the search."""
+        if not self.clip_search:
+            return None
+        return torch.linspace(self.clip_min, 1.0, self.clip_steps)

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from lowbit.algorithms.base import Algorithm, LayerStats
+from lowbit.algorithms.base import ClipSearch, LayerStats
 from lowbit.calibration.statistics import StatsRequest
 from lowbit.codecs import Codec, QuantizedTensor
 from lowbit.codecs.base import ScaleData
@@ -37,7 +37,9 @@ class SingularHessianError(ValueError):
     """The Hessian stays not positive definite even after the largest dampening."""
 
 
-class GPTQ(Algorithm):
+class GPTQ(ClipSearch):
+    """GPTQ; the clipping search (``clip_*``, off by default) weights each column by diag(H)."""
+
     name: Literal["gptq"] = "gptq"
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
     dampening: float = Field(0.01, gt=0, description="diagonal dampening, relative to the mean of diag(H)")
@@ -47,9 +49,6 @@ class GPTQ(Algorithm):
         True, description="fit every group's scale data up front on the original weight (else when GPTQ reaches it)"
     )
     hessian_dtype: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of X^T X")
-    clip_search: bool = Field(False, description="search each group's shrink factor, weighted by diag(H)")
-    clip_min: float = Field(0.5, gt=0, le=1, description="smallest shrink factor tried")
-    clip_steps: int = Field(26, ge=2, description="number of shrink factors tried")
 
     @property
     def needs_calibration(self) -> bool:
@@ -61,7 +60,6 @@ class GPTQ(Algorithm):
     def quantize(self, weight: torch.Tensor, codec: Codec, stats: LayerStats | None = None) -> QuantizedTensor:
         if stats is None or stats.hessian is None:
             raise ValueError("GPTQ needs the Hessian of the layer's input (calibration statistics)")
-        shrink = torch.linspace(self.clip_min, 1.0, self.clip_steps) if self.clip_search else None
         qt, _ = gptq_quantize(
             weight,
             stats.hessian,
@@ -71,7 +69,7 @@ class GPTQ(Algorithm):
             damp_retries=self.damp_retries,
             act_order=self.act_order,
             static_groups=self.static_groups,
-            shrink_grid=shrink,
+            shrink_grid=self.shrink_grid(),
         )
         return qt
 

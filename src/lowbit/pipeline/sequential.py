@@ -22,7 +22,7 @@ import ctypes
 import gc
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -263,10 +263,7 @@ def quantize_block_sequential(
     transforming = [(s, names, plan) for s, names, plan in steps if _step_transformer(names, plan) is not None]
     if transforming:
         all_names = [n for _, names, _ in transforming for n in names]
-        request = StatsRequest()
-        for _, _, plan in transforming:
-            for _, a in plan.values():
-                request = request.merge(a.transform_request())
+        request = _merge_requests(a.transform_request() for _, _, plan in transforming for _, a in plan.values())
         first = collect_step_statistics(block, all_names, inputs, request, compute_dtype)
         for s, names, plan in transforming:
             algorithm = _step_transformer(names, plan)
@@ -286,7 +283,7 @@ def quantize_block_sequential(
         for s, names, plan in steps:
             if replay is not None and s > max(attention_steps, default=-1):
                 replay.advance()  # attention is final now: record its outputs once, then replay them
-            request = _merge_requests(a for _, a in plan.values())
+            request = _merge_requests(a.stats_request() for _, a in plan.values())
             stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
             for n in names:
                 codec, algorithm = plan[n]
@@ -352,11 +349,11 @@ def _step_transformer(names: list[str], plan: dict[str, tuple[Codec, Algorithm]]
     return a if a.transforms_block else None
 
 
-def _merge_requests(algorithms) -> StatsRequest:  # type: ignore[no-untyped-def]
-    request = StatsRequest()
-    for a in algorithms:
-        request = request.merge(a.stats_request())
-    return request
+def _merge_requests(requests: Iterable[StatsRequest]) -> StatsRequest:
+    merged = StatsRequest()
+    for r in requests:
+        merged = merged.merge(r)
+    return merged
 
 
 def release_dense_weights(block: nn.Module) -> None:
