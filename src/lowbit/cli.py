@@ -130,7 +130,6 @@ def _with_calibration(recipe, args: argparse.Namespace):  # type: ignore[no-unty
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.io import save_quantized
-    from lowbit.models import load_model
     from lowbit.pipeline import quantize_model
     from lowbit.recipes import resolve_recipe
 

@@ -30,14 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms import RTN, Algorithm, LayerStats, SingularHessianError, StepContext
-from lowbit.calibration.samples import CalibrationSet
 from lowbit.calibration.statistics import InputStatistics, StatsRequest
 from lowbit.codecs import Codec
 from lowbit.errors import LowbitError
 from lowbit.models import Architecture
 from lowbit.modules import QuantLinear, linear_weight
 from lowbit.modules.experts import UnfusedExperts
-from lowbit.pipeline.resume import BlockInputs, ResumeState
+from lowbit.pipeline.resume import BlockInputs
 from lowbit.recipes import Recipe
 
 
