@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from lowbit.calibration import statistics
 from lowbit.calibration.statistics import InputStatistics, StatsRequest
 
 
-def test_hessian_and_means_match_float64() -> None:
+@pytest.fixture(params=[statistics.HESSIAN_BLOCK, 5], ids=["one-block", "ragged-blocks"])
+def hessian_block(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Runs a test with 16-column inputs accumulated as one block and as 4 block rows (5, 5, 5, 1)."""
+    monkeypatch.setattr(statistics, "HESSIAN_BLOCK", request.param)
+    return request.param
+
+
+def test_hessian_and_means_match_float64(hessian_block: int) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 7, 16, generator=gen) * torch.linspace(0.1, 3, 16) for _ in range(3)]
     st = InputStatistics(16, StatsRequest(hessian=True, input_rows=12, means=True), n_batches=3)
@@ -23,7 +32,7 @@ def test_hessian_and_means_match_float64() -> None:
     assert all(any(torch.equal(r, y.to(torch.float32)) for y in x) for r in st.rows)
 
 
-def test_scale_columns_gives_the_statistics_of_scaled_inputs() -> None:
+def test_scale_columns_gives_the_statistics_of_scaled_inputs(hessian_block: int) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(50, 8, generator=gen)
     s = torch.rand(8, generator=gen) + 0.5
@@ -48,3 +57,15 @@ def test_mean_square_comes_from_the_hessian_without_means() -> None:
     st = InputStatistics(6, StatsRequest(hessian=True), 1)
     st.add(x)
     torch.testing.assert_close(st.mean_square, x.square().mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_blocked_hessian_in_other_product_dtypes(hessian_block: int, dtype: torch.dtype) -> None:
+    x = torch.randn(64, 16, dtype=torch.float64)
+    request = StatsRequest(hessian=True, hessian_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    st = InputStatistics(16, request, 1, product_dtype=dtype)
+    st.add(x)
+    ref = x.t() @ x / 64
+    assert torch.equal(st.hessian, st.hessian.t())
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(st.hessian.to(torch.float64), ref, rtol=tol, atol=tol)

@@ -223,3 +223,75 @@ def test_awq_through_the_pipeline(tiny_model) -> None:  # type: ignore[no-untype
         report = quantize_model(model, recipe("awq", bits=4), calibration=cal, progress=False)
     assert len(report.quantized) == 14
     assert torch.isfinite(logits(model, cal.tokens)).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "opt", "gpt2"])
+def test_replayed_modules_give_the_same_result_as_recomputing_them(tiny_model, family: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model(family)
+    cal = calib()
+    started: list[str] = []
+    real_start = seq.LinearReplay.start
+
+    def start(self):  # type: ignore[no-untyped-def]
+        started.append(self.linear_name)
+        real_start(self)
+
+    monkeypatch.setattr(seq.LinearReplay, "start", start)
+    replayed = copy.deepcopy(base)
+    quantize_model(replayed, recipe("gptq"), calibration=cal, progress=False)
+    expected = {"opt": {"self_attn.out_proj"}, "gpt2": {"attn.c_proj", "mlp.c_proj"}}.get(
+        family, {"self_attn.o_proj", "mlp.down_proj"})
+    assert set(started) == expected
+    monkeypatch.setattr(seq, "REPLAY_LIMIT_BYTES", 0)  # nothing recorded: every module recomputed
+    recomputed = copy.deepcopy(base)
+    quantize_model(recomputed, recipe("gptq"), calibration=cal, progress=False)
+    a, b = state(replayed), state(recomputed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _Shifted(torch.nn.Module):
+    """Output is its last linear's output plus one: not replayable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(4, 4)
+        self.out = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.out(torch.relu(self.up(x))) + 1, None
+
+
+class _Plain(_Shifted):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return self.out(torch.relu(self.up(x))), None
+
+
+@pytest.mark.parametrize(("module", "replays"), [(_Plain, True), (_Shifted, False)])
+def test_replay_checks_its_first_batch_against_the_real_module(module, replays: bool) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    m = module()
+    batches = [torch.randn(3, 4) for _ in range(3)]
+    replay = seq.LinearReplay(m, m, "out", limit_bytes=1 << 20)
+    replay.record()
+    expected = [m(x)[0] for x in batches]
+    replay.start()
+    calls = {"n": 0}
+    m.up.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    got = [m(x)[0] for x in batches]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert replay.replaying is replays
+    assert calls["n"] == (1 if replays else 3)  # replayed: only the checked first batch runs `up`
+    replay.close()
+    assert not replay.replaying
+
+
+def test_replay_keeps_nothing_beyond_its_limit() -> None:
+    m = _Plain()
+    replay = seq.LinearReplay(m, m, "out", limit_bytes=3 * 4 * 4)  # one batch of (3, 4) float32
+    replay.record()
+    for _ in range(2):
+        m(torch.randn(3, 4))
+    replay.start()
+    assert replay.kept is None and not replay.replaying
+

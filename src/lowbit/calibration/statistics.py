@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 
+HESSIAN_BLOCK = 384  # columns per block row of the X^T X accumulation
+
+
 @dataclass(frozen=True)
 class StatsRequest:
     """What an algorithm needs collected: the Hessian (in ``hessian_dtype``) and/or up to
@@ -56,12 +59,15 @@ class InputStatistics:
             self.abs_sum += xf.abs().sum(0, dtype=torch.float64)
             self.sq_sum += xf.square().sum(0, dtype=torch.float64)
         if self.hessian_sum is not None:
-            if self.product_dtype == self.hessian_sum.dtype:
-                xh = x.to(self.hessian_sum.dtype)
-                self.hessian_sum.addmm_(xh.t(), xh)
-            else:
-                xp = x.to(self.product_dtype)
-                self.hessian_sum += (xp.t() @ xp).to(self.hessian_sum.dtype)
+            # Only the block rows' upper parts: X^T X is symmetric, and skipping the blocks below
+            # the diagonal saves about a third of the product's time (read back by `hessian`).
+            xp = x.to(self.product_dtype)
+            for i in range(0, self.n_features, HESSIAN_BLOCK):
+                rows = xp[:, i:i + HESSIAN_BLOCK].t()
+                if self.product_dtype == self.hessian_sum.dtype:
+                    self.hessian_sum[i:i + HESSIAN_BLOCK, i:].addmm_(rows, xp[:, i:])
+                else:
+                    self.hessian_sum[i:i + HESSIAN_BLOCK, i:] += (rows @ xp[:, i:]).to(self.hessian_sum.dtype)
         if self._rows_per_batch:
             xf = x.to(torch.float32)
             step = max(1, xf.shape[0] // self._rows_per_batch)
@@ -88,7 +94,8 @@ class InputStatistics:
         """``X^T X / n_tokens`` ``(n_features, n_features)``, in the requested dtype."""
         if self.hessian_sum is None:
             return None
-        return self.hessian_sum / max(self.n_tokens, 1)
+        upper = self.hessian_sum.triu()
+        return (upper + upper.triu(1).t()) / max(self.n_tokens, 1)
 
     @property
     def rows(self) -> torch.Tensor | None:

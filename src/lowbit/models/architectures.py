@@ -30,7 +30,9 @@ class Architecture:
     lm_head: str
     scale_sources: tuple[str | None, ...] = ()
     norm_plus_one: bool = False
-    attention: str | None = None  # the attention submodule of a block (its output is replayed once frozen)
+    # Submodules of a block whose output is their last linear's output (attention -> o_proj,
+    # MLP -> down_proj): once that linear's input is final, the runner replays them from it.
+    replayed: tuple[str, ...] = ()
     experts: str | None = None  # the MoE experts module of a block; step names with "{e}" expand per expert
 
     def __post_init__(self) -> None:
@@ -73,7 +75,8 @@ _LLAMA_SOURCES = ("input_layernorm", "self_attn.v_proj", "post_attention_layerno
 
 def _llama_like(family: str, norm_plus_one: bool = False) -> Architecture:
     return Architecture(
-        family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head", _LLAMA_SOURCES, norm_plus_one, "self_attn"
+        family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head", _LLAMA_SOURCES, norm_plus_one,
+        replayed=("self_attn", "mlp"),
     )
 
 
@@ -87,7 +90,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "model.embed_tokens",
         "lm_head",
         ("input_layernorm", None, "post_attention_layernorm", None),
-        attention="self_attn",
+        replayed=("self_attn", "mlp"),
     ),
     "opt": Architecture(
         "opt",
@@ -97,7 +100,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "lm_head",
         # fc1 -> ReLU -> fc2: ReLU commutes with a positive scale.
         ("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"),
-        attention="self_attn",
+        replayed=("self_attn",),
     ),
     **{f: Architecture(
         f,
@@ -108,7 +111,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         # The norm before the experts also feeds the router, and the experts do not share one input
         # tensor: no AWQ scale there.
         ("input_layernorm", "self_attn.v_proj", None, None),
-        attention="self_attn",
+        replayed=("self_attn",),
         experts="mlp.experts",
     ) for f in ("mixtral", "qwen3_moe", "olmoe")},
     # GPT-2 stores its linears as transformers' Conv1D, weight (in, out); the pipeline transposes.
@@ -119,7 +122,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "transformer.wte",
         "lm_head",
         ("ln_1", None, "ln_2", None),
-        attention="attn",
+        replayed=("attn", "mlp"),
     ),
 }
 

@@ -9,7 +9,9 @@
    seen their input; collect the statistics the algorithms ask for (one ``X^T X`` matrix product
    per batch and per distinct input); let the algorithm transform the block (AWQ) and quantize
    the sub-step's linears. Then run the quantized block once more to produce the next block's
-   inputs, and save a resume point.
+   inputs, and save a resume point. Once a module's output depends only on quantized weights
+   (attention after o_proj, the MLP after down_proj) later passes replay it from its last
+   linear's recorded inputs (:class:`LinearReplay`).
 
 Forward passes may run in bfloat16 (``compute_dtype``) through CPU autocast (AMX); statistics
 are always accumulated in float32 or wider, and weights are quantized from their float32 values.
@@ -276,12 +278,12 @@ def quantize_block_sequential(
     if isinstance(experts, UnfusedExperts):
         experts.all_experts = recipe.calibration_config().all_experts
     results: list[LinearResult] = []
-    replay = ModuleReplay(block.get_submodule(arch.attention)) if arch.attention else None
-    attention_steps = [s for s, step in enumerate(block_steps) if any(n.startswith(f"{arch.attention}.") for n in step)]
+    replays = _plan_replays(block, arch, block_steps, {n for _, names, _ in steps for n in names})
     try:
-        for s, names, plan in steps:
-            if replay is not None and s > max(attention_steps, default=-1):
-                replay.advance()  # attention is final now: record its outputs once, then replay them
+        for _s, names, plan in steps:
+            recording = [r for r in replays if r.linear_name in names]
+            for r in recording:
+                r.record()  # before the statistics hooks, which stop the pass at this linear
             request = _merge_requests(a.stats_request() for _, a in plan.values())
             stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
             for n in names:
@@ -289,54 +291,107 @@ def quantize_block_sequential(
                 q, result = quantize_linear(block.get_submodule(n), f"{prefix}.{n}", codec, algorithm, stats[n])
                 block.set_submodule(n, q)
                 results.append(result)
-        if replay is not None:
-            replay.advance()
+            for r in recording:
+                r.start()
         if isinstance(experts, UnfusedExperts):
             experts.all_experts = False  # same outputs, less work
         next_inputs = run_block(block, inputs, compute_dtype)
     finally:
-        if replay is not None:
-            replay.close()
+        for r in replays:
+            r.close()
     return results, next_inputs
 
 
-class ModuleReplay:
-    """Records a module's outputs over one pass of the calibration batches, then returns them in
-    later passes instead of recomputing them. Only valid once nothing the module reads changes
-    (its weights are quantized and its inputs are the block's fixed inputs): the attention of a
-    block after q/k/v/o are quantized, which saves two of its four computations per block."""
+REPLAY_LIMIT_BYTES = 2 << 30  # recorded inputs per replayed module; above it, the module is recomputed
 
-    def __init__(self, module: nn.Module) -> None:
+
+def _plan_replays(
+    block: nn.Module, arch: Architecture, block_steps: list[tuple[str, ...]], quantized: set[str]
+) -> list["LinearReplay"]:
+    """A :class:`LinearReplay` per ``arch.replayed`` module whose last sub-step is a single
+    linear quantized in this run (its input is final from that sub-step's pass on). Norms are
+    not replayed: recording their outputs cost more (fresh memory per batch) than it saved."""
+    replays = []
+    for module_name in arch.replayed:
+        own = [step for step in block_steps if any(n.startswith(f"{module_name}.") for n in step)]
+        if own and len(own[-1]) == 1 and own[-1][0] in quantized:
+            replays.append(LinearReplay(block.get_submodule(module_name), block, own[-1][0], REPLAY_LIMIT_BYTES))
+    return replays
+
+
+class LinearReplay:
+    """Replays a module whose output is its last linear's output (attention -> o_proj, MLP ->
+    down_proj) as ``linear(x)`` from the inputs ``x`` that linear received, instead of
+    recomputing the module. Valid once everything before the linear inside the module is
+    quantized: the runner records in the pass that collects the linear's own statistics and
+    starts replaying once the linear is quantized. Saves, per block, one attention and two of
+    the MLP's three matrix products.
+
+    The first replayed batch is checked against the real forward, bit for bit, which also gives
+    the output's structure (the tensor, or the tensor followed by ``None`` s); a module whose
+    output is anything else is simply recomputed. Inputs beyond ``limit_bytes`` are not kept
+    (the module is recomputed)."""
+
+    def __init__(self, module: nn.Module, block: nn.Module, linear_name: str, limit_bytes: int) -> None:
         self.module = module
-        self.outputs: list[object] = []
-        self.state = "off"
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self.block = block
+        self.linear_name = linear_name
+        self.limit_bytes = limit_bytes
+        self.kept: list[torch.Tensor] | None = []
+        self._nbytes = 0
         self._next = 0
+        self._arity: int | None = None  # None until checked; 0: a bare tensor, else a tuple's length
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def advance(self) -> None:
-        """off -> recording (the next pass) -> replaying (every pass after it)."""
-        if self.state == "off":
-            self._handle = self.module.register_forward_hook(lambda _m, _a, out: self.outputs.append(out))
-            self.state = "recording"
-        elif self.state == "recording":
-            assert self._handle is not None
+    def record(self) -> None:
+        self._handle = self.block.get_submodule(self.linear_name).register_forward_pre_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, args: tuple) -> None:
+        if self.kept is None:
+            return
+        x = args[0].detach()
+        self._nbytes += x.numel() * x.element_size()
+        if self._nbytes > self.limit_bytes:
+            self.kept = None
+        else:
+            self.kept.append(x)
+
+    def start(self) -> None:
+        """Replay from the next pass on (the linear is quantized by now)."""
+        if self._handle is not None:
             self._handle.remove()
             self._handle = None
-            if self.outputs:
-                self.module.forward = self._replay  # type: ignore[method-assign]
-                self.state = "replaying"
+        if self.kept:
+            self.module.forward = self._replay  # type: ignore[method-assign]
+
+    @property
+    def replaying(self) -> bool:
+        return "forward" in self.module.__dict__
+
+    def _replayed(self, arity: int) -> object:
+        assert self.kept
+        out = self.block.get_submodule(self.linear_name)(self.kept[self._next % len(self.kept)])
+        self._next += 1
+        return out if arity == 0 else (out, *([None] * (arity - 1)))
 
     def _replay(self, *args: object, **kwargs: object) -> object:
-        out = self.outputs[self._next % len(self.outputs)]
-        self._next += 1
-        return out
+        if self._arity is not None:
+            return self._replayed(self._arity)
+        real = type(self.module).forward(self.module, *args, **kwargs)
+        tensor = real if isinstance(real, torch.Tensor) else real[0] if isinstance(real, tuple) else None
+        rest_none = not isinstance(real, tuple) or all(r is None for r in real[1:])
+        self._arity = len(real) if isinstance(real, tuple) else 0
+        out = _first_tensor(self._replayed(self._arity))
+        if not (isinstance(tensor, torch.Tensor) and rest_none and tensor.dtype == out.dtype and torch.equal(tensor, out)):
+            self.close()  # not a plain function of its last linear's input: recompute it
+        return real
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.remove()
+            self._handle = None
         self.module.__dict__.pop("forward", None)
-        self.outputs = []
-        self.state = "off"
+        self.kept = []
 
 
 def _step_transformer(names: list[str], plan: dict[str, tuple[Codec, Algorithm]]) -> Algorithm | None:
