@@ -331,12 +331,12 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     ap.add_argument("--redo", default="", metavar="LABELS",
-                    help="comma-separated row labels to run again although kept, e.g. "
-                         "'int4 g64 GPTQ,llm-compressor int4 g64 GPTQ,memory' (their rows are dropped first)")
+                    help="semicolon-separated row labels to run again although kept, e.g. "
+                         "'int4 g64 GPTQ;llm-compressor int4 g64 GPTQ;memory' (their rows are dropped first)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     store = Store(cache_dir() / "bench" / "calibration.json", args.fresh)
-    for label in filter(None, (x.strip() for x in args.redo.split(","))):
+    for label in dict.fromkeys(filter(None, (x.strip() for x in args.redo.split(";")))):
         dropped = [k for k in store.rows if k.split("|")[0] == label]
         if not dropped:
             ap.error(f"--redo: no kept row is labelled {label!r}")
