@@ -173,7 +173,7 @@ def run_memory(store: Store) -> None:
         AutoTokenizer.from_pretrained(builtin_model_path("smollm2-135m")).save_pretrained(folder)
         out = work / "quantized"
         code = (
-            "import json, os, resource, threading, time\n"
+            "import json, os, threading, time\n"
             f"BUDGET = {MEMORY_BUDGET_MB << 20}\n"
             "def watchdog():\n"
             "    page = os.sysconf('SC_PAGE_SIZE')\n"
@@ -189,8 +189,10 @@ def run_memory(store: Store) -> None:
             "t = time.perf_counter()\n"
             f"rc = main(['quantize', {str(folder)!r}, '--recipe', 'w4a16-gptq', '--calib-samples', '16', "
             f"'--calib-seq-len', '256', '--calib-dtype', 'bfloat16', '--out', {str(out)!r}, '--no-progress'])\n"
-            "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, "
-            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report this
+            # benchmark's own (parent) size at fork time
+            "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, 'peak_rss_mb': hwm / 1024}))\n"
         )
         proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:

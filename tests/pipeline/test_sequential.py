@@ -295,3 +295,47 @@ def test_replay_keeps_nothing_beyond_its_limit() -> None:
     replay.start()
     assert replay.kept is None and not replay.replaying
 
+
+
+def test_explicit_cpu_device_gives_the_same_result(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model("llama")
+    cal = calib()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_model(a, recipe("gptq"), calibration=cal, progress=False)
+    quantize_model(b, recipe("gptq"), calibration=cal, progress=False, device="cpu")
+    sa, sb = state(a), state(b)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    pytest.param("cuda", "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    ("gpu0", "unknown device"),
+    ("meta", "only cpu and cuda"),
+])
+def test_unusable_devices_are_refused(tiny_model, device: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LowbitError, match=message):
+        quantize_model(tiny_model("llama"), recipe("gptq"), calibration=calib(), progress=False, device=device)
+
+
+def test_to_device_moves_tensors_inside_containers() -> None:
+    kw = {"position_embeddings": (torch.ones(2), torch.zeros(2)), "mask": None, "ids": [torch.arange(3)], "n": 4}
+    moved = seq.to_device(kw, torch.device("meta"))
+    assert moved["position_embeddings"][0].device.type == "meta" and moved["ids"][0].device.type == "meta"
+    assert moved["mask"] is None and moved["n"] == 4
+    assert isinstance(moved["position_embeddings"], tuple)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_cuda_device_matches_cpu(tiny_model, algorithm: str) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model("llama")
+    cal = calib()
+    cpu, gpu = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_model(cpu, recipe(algorithm, bits=4), calibration=cal, progress=False)
+    quantize_model(gpu, recipe(algorithm, bits=4), calibration=cal, progress=False, device="cuda")
+    assert all(t.device.type == "cpu" for t in state(gpu).values())
+    ref = logits(base, cal.tokens)
+    e_cpu = float((logits(cpu, cal.tokens) - ref).square().mean())
+    e_gpu = float((logits(gpu, cal.tokens) - ref).square().mean())
+    assert e_gpu < 1.5 * e_cpu

@@ -139,7 +139,7 @@ def gptq_quantize(
     # Work on the transpose so that a column of W is a contiguous row and the rank-1 updates
     # touch contiguous memory.
     wt = w.t().contiguous()  # (cols, rows)
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=wt.device)
     gs = grouping.group_size or cols
     group_cols = Grouping("group", gs)
     dyn_scale: dict[str, torch.Tensor] = {}
@@ -148,7 +148,7 @@ def gptq_quantize(
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wt[i1:i2].clone()
-        err1 = torch.empty(i2 - i1, rows)
+        err1 = torch.empty(i2 - i1, rows, device=wt.device)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
@@ -178,8 +178,8 @@ def gptq_quantize(
         unpermuted[:, perm] = codes
         codes = unpermuted
         if dynamic:
-            g_idx = torch.empty(cols, dtype=torch.int32)
-            g_idx[perm] = (torch.arange(cols) // gs).to(torch.int32)
+            g_idx = torch.empty(cols, dtype=torch.int32, device=codes.device)
+            g_idx[perm] = (torch.arange(cols, device=codes.device) // gs).to(torch.int32)
     scale = dyn_scale if dynamic else static_scale
     assert scale is not None
     qt = codec.pack(codes, scale, (rows, cols))
@@ -201,5 +201,5 @@ def _column_scale(scale: ScaleData | None, grouping: Grouping, column: int) -> S
 def _store_group(out: dict[str, torch.Tensor], scale: ScaleData, g: int, n_groups: int) -> None:
     for k, v in scale.items():
         if k not in out:
-            out[k] = torch.empty(v.shape[0], n_groups, dtype=v.dtype)
+            out[k] = torch.empty(v.shape[0], n_groups, dtype=v.dtype, device=v.device)
         out[k][:, g : g + 1] = v

@@ -36,7 +36,12 @@ class InputStatistics:
     """Accumulates statistics of inputs ``(..., n_features)`` over ``n_batches`` batches."""
 
     def __init__(
-        self, n_features: int, request: StatsRequest, n_batches: int, product_dtype: torch.dtype = torch.float32
+        self,
+        n_features: int,
+        request: StatsRequest,
+        n_batches: int,
+        product_dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
     ) -> None:
         """``product_dtype``: dtype of each batch's ``X^T X`` product before it is added to the
         accumulator; bfloat16 (AMX) is about twice as fast and, per batch of 4096 tokens, changes
@@ -45,9 +50,9 @@ class InputStatistics:
         self.request = request
         self.product_dtype = product_dtype if request.hessian_dtype == torch.float32 else request.hessian_dtype
         self.n_tokens = 0
-        self.abs_sum = torch.zeros(n_features, dtype=torch.float64) if request.means else None
-        self.sq_sum = torch.zeros(n_features, dtype=torch.float64) if request.means else None
-        self.hessian_sum = torch.zeros(n_features, n_features, dtype=request.hessian_dtype) if request.hessian else None
+        self.abs_sum = torch.zeros(n_features, dtype=torch.float64, device=device) if request.means else None
+        self.sq_sum = torch.zeros(n_features, dtype=torch.float64, device=device) if request.means else None
+        self.hessian_sum = torch.zeros(n_features, n_features, dtype=request.hessian_dtype, device=device) if request.hessian else None
         self._rows_per_batch = -(-request.input_rows // max(n_batches, 1)) if request.input_rows else 0
         self._rows: list[torch.Tensor] = []
 

@@ -38,7 +38,7 @@ class GroupHessian:
         if grouping.granularity == "tensor":
             raise ValueError("a per-tensor grouping has no per-group Hessian")
         _, G, g = grouping.grid((1, cols))
-        h = torch.zeros(G * g, G * g, dtype=torch.float32)
+        h = torch.zeros(G * g, G * g, dtype=torch.float32, device=hessian.device)
         h[:cols, :cols] = hessian.to(torch.float32)
         self.blocks = h.view(G, g, G, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
 
@@ -140,7 +140,7 @@ class Codec(BaseModel, ABC):
         w = self.check_weight(weight)
         g = self.grouping
         groups = g.split(w)
-        scale = self.fit_group_scales(groups, g.weights(tuple(w.shape), importance), shrink_grid)
+        scale = self.fit_group_scales(groups, g.weights(tuple(w.shape), importance, w.device), shrink_grid)
         codes = self.encode(groups, scale)
         return self.pack(g.merge(codes, tuple(w.shape)), scale, tuple(w.shape))
 
@@ -223,7 +223,7 @@ def group_order(g_idx: torch.Tensor, grouping: Grouping, shape: tuple[int, int])
     g = g_idx.to(torch.long)
     order = torch.argsort(g, stable=True)
     assert grouping.group_size is not None
-    if not torch.equal(g[order], torch.arange(cols) // grouping.group_size):
+    if not torch.equal(g[order], torch.arange(cols, device=g.device) // grouping.group_size):
         raise ValueError("g_idx does not assign group_size columns to each group")
     return order
 

@@ -67,11 +67,13 @@ class Grouping:
             return groups.reshape(rows, cols)
         return groups.reshape(rows, -1)[:, :cols]
 
-    def weights(self, shape: tuple[int, int], importance: torch.Tensor | None) -> torch.Tensor:
-        """Per-value error weights in the grouped view: the per-column ``importance`` (or 1),
-        zero on padding. Shape broadcasts against ``(R, G, g)``."""
+    def weights(
+        self, shape: tuple[int, int], importance: torch.Tensor | None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Per-value error weights in the grouped view: the per-column ``importance`` (or 1, on
+        ``device``), zero on padding. Shape broadcasts against ``(R, G, g)``."""
         rows, cols = shape
-        imp = torch.ones(cols) if importance is None else importance.detach().to(torch.float32).reshape(-1)
+        imp = torch.ones(cols, device=device) if importance is None else importance.detach().to(torch.float32).reshape(-1)
         if imp.numel() != cols:
             raise ValueError(f"importance has {imp.numel()} entries for {cols} columns")
         if self.granularity == "tensor":

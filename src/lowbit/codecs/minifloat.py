@@ -82,7 +82,7 @@ def e2m1_encode(values: torch.Tensor) -> torch.Tensor:
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """Float32 values of E2M1 ``codes`` (uint8, any shape)."""
-    return E2M1_VALUES[codes.to(torch.long)]
+    return E2M1_VALUES.to(codes.device)[codes.to(torch.long)]
 
 
 def pow2(exponent: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def pow2(exponent: torch.Tensor) -> torch.Tensor:
     e = exponent.to(torch.long)
     if e.numel() and (int(e.min()) < _POW2_MIN or int(e.max()) > 127):
         raise ValueError("power-of-two exponent outside float32's range [-149, 127]")
-    return _POW2[e - _POW2_MIN]
+    return _POW2.to(e.device)[e - _POW2_MIN]
 
 
 def floor_log2(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def e8m0_decode(codes: torch.Tensor) -> torch.Tensor:
     """Float32 ``2**(code - 127)`` of E8M0 ``codes`` (uint8, any shape); NaN for code 255."""
     c = codes.to(torch.long)
     v = pow2(c.clamp(max=254) - E8M0_BIAS)
-    return torch.where(c == E8M0_NAN, torch.tensor(float("nan")), v)
+    return torch.where(c == E8M0_NAN, float("nan"), v)
 
 
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -183,12 +183,12 @@ class NF4Codec(Codec):
     def encode(self, values: torch.Tensor, scale: ScaleData) -> torch.Tensor:
         a = self.absmax(scale)
         # bitsandbytes clamps absmax at 1e-38; a reconstructed absmax may be <= 0, kept by sign.
-        inv = 1.0 / torch.where(a.abs() < _MIN_ABSMAX, torch.tensor(_MIN_ABSMAX), a)
+        inv = 1.0 / torch.where(a.abs() < _MIN_ABSMAX, _MIN_ABSMAX, a)
         n = torch.clamp(values.to(torch.float32) * inv.unsqueeze(-1), -1, 1)
-        return torch.bucketize(n, _NF4_BOUNDS, right=False).to(torch.uint8)
+        return torch.bucketize(n, _NF4_BOUNDS.to(n.device), right=False).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, scale: ScaleData) -> torch.Tensor:
-        return NF4_TABLE[codes.to(torch.long)] * self.absmax(scale).unsqueeze(-1)
+        return NF4_TABLE.to(codes.device)[codes.to(torch.long)] * self.absmax(scale).unsqueeze(-1)
 
     # -- storage ------------------------------------------------------------------------
     def pack(self, codes: torch.Tensor, scale: ScaleData, shape: tuple[int, int]) -> QuantizedTensor:
@@ -205,7 +205,7 @@ class NF4Codec(Codec):
         if not self.double_quant:
             return self.grouping.split(codes), {"absmax": qt.data["absmax"]}
         q = qt.data["absmax_q"]
-        flat_idx = torch.arange(q.numel()) // DQ_BLOCK
+        flat_idx = torch.arange(q.numel(), device=q.device) // DQ_BLOCK
         scale = {
             "absmax_q": q,
             "absmax_scale": qt.data["absmax_scale"].to(torch.float32)[flat_idx].view(q.shape),

@@ -77,7 +77,7 @@ class NVFP4Codec(Codec):
         g = nvfp4_global_scale(block_amax.amax()).expand_as(block_amax)
         fmax = FP8_MAX["e4m3"]
         b = (g * ((block_amax * shrink) / E2M1_MAX)).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
-        b = torch.where(b.to(torch.float32) == 0, torch.tensor(_ZERO_SCALE_REPLACEMENT), b.to(torch.float32))
+        b = torch.where(b.to(torch.float32) == 0, _ZERO_SCALE_REPLACEMENT, b.to(torch.float32))
         return {"block_scale": b.to(torch.float8_e4m3fn), "global_scale": g.contiguous()}
 
     def _step(self, scale: ScaleData) -> torch.Tensor:

@@ -31,9 +31,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     # Eight codes of `bits` bits fill exactly `bits` bytes; pack them through one int64.
     pad = (-n) % 8
     c = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=c.device) * bits
     word = (c << shifts).sum(dim=1, dtype=torch.int64)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=c.device) * 8
     out = ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return out[: packed_nbytes(n, bits)].clone()
 
@@ -50,8 +50,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return packed.clone()
     pad = (-need) % bits
     b = torch.nn.functional.pad(packed.to(torch.int64), (0, pad)).view(-1, bits)
-    word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=1, dtype=torch.int64)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    word = (b << (torch.arange(bits, dtype=torch.int64, device=b.device) * 8)).sum(dim=1, dtype=torch.int64)
+    shifts = torch.arange(8, dtype=torch.int64, device=b.device) * bits
     codes = (word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
 

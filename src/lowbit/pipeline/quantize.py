@@ -21,7 +21,14 @@ from lowbit.models import Architecture, architecture_of
 from lowbit.models.lazy import LazyWeights
 from lowbit.modules import QuantLinear, dense_tensors, linear_weight
 from lowbit.pipeline.resume import ResumeState
-from lowbit.pipeline.sequential import SequentialStats, _progress, capture_block_inputs, quantize_block_sequential, release_dense_weights
+from lowbit.pipeline.sequential import (
+    SequentialStats,
+    _progress,
+    capture_block_inputs,
+    quantize_block_sequential,
+    release_dense_weights,
+    to_device,
+)
 from lowbit.recipes import Recipe
 
 
@@ -51,6 +58,7 @@ def quantize_model(
     resume: ResumeState | None = None,
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
+    device: torch.device | str | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place per ``recipe``; returns what was done and how long it took.
 
@@ -58,7 +66,9 @@ def quantize_model(
     tokens (forward passes in ``compute_dtype``, ``batch_size`` samples at a time). With
     ``weights`` the decoder blocks are on ``meta`` and are loaded from disk one at a time. With
     ``resume`` finished blocks are saved as they complete, and an earlier interrupted run with
-    the same fingerprint is continued.
+    the same fingerprint is continued. With ``device`` (e.g. ``"cuda"``) the calibration
+    activations live there and each block is moved there for its passes and its quantization,
+    then back to the CPU; by default everything runs where the model is (the CPU).
     """
     arch = architecture_of(model)
     needs = recipe.needs_calibration
@@ -73,7 +83,8 @@ def quantize_model(
     with torch.no_grad():
         if needs:
             assert calibration is not None
-            _run_sequential(model, arch, blocks, recipe, calibration, weights, resume, compute_dtype, batch_size, report, progress)
+            _run_sequential(model, arch, blocks, recipe, calibration, weights, resume, compute_dtype, batch_size, report,
+                            progress, _compute_device(device))
         else:
             for i, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label()}", unit="block", disable=not progress)):
                 prefix = f"{arch.blocks}.{i}"
@@ -99,6 +110,7 @@ def _run_sequential(
     batch_size: int,
     report: QuantizationReport,
     progress: bool,
+    device: torch.device | None,
 ) -> None:
     seq = report.sequential = SequentialStats(calibration_tokens=calibration.n_tokens)
     done = resume.finished_blocks() if resume is not None else 0
@@ -111,6 +123,8 @@ def _run_sequential(
         inputs = resume.load_inputs()  # type: ignore[union-attr]
     else:
         inputs = capture_block_inputs(model, blocks[0], calibration.tokens, batch_size, compute_dtype)
+    if device is not None:
+        inputs = to_device(inputs, device)  # type: ignore[assignment]
     t_start = time.perf_counter()
     desc = f"quantize {recipe.label()}"
     with _progress(len(blocks), desc, progress, done) as bar:
@@ -119,8 +133,13 @@ def _run_sequential(
             if weights is not None:
                 weights.materialize(block, prefix)
                 check_finite(block, prefix)
+            first = next(block.parameters(), None)
+            home = first.device if first is not None else torch.device("cpu")
+            if device is not None:
+                block.to(device)
             results, inputs = quantize_block_sequential(block, prefix, arch, recipe, inputs, compute_dtype, report.skipped)
             release_dense_weights(block)
+            block.to(home)
             if not all(torch.isfinite(h).all() for h, _ in inputs):
                 raise LowbitError(f"block {prefix} produced NaN or Inf on the calibration data")
             seq.linears.extend(results)
@@ -154,6 +173,20 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, recipe: R
                 raise LowbitError(f"cannot quantize {full}: {e}") from None
             block.set_submodule(name, QuantLinear(qt, bias))
             report.quantized.append(full)
+
+
+def _compute_device(device: torch.device | str | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LowbitError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"device {device!r} requested, but this torch build sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise LowbitError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
 
 
 def round_dense_tensors(model: nn.Module, dtype: torch.dtype) -> None:

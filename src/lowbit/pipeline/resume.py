@@ -92,7 +92,7 @@ class ResumeState:
             raise LowbitError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
 
     def load_inputs(self) -> BlockInputs:
-        data = torch.load(self.folder / INPUTS, weights_only=True)
+        data = torch.load(self.folder / INPUTS, weights_only=True, map_location="cpu")
         return list(zip(data["hidden"], data["kwargs"]))
 
     def save(self, block: nn.Module, index: int, next_inputs: BlockInputs) -> None:

@@ -77,10 +77,28 @@ class SequentialStats:
         return text
 
 
-def autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager:
+def autocast(dtype: torch.dtype, device: torch.device | None = None) -> contextlib.AbstractContextManager:
+    """Mixed precision for a pass in ``dtype`` on ``device`` (CPU when None): AMX on CPU."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=dtype)
+    return torch.autocast("cpu" if device is None else device.type, dtype=dtype)
+
+
+def to_device(obj: object, device: torch.device) -> object:
+    """``obj`` (tensors inside tuples, lists and dicts, e.g. a block's keyword arguments) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _device_of(inputs: BlockInputs) -> torch.device | None:
+    return inputs[0][0].device if inputs else None
 
 
 def _first_tensor(out: object) -> torch.Tensor:
@@ -121,7 +139,7 @@ def capture_block_inputs(
 
 def run_block(block: nn.Module, inputs: BlockInputs, compute_dtype: torch.dtype) -> BlockInputs:
     outs: BlockInputs = []
-    with torch.no_grad(), autocast(compute_dtype):
+    with torch.no_grad(), autocast(compute_dtype, _device_of(inputs)):
         for hidden, kw in inputs:
             outs.append((_first_tensor(block(hidden, **kw)).to(torch.float32), kw))
     return outs
@@ -148,7 +166,7 @@ def collect_step_statistics(
                 if last[0] is x:
                     stats[name] = last[1]
                 else:
-                    stats[name] = InputStatistics(x.shape[-1], request, len(inputs), compute_dtype)
+                    stats[name] = InputStatistics(x.shape[-1], request, len(inputs), compute_dtype, x.device)
             st = stats[name]
             if id(st) not in fed:
                 st.add(x)
@@ -162,7 +180,7 @@ def collect_step_statistics(
 
     handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
-        with torch.no_grad(), autocast(compute_dtype):
+        with torch.no_grad(), autocast(compute_dtype, _device_of(inputs)):
             for hidden, kw in inputs:
                 seen.clear()
                 fed.clear()
