@@ -91,6 +91,21 @@ def make_char_tokenizer():  # type: ignore[no-untyped-def]
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
+def make_byte_level_tokenizer():  # type: ignore[no-untyped-def]
+    """A byte-level BPE (GPT-2 style pre-tokenizer, no merges): ids 0 <unk>, 1 <eos>, then the
+    256 byte symbols; what the GGUF writer accepts as a "gpt2" tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
 class CharTokenizerStub:
     """Minimal tokenizer protocol that ``lowbit.evaluation.tokenize`` needs: one id per character."""
 

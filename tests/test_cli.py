@@ -284,3 +284,46 @@ def test_calib_options_on_an_rtn_recipe_are_refused(capsys, model_dir, tmp_path)
     code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--calib-samples", "4")
     assert_one_line_error(code, err, "uses no calibration data")
     assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF output, compute device
+# ---------------------------------------------------------------------------------------------
+def test_quantize_to_a_gguf_file(capsys, tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from conftest import make_byte_level_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_model("llama", vocab_size=260).save_pretrained(folder)
+    make_byte_level_tokenizer().save_pretrained(folder)
+    out = tmp_path / "m.gguf"
+    code, stdout, err = quantize(capsys, folder, out, "--recipe", "gguf-q8_0")
+    assert code == 0, err
+    assert "quantized 14 linears with gguf-q8_0" in stdout and str(out) in stdout
+    types = {t.name: t.tensor_type for t in GGUFReader(str(out)).tensors}
+    assert types["blk.1.ffn_up.weight"] == GGMLQuantizationType.Q8_0
+    assert [p.name for p in tmp_path.iterdir()] == ["model", "m.gguf"]
+
+
+def test_gguf_output_with_a_tokenizer_it_cannot_write(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "m.gguf"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "gguf-q4_0")
+    assert_one_line_error(code, err, "pre-tokenizer")
+    assert not out.exists() and not (tmp_path / "m.gguf.tmp").exists()
+
+
+def test_gguf_output_of_an_unknown_architecture_fails_before_quantizing(capsys, hf_folder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "m.gguf"
+    code, stdout, err = quantize(capsys, hf_folder("gpt2"), out, "--recipe", "gguf-q4_0")
+    assert_one_line_error(code, err, "does not know architecture 'gpt2'")
+    assert "quantized" not in stdout and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")
+def test_calib_device_without_a_gpu(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16-gptq", "--calib", "stdlib-calib",
+                            "--calib-samples", "2", "--calib-seq-len", "64", "--calib-device", "cuda")
+    assert_one_line_error(code, err, "no CUDA GPU")
+    assert_nothing_written(out)

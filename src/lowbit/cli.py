@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("model", metavar="MODEL")
     q.add_argument("--recipe", required=True, metavar="PRESET_OR_FILE", help="preset name or recipe file")
-    q.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (must not exist)")
+    q.add_argument("--out", required=True, type=Path, metavar="DIR|FILE.gguf",
+                   help="output folder (must not exist), or a .gguf file that llama.cpp runs (Llama-family "
+                   "models with the gguf-* presets: llama.cpp's block types)")
     q.add_argument("--group-size", type=_positive, metavar="N", help="override the codec's group size")
     q.add_argument("--bits", type=int, metavar="N", help="override the codec's bits (2..8 for int)")
     q.add_argument("--clip-search", action="store_true", default=None,
@@ -111,6 +113,9 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of the calibration forward passes (default float32; bfloat16 uses AMX/tensor cores: "
                    "1.8x faster on SmolLM2 here, but GPTQ's KLD came out ~5%% higher, see BENCHMARKS.md; "
                    "statistics accumulate in float32 either way)")
+    g.add_argument("--calib-device", metavar="DEVICE",
+                   help="where the calibration passes and GPTQ/AWQ run, one block at a time: cpu (default) or "
+                   "cuda[:N]; the model itself stays in CPU memory or on disk")
 
 
 def _with_calibration(recipe, args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -136,8 +141,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, group_size=args.group_size, bits=args.bits)
     recipe = _with_calibration(recipe, args)
     if args.out.exists() and not args.overwrite:
-        raise LowbitError(f"output folder {args.out} exists (pass --overwrite to replace it)")
+        raise LowbitError(f"output {args.out} exists (pass --overwrite to replace it)")
     loaded, weights = _load_for_quantization(args.model)
+    to_gguf = args.out.suffix == ".gguf"
+    if to_gguf:
+        from lowbit.io.gguf_writer import check_gguf_architecture
+
+        check_gguf_architecture(loaded.model)  # before the work, not after it
     calib, resume = None, None
     if recipe.needs_calibration:
         from lowbit.calibration import calibration_set
@@ -153,11 +163,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             resume.discard()
     report = quantize_model(
         loaded.model, recipe, progress=not args.no_progress, calibration=calib, weights=weights, resume=resume,
-        compute_dtype=_dtype(args.calib_dtype), batch_size=args.calib_batch,
+        compute_dtype=_dtype(args.calib_dtype), batch_size=args.calib_batch, device=args.calib_device,
     )
     if report.sequential is not None and not args.no_progress:
         print(report.sequential.summary(), file=sys.stderr)
-    save_quantized(loaded, args.out, overwrite=args.overwrite, source=args.model)
+    if to_gguf:
+        from lowbit.io.gguf_writer import save_gguf
+
+        save_gguf(loaded, args.out, overwrite=args.overwrite)
+    else:
+        save_quantized(loaded, args.out, overwrite=args.overwrite, source=args.model)
     if resume is not None:
         resume.discard()
     from lowbit.bench.compare import block_linear_names, folder_bytes
@@ -167,7 +182,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(
         f"quantized {len(report.quantized)} linears with {recipe.label()} ({recipe.codec.describe()}, "
         f"{recipe.algorithm.name}) in {report.seconds:.1f}s: {size.bits_per_weight:.3f} bits per weight, "
-        f"{folder_bytes(args.out) / 1e6:.1f} MB on disk -> {args.out}"
+        f"{(args.out.stat().st_size if to_gguf else folder_bytes(args.out)) / 1e6:.1f} MB on disk -> {args.out}"
     )
     return 0
 

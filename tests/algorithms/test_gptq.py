@@ -35,6 +35,10 @@ CODECS = [
     {"name": "mxfp4"},
     {"name": "nvfp4"},
     {"name": "fp8", "granularity": "channel"},
+    {"name": "q4_0"},  # llama.cpp's block types: GPTQ on the GGUF grid
+    {"name": "q4_1"},
+    {"name": "q5_0"},
+    {"name": "q8_0"},
 ]
 
 

@@ -28,3 +28,8 @@ from lowbit.codecs.nf4 import NF4Codec  # noqa: E402
 from lowbit.codecs.nvfp4 import NVFP4Codec  # noqa: E402
 
 __all__ += ["FP4Codec", "FP8Codec", "MXFP4Codec", "MXFP8Codec", "NF4Codec", "NVFP4Codec"]
+
+# llama.cpp's legacy block types.
+from lowbit.codecs.ggml_legacy import Q4_0Codec, Q4_1Codec, Q5_0Codec, Q5_1Codec, Q8_0Codec  # noqa: E402
+
+__all__ += ["Q4_0Codec", "Q4_1Codec", "Q5_0Codec", "Q5_1Codec", "Q8_0Codec"]

@@ -54,6 +54,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                   _calibrated({"name": "awq"}, _int(4, symmetric=False, group_size=128))),
     "w4a16-g64-awq": ("int4 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(4, group_size=64))),
     "w3a16-awq": ("int3 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(3, group_size=64))),
+    # llama.cpp's legacy block types (embeddings and LM head stay F16; write with --out FILE.gguf)
+    **{f"gguf-{t}": (f"llama.cpp {t.upper()} on every linear, RTN (llama.cpp's reference rounding)", _rtn(t))
+       for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")},
+    **{f"gguf-{t}-gptq": (f"llama.cpp {t.upper()} on every linear, GPTQ on its grid",
+                          _calibrated({"name": "gptq"}, _rtn(t)))
+       for t in ("q4_0", "q4_1", "q5_0", "q5_1")},
 }
 
 PRESET_HELP: dict[str, str] = {name: help_line for name, (help_line, _) in PRESETS.items()}

@@ -1,0 +1,82 @@
+"""The GGUF writer on a tiny Llama: what gguf-py reads back, and the model transformers'
+own GGUF loader (an independent consumer that dequantizes and un-permutes q/k) rebuilds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_byte_level_tokenizer
+
+from lowbit import LowbitError
+from lowbit.io.gguf_writer import save_gguf
+from lowbit.models import LoadedModel
+from lowbit.pipeline import quantize_model
+from lowbit.recipes import Recipe
+
+VOCAB = 260
+
+
+def quantized_tiny(tiny_model, codec: str = "q4_0") -> LoadedModel:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama", vocab_size=VOCAB)
+    recipe = Recipe.from_dict({
+        "codec": {"name": codec},
+        "rules": [{"match": "*.mlp.down_proj", "codec": {"name": "q8_0"}},
+                  {"match": "*.self_attn.v_proj", "codec": {"name": "q5_1"}}],
+    })
+    quantize_model(model, recipe, progress=False)
+    return LoadedModel(model, make_byte_level_tokenizer(), "tiny", None)
+
+
+def test_gguf_py_reads_back_metadata_names_and_types(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    path = save_gguf(quantized_tiny(tiny_model), tmp_path / "m.gguf")
+    r = GGUFReader(str(path))
+    field = lambda k: r.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "llama"
+    assert field("llama.block_count") == 2 and field("llama.attention.head_count_kv") == 2
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt2"
+    assert len(field("tokenizer.ggml.tokens")) == 258
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q4_0
+    assert types["blk.1.ffn_down.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_v.weight"] == GGMLQuantizationType.Q5_1
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+    assert types["token_embd.weight"] == GGMLQuantizationType.F16
+    assert not path.with_name("m.gguf.tmp").exists()
+
+
+def test_transformers_gguf_loader_rebuilds_the_same_model(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    loaded = quantized_tiny(tiny_model)
+    path = save_gguf(loaded, tmp_path / "m.gguf")
+    from transformers import AutoModelForCausalLM
+
+    # the model only: transformers' GGUF tokenizer conversion needs merges, which this byte-level
+    # test vocabulary has none of
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokens = torch.randint(2, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = loaded.model(input_ids=tokens).logits
+        theirs = back(input_ids=tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # and the q weight is bit-identical once un-permuted (transformers undoes llama.cpp's order)
+    np.testing.assert_array_equal(back.model.layers[0].self_attn.q_proj.weight.detach().numpy(),
+                                  loaded.model.model.layers[0].self_attn.q_proj.weight.numpy())
+
+
+def test_codec_without_a_gguf_type_is_refused_and_nothing_written(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama", vocab_size=VOCAB)
+    quantize_model(model, Recipe.from_dict({"codec": {"name": "int", "bits": 4, "group_size": 32}}), progress=False)
+    with pytest.raises(LowbitError, match="has no GGUF type"):
+        save_gguf(LoadedModel(model, make_byte_level_tokenizer(), "tiny", None), tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_architecture_is_refused(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LowbitError, match="does not know architecture 'gpt2'"):
+        save_gguf(LoadedModel(tiny_model("gpt2"), make_byte_level_tokenizer(), "tiny", None), tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
