@@ -92,15 +92,17 @@ def make_char_tokenizer():  # type: ignore[no-untyped-def]
 
 
 def make_byte_level_tokenizer():  # type: ignore[no-untyped-def]
-    """A byte-level BPE (GPT-2 style pre-tokenizer, no merges): ids 0 <unk>, 1 <eos>, then the
-    256 byte symbols; what the GGUF writer accepts as a "gpt2" tokenizer."""
+    """A byte-level BPE (GPT-2 style pre-tokenizer): ids 0 <unk>, 1 <eos>, the 256 byte symbols,
+    then one merge (" t", id 258); what the GGUF writer accepts as a "gpt-2" tokenizer (llama.cpp
+    refuses a BPE vocabulary without merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<eos>": 1}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # its order is random per call
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    vocab["\u0120t"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "t")], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

@@ -339,3 +339,25 @@ def test_cuda_device_matches_cpu(tiny_model, algorithm: str) -> None:  # type: i
     e_cpu = float((logits(cpu, cal.tokens) - ref).square().mean())
     e_gpu = float((logits(gpu, cal.tokens) - ref).square().mean())
     assert e_gpu < 1.5 * e_cpu
+
+
+def test_rtn_with_importance_gets_each_linears_activation_statistics(tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.algorithms import RTN
+
+    seen: list[torch.Tensor | None] = []
+    real = RTN.quantize
+
+    def spy(self, weight, codec, stats=None):  # type: ignore[no-untyped-def]
+        seen.append(None if stats is None else stats.importance)
+        return real(self, weight, codec, stats)
+
+    monkeypatch.setattr(RTN, "quantize", spy)
+    r = Recipe.from_dict({"codec": {"name": "q4_0"}, "algorithm": {"name": "rtn", "clip_search": True, "importance": True}})
+    assert r.needs_calibration
+    model = tiny_model("llama")
+    cal = calib()
+    quantize_model(model, r, calibration=cal, progress=False)
+    assert len(seen) == 14 and all(s is not None and s.shape[0] in (64, 128) for s in seen)
+    # the importance is the input's mean square: q/k/v of block 0 see the normed embeddings
+    x = model.model.layers[0].input_layernorm(model.model.embed_tokens(cal.tokens)).reshape(-1, 64)
+    torch.testing.assert_close(seen[0], x.square().mean(0), rtol=2e-3, atol=1e-6)  # (dense tensors now fp16)

@@ -31,13 +31,13 @@ def test_presets_resolve(name: str) -> None:
     r = resolve_recipe(name)
     assert r == get_preset(name)
     assert r.name == name and r.label() == name
-    calibrated = name.endswith(("-gptq", "-awq"))
-    assert isinstance(r.algorithm, RTN) != calibrated
+    calibrated = name.endswith(("-gptq", "-awq", "-imatrix"))
+    assert isinstance(r.algorithm, RTN) != name.endswith(("-gptq", "-awq"))
     assert r.needs_calibration == calibrated
     if calibrated:  # the calibration: 128 x 512 tokens of the built-in calibration split
         assert r.calibration is not None
         assert (r.calibration.source, r.calibration.samples, r.calibration.seq_len) == ("pydoc-calib", 128, 512)
-        assert r.algorithm.name == name.rsplit("-", 1)[1]
+        assert r.algorithm.name == {"imatrix": "rtn"}.get(name.rsplit("-", 1)[1], name.rsplit("-", 1)[1])
     assert name in PRESET_HELP
     if name in EXPECTED:  # the integer presets of the walking skeleton
         c = r.codec

@@ -51,14 +51,14 @@ GGUF_ARCHITECTURES = {
 # HF tokenizer.json pre-tokenizer (as canonical JSON) -> llama.cpp's pre-tokenizer name.
 _PRE_TOKENIZERS = {
     json.dumps({"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel", "use_regex": True},
-               sort_keys=True): "gpt2",
+               sort_keys=True): "gpt-2",
     json.dumps({"pretokenizers": [{"individual_digits": True, "type": "Digits"},
                                   {"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel",
                                    "use_regex": True}], "type": "Sequence"}, sort_keys=True): "smollm",
 }
 
 # llama.cpp's token types
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 
 def check_gguf_architecture(model: nn.Module) -> GGUFArch:
@@ -71,8 +71,12 @@ def check_gguf_architecture(model: nn.Module) -> GGUFArch:
     return arch
 
 
-def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False) -> Path:
-    """Write ``loaded`` (quantized in place by lowbit, or dense) as the GGUF file ``path``."""
+def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False, dense: str = "f16") -> Path:
+    """Write ``loaded`` (quantized in place by lowbit, or dense) as the GGUF file ``path``;
+    ``dense``: ``f16`` or ``f32``, the type of 2-D tensors that are not quantized (``f32`` makes
+    the float source that llama-quantize expects)."""
+    if dense not in ("f16", "f32"):
+        raise ValueError(f"dense must be f16 or f32, got {dense!r}")
     import gguf
 
     model, cfg = loaded.model, loaded.model.config
@@ -80,12 +84,12 @@ def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False) -> Pat
     path = Path(path)
     if path.exists() and not overwrite:
         raise LowbitError(f"{path} exists (pass --overwrite to replace it)")
-    tensors = list(_gguf_tensors(model, arch))  # all checks before anything is written
+    tensors = list(_gguf_tensors(model, arch, dense == "f32"))  # all checks before anything is written
     tmp = path.with_name(path.name + ".tmp")
     try:
         w = gguf.GGUFWriter(str(tmp), arch.name)
         _add_hparams(w, arch, cfg)
-        _add_tokenizer(w, loaded.tokenizer)
+        _add_tokenizer(w, loaded.tokenizer, int(cfg.vocab_size))
         w.add_file_type(_file_type(tensors))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, data, qtype in tensors:
@@ -123,7 +127,9 @@ def _add_hparams(w: "gguf.GGUFWriter", arch: GGUFArch, cfg: object) -> None:  # 
     w.add_vocab_size(g("vocab_size"))
 
 
-def _add_tokenizer(w: "gguf.GGUFWriter", tokenizer: object) -> None:  # type: ignore[name-defined]
+def _add_tokenizer(w: "gguf.GGUFWriter", tokenizer: object, n_vocab: int) -> None:  # type: ignore[name-defined]
+    """The tokenizer's BPE vocabulary, padded with unused tokens to the model's ``n_vocab``
+    embedding rows (llama.cpp checks the two agree)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise LowbitError("the GGUF writer needs a fast (tokenizers) tokenizer")
@@ -140,10 +146,13 @@ def _add_tokenizer(w: "gguf.GGUFWriter", tokenizer: object) -> None:  # type: ig
     for i, t in added.items():
         vocab[t["content"]] = i
     n = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(n)]
+    if n > n_vocab:
+        raise LowbitError(f"the tokenizer has {n} tokens but the model only {n_vocab} embedding rows")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     for text, i in vocab.items():
         tokens[i] = text
     types = [(_CONTROL if added[i]["special"] else _USER_DEFINED) if i in added else _NORMAL for i in range(n)]
+    types += [_UNUSED] * (n_vocab - n)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -164,7 +173,7 @@ def _add_tokenizer(w: "gguf.GGUFWriter", tokenizer: object) -> None:  # type: ig
         w.add_chat_template(template)
 
 
-def _gguf_tensors(model: nn.Module, arch: GGUFArch):  # type: ignore[no-untyped-def]
+def _gguf_tensors(model: nn.Module, arch: GGUFArch, dense_f32: bool):  # type: ignore[no-untyped-def]
     """(GGUF name, numpy data, raw ggml type or None) for every tensor the file holds."""
     import gguf
 
@@ -192,10 +201,10 @@ def _gguf_tensors(model: nn.Module, arch: GGUFArch):  # type: ignore[no-untyped-
             if name is None:
                 raise LowbitError(f"no GGUF name for tensor {hf_name}")
             n_head = heads if name.endswith("attn_q.weight") else kv_heads if name.endswith("attn_k.weight") else 0
-            yield (name, *_tensor_data(hf_name, value, n_head if arch.permute_qk else 0))
+            yield (name, *_tensor_data(hf_name, value, n_head if arch.permute_qk else 0, dense_f32))
 
 
-def _tensor_data(hf_name: str, value: object, n_head: int) -> tuple[np.ndarray, object]:
+def _tensor_data(hf_name: str, value: object, n_head: int, dense_f32: bool) -> tuple[np.ndarray, object]:
     import gguf
 
     if isinstance(value, QuantLinear):
@@ -211,7 +220,7 @@ def _tensor_data(hf_name: str, value: object, n_head: int) -> tuple[np.ndarray, 
     t = value.detach().to(torch.float32)  # type: ignore[union-attr]
     if n_head:
         t = _permute_rows(t, n_head)
-    if t.dim() == 1:
+    if t.dim() == 1 or dense_f32:
         return t.numpy(), None
     return t.to(torch.float16).numpy(), None
 
@@ -231,6 +240,7 @@ def _file_type(tensors: list) -> int:  # type: ignore[type-arg]
         if qtype is not None:
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
     if not counts:
-        return int(gguf.LlamaFileType.MOSTLY_F16)
+        return int(gguf.LlamaFileType.ALL_F32 if all(d.dtype == np.float32 for _, d, _ in tensors)
+                   else gguf.LlamaFileType.MOSTLY_F16)
     top = max(counts, key=lambda k: counts[k])
     return int(gguf.LlamaFileType[f"MOSTLY_{top}"])

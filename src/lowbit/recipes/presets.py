@@ -60,6 +60,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     **{f"gguf-{t}-gptq": (f"llama.cpp {t.upper()} on every linear, GPTQ on its grid",
                           _calibrated({"name": "gptq"}, _rtn(t)))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1")},
+    **{f"gguf-{t}-imatrix": (f"llama.cpp {t.upper()} on every linear, RTN with llama.cpp's scale search weighted "
+                             "by calibration activations (an importance matrix)",
+                             _calibrated({"name": "rtn", "clip_search": True, "importance": True}, _rtn(t)))
+       for t in ("q4_0", "q4_1", "q5_0", "q5_1")},
 }
 
 PRESET_HELP: dict[str, str] = {name: help_line for name, (help_line, _) in PRESETS.items()}

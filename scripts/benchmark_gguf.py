@@ -1,0 +1,206 @@
+"""GGUF files of SmolLM2-135M made by lowbit and by llama.cpp's llama-quantize, run by llama.cpp
+and evaluated by lowbit, in one table; rewrites the "GGUF" section of BENCHMARKS.md.
+
+Every row is a GGUF file:
+
+* lowbit: ``lowbit quantize smollm2-135m --recipe gguf-<type>[-gptq] --out FILE.gguf``
+  (every linear in the block type, embeddings in F16);
+* llama.cpp: ``llama-quantize --pure --token-embedding-type f16 --output-tensor-type f16`` from
+  the F32 GGUF that lowbit's writer makes of the same model (same layout as lowbit's rows), with
+  and without an importance matrix from ``llama-imatrix`` on the same calibration text.
+
+Each file is then (a) loaded by transformers' GGUF loader and evaluated by lowbit (KLD, top-1
+and PPL against the unquantized model on the held-out pydoc text, windows of 512), and (b) run
+by ``llama-perplexity`` on the same text (all its chunks of 512 tokens, at most 64), next to lowbit's own
+computation of that perplexity protocol on the file's weights and llama.cpp's own token ids.
+Needs llama.cpp's tools (``scripts/peers/setup_llamacpp.sh``, about 6 minutes). Rows are kept in
+``$LOWBIT_CACHE/bench/gguf.json``; ``--fresh`` runs everything again.
+
+Usage: .venv/bin/python scripts/benchmark_gguf.py [--fresh] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.bench.llama_cpp import (
+    llama_cpp_bin,
+    llama_cpp_perplexity,
+    llama_cpp_token_ids,
+    perplexity_like_llama_cpp,
+    run_tool,
+)
+from lowbit.bench.markdown import replace_section
+from lowbit.calibration import load_text
+from lowbit.evaluation import evaluate
+from lowbit.evaluation.reference import model_fingerprint
+from lowbit.io.gguf_writer import save_gguf
+from lowbit.models import LoadedModel, cache_dir, load_model
+from lowbit.pipeline import quantize_model
+from lowbit.recipes import get_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "`.venv/bin/python scripts/benchmark_gguf.py`"
+N_CTX, CHUNKS = 512, 64
+# (row label, how it is made)
+ROWS = [
+    ("F32 (unquantized)", ("f32",)),
+    ("lowbit Q8_0 RTN", ("lowbit", "gguf-q8_0")),
+    ("llama.cpp Q8_0", ("llama.cpp", "Q8_0", False)),
+    ("lowbit Q4_1 RTN", ("lowbit", "gguf-q4_1")),
+    ("llama.cpp Q4_1", ("llama.cpp", "Q4_1", False)),
+    ("lowbit Q4_0 RTN", ("lowbit", "gguf-q4_0")),
+    ("llama.cpp Q4_0", ("llama.cpp", "Q4_0", False)),
+    ("llama.cpp Q4_0 imatrix", ("llama.cpp", "Q4_0", True)),
+    ("lowbit Q4_0 RTN+imatrix", ("lowbit", "gguf-q4_0-imatrix")),
+    ("lowbit Q4_0 GPTQ", ("lowbit", "gguf-q4_0-gptq")),
+]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def linear_bits_per_weight(path: Path) -> float:
+    """Bits per weight of the decoder blocks' 2-D tensors, from the file's own tensor sizes."""
+    from gguf import GGUFReader
+
+    bits = n = 0
+    for t in GGUFReader(str(path)).tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            bits += int(t.n_bytes) * 8
+            n += int(t.n_elements)
+    return bits / n
+
+
+def load_gguf_weights(path: Path) -> LoadedModel:
+    """The file's model as transformers' GGUF loader dequantizes it (weights only: converting the
+    file's tokenizer back takes minutes and the evaluation uses the base model's, which llama.cpp
+    matches token for token, see the table's note)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return LoadedModel(model, None, str(path), path)
+
+
+def make_file(how: tuple, base: LoadedModel, work: Path, f32: Path, imatrix: Path) -> tuple[Path, float | None]:
+    """The row's GGUF file and, for lowbit rows, the quantize_model seconds."""
+    out = work / f"{'-'.join(str(h) for h in how)}.gguf"
+    if how[0] == "f32":
+        return f32, None
+    if how[0] == "lowbit":
+        recipe = get_preset(how[1])
+        model = copy.deepcopy(base.model)
+        calib = None
+        if recipe.needs_calibration:
+            from lowbit.calibration import calibration_set
+
+            calib = calibration_set(base.tokenizer, recipe.calibration_config())
+        report = quantize_model(model, recipe, progress=False, calibration=calib)
+        save_gguf(LoadedModel(model, base.tokenizer, base.source, None), out, overwrite=True)
+        return out, report.seconds
+    _, qtype, with_imatrix = how
+    args = ["--pure", "--token-embedding-type", "f16", "--output-tensor-type", "f16"]
+    if with_imatrix:
+        args += ["--imatrix", str(imatrix)]
+    run_tool("llama-quantize", *args, str(f32), str(out), qtype)
+    return out, None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
+    args = ap.parse_args()
+    if llama_cpp_bin() is None:
+        log("llama.cpp's tools are missing: building them (scripts/peers/setup_llamacpp.sh)")
+        subprocess.run(["bash", str(ROOT / "scripts" / "peers" / "setup_llamacpp.sh")], check=True)
+    store_path = cache_dir() / "bench" / "gguf.json"
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {} if args.fresh or not store_path.exists() else json.loads(store_path.read_text())
+    t0 = time.time()
+    threads = torch.get_num_threads()
+    base = load_model("smollm2-135m")
+    text = load_text("pydoc")
+    ref_fp = model_fingerprint(base.model)
+    with tempfile.TemporaryDirectory(prefix="lowbit-gguf-") as tmp:
+        work = Path(tmp)
+        text_file = work / "pydoc.txt"
+        text_file.write_text(text.text)
+        calib_file = work / "pydoc-calib.txt"
+        calib_file.write_text(load_text("pydoc-calib").text)
+        f32 = save_gguf(base, work / "f32.gguf", dense="f32")
+        imatrix = work / "imatrix.gguf"
+        if any(how[0] == "llama.cpp" and how[2] for _, how in ROWS):
+            run_tool("llama-imatrix", "-m", str(f32), "-f", str(calib_file), "-c", str(N_CTX), "--chunks", "128",
+                     "-o", str(imatrix), "-t", str(threads))
+        theirs_ids = llama_cpp_token_ids(f32, text_file)
+        ours_ids = base.tokenizer(text.text, add_special_tokens=False)["input_ids"]
+        n_cmp = CHUNKS * N_CTX
+        same_ids = sum(a == b for a, b in zip(theirs_ids[:n_cmp], ours_ids[:n_cmp]))
+        for label, how in ROWS:
+            if label in rows:
+                continue
+            log(f"{label} ...")
+            path, quant_s = make_file(how, base, work, f32, imatrix)
+            loaded = load_gguf_weights(path)
+            r = evaluate(loaded.model, base.tokenizer, text, ref=base.model, cache_dir=cache_dir(), progress=False,
+                         ref_fingerprint=ref_fp)
+            ppl_ours = perplexity_like_llama_cpp(loaded.model, torch.tensor(theirs_ids), N_CTX, CHUNKS)
+            ppl_theirs = llama_cpp_perplexity(path, text_file, N_CTX, CHUNKS, threads)
+            rows[label] = {"label": label, "file_mb": path.stat().st_size / 1e6, "bpw": linear_bits_per_weight(path),
+                           "kld": r.kld, "top1": r.top1, "ppl": r.ppl, "ppl_llama_protocol_lowbit": ppl_ours,
+                           "ppl_llama_cpp": ppl_theirs, "quant_seconds": quant_s,
+                           "token_ids_same": same_ids, "token_ids_compared": min(n_cmp, len(theirs_ids))}
+            store_path.write_text(json.dumps(rows, indent=1))
+            log(json.dumps(rows[label]))
+            del loaded
+    body = render(rows, (time.time() - t0) / 60)
+    print(body)
+    if not args.no_write:
+        replace_section(ROOT / "BENCHMARKS.md", "gguf", "GGUF files: lowbit and llama.cpp on SmolLM2-135M", body)
+    return 0
+
+
+def render(rows: dict[str, dict], minutes: float) -> str:
+    any_row = next(iter(rows.values()))
+    lines = [
+        f"Printed by {COMMAND}. Each row is one GGUF file; every linear of the decoder blocks in the named "
+        "type, embeddings (tied LM head) in F16. llama.cpp's files: `llama-quantize --pure "
+        "--token-embedding-type f16 --output-tensor-type f16` from the F32 GGUF of the same model; its imatrix: "
+        "`llama-imatrix` on 128 chunks of 512 tokens of the built-in `pydoc-calib` text. KLD, top-1 and PPL: "
+        "lowbit's evaluator on the file as transformers' GGUF loader reads it, held-out `pydoc` text, windows of "
+        f"512. The two last PPL columns follow `llama-perplexity`'s protocol ({any_row['token_ids_compared'] // N_CTX} "
+        f"chunks of {N_CTX} tokens, the second half of each chunk scored) on llama.cpp's own token ids: computed by lowbit "
+        "from the file's weights, and by `llama-perplexity` running the file. llama.cpp and lowbit tokenize the "
+        f"text identically on {any_row['token_ids_same']} of the first {any_row['token_ids_compared']} tokens.",
+        "",
+        "| file | MB | bpw (linears) | mean KLD | top-1 | PPL | PPL, llama.cpp protocol: lowbit | "
+        "PPL: llama.cpp | quantize s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, _ in ROWS:
+        r = rows.get(label)
+        if r is None:
+            continue
+        q = r["quant_seconds"]
+        lines.append(f"| {label} | {r['file_mb']:.1f} | {r['bpw']:.3f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
+                     f"{r['ppl']:.3f} | {r['ppl_llama_protocol_lowbit']:.3f} | {r['ppl_llama_cpp']:.3f} | "
+                     f"{'-' if q is None else f'{q:.1f}'} |")
+    lines += ["", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+              f"this invocation {minutes:.1f} min."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
