@@ -16,7 +16,7 @@ computation of that perplexity protocol on the file's weights and llama.cpp's ow
 Needs llama.cpp's tools (``scripts/peers/setup_llamacpp.sh``, about 6 minutes). Rows are kept in
 ``$LOWBIT_CACHE/bench/gguf.json``; ``--fresh`` runs everything again.
 
-Usage: .venv/bin/python scripts/benchmark_gguf.py [--fresh] [--no-write]
+Usage: .venv/bin/python scripts/benchmark_gguf.py [--fresh] [--no-write] [--redo "LABEL;LABEL"]
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
+    ap.add_argument("--redo", default="", metavar="LABELS", help="semicolon-separated row labels to run again")
     args = ap.parse_args()
     if llama_cpp_bin() is None:
         log("llama.cpp's tools are missing: building them (scripts/peers/setup_llamacpp.sh)")
@@ -128,6 +129,9 @@ def main() -> int:
     store_path = cache_dir() / "bench" / "gguf.json"
     store_path.parent.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {} if args.fresh or not store_path.exists() else json.loads(store_path.read_text())
+    for label in filter(None, (x.strip() for x in args.redo.split(";"))):
+        if rows.pop(label, None) is None:
+            ap.error(f"--redo: no kept row is labelled {label!r}")
     t0 = time.time()
     threads = torch.get_num_threads()
     base = load_model("smollm2-135m")

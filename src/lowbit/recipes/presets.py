@@ -57,8 +57,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # llama.cpp's legacy block types (embeddings and LM head stay F16; write with --out FILE.gguf)
     **{f"gguf-{t}": (f"llama.cpp {t.upper()} on every linear, RTN (llama.cpp's reference rounding)", _rtn(t))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")},
-    **{f"gguf-{t}-gptq": (f"llama.cpp {t.upper()} on every linear, GPTQ on its grid",
-                          _calibrated({"name": "gptq"}, _rtn(t)))
+    **{f"gguf-{t}-gptq": (f"llama.cpp {t.upper()} on every linear, GPTQ on its grid, block scales from llama.cpp's "
+                          "search weighted by the Hessian's diagonal",
+                          _calibrated({"name": "gptq", "clip_search": True}, _rtn(t)))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1")},
     **{f"gguf-{t}-imatrix": (f"llama.cpp {t.upper()} on every linear, RTN with llama.cpp's scale search weighted "
                              "by calibration activations (an importance matrix)",
