@@ -36,6 +36,7 @@ import torch
 
 from lowbit.bench.compare import block_linear_names
 from lowbit.bench.markdown import replace_section
+from lowbit.bench.store import RowStore as Store
 from lowbit.calibration import CalibrationConfig, calibration_set, load_text
 from lowbit.evaluation import evaluate, model_size
 from lowbit.evaluation.reference import model_fingerprint
@@ -73,24 +74,6 @@ QUALITY = [
     ("int2 g64 GPTQ", recipe(2, 64, "gptq"), "bfloat16"),
 ]
 PEER_LOWBIT_ROW = "int4 g64 GPTQ"
-
-
-class Store:
-    """Finished rows on disk, keyed by row label and text."""
-
-    def __init__(self, path: Path, fresh: bool) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: dict[str, dict] = {} if fresh or not path.exists() else json.loads(path.read_text())
-
-    def get(self, key: str) -> dict | None:
-        return self.rows.get(key)
-
-    def put(self, key: str, row: dict) -> None:
-        self.rows[key] = row
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.rows, indent=1))
-        tmp.replace(self.path)
 
 
 def log(msg: str) -> None:
@@ -338,12 +321,10 @@ def main() -> int:
     args = ap.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     store = Store(cache_dir() / "bench" / "calibration.json", args.fresh)
-    for label in dict.fromkeys(filter(None, (x.strip() for x in args.redo.split(";")))):
-        dropped = [k for k in store.rows if k.split("|")[0] == label]
-        if not dropped:
-            ap.error(f"--redo: no kept row is labelled {label!r}")
-        for k in dropped:
-            del store.rows[k]
+    try:
+        store.drop(args.redo)
+    except ValueError as e:
+        ap.error(f"--redo: {e}")
     t0 = time.time()
     if sections & {"quality", "peer"}:
         base = load_model("smollm2-135m")

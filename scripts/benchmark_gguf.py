@@ -41,6 +41,7 @@ from lowbit.bench.llama_cpp import (
     run_tool,
 )
 from lowbit.bench.markdown import replace_section
+from lowbit.bench.store import RowStore
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
 from lowbit.evaluation.reference import model_fingerprint
@@ -126,12 +127,11 @@ def main() -> int:
     if llama_cpp_bin() is None:
         log("llama.cpp's tools are missing: building them (scripts/peers/setup_llamacpp.sh)")
         subprocess.run(["bash", str(ROOT / "scripts" / "peers" / "setup_llamacpp.sh")], check=True)
-    store_path = cache_dir() / "bench" / "gguf.json"
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict] = {} if args.fresh or not store_path.exists() else json.loads(store_path.read_text())
-    for label in filter(None, (x.strip() for x in args.redo.split(";"))):
-        if rows.pop(label, None) is None:
-            ap.error(f"--redo: no kept row is labelled {label!r}")
+    store = RowStore(cache_dir() / "bench" / "gguf.json", args.fresh)
+    try:
+        store.drop(args.redo)
+    except ValueError as e:
+        ap.error(f"--redo: {e}")
     t0 = time.time()
     threads = torch.get_num_threads()
     base = load_model("smollm2-135m")
@@ -153,7 +153,7 @@ def main() -> int:
         n_cmp = CHUNKS * N_CTX
         same_ids = sum(a == b for a, b in zip(theirs_ids[:n_cmp], ours_ids[:n_cmp]))
         for label, how in ROWS:
-            if label in rows:
+            if store.get(label) is not None:
                 continue
             log(f"{label} ...")
             path, quant_s = make_file(how, base, work, f32, imatrix)
@@ -162,14 +162,14 @@ def main() -> int:
                          ref_fingerprint=ref_fp)
             ppl_ours = perplexity_like_llama_cpp(loaded.model, torch.tensor(theirs_ids), N_CTX, CHUNKS)
             ppl_theirs = llama_cpp_perplexity(path, text_file, N_CTX, CHUNKS, threads)
-            rows[label] = {"label": label, "file_mb": path.stat().st_size / 1e6, "bpw": linear_bits_per_weight(path),
-                           "kld": r.kld, "top1": r.top1, "ppl": r.ppl, "ppl_llama_protocol_lowbit": ppl_ours,
-                           "ppl_llama_cpp": ppl_theirs, "quant_seconds": quant_s,
-                           "token_ids_same": same_ids, "token_ids_compared": min(n_cmp, len(theirs_ids))}
-            store_path.write_text(json.dumps(rows, indent=1))
-            log(json.dumps(rows[label]))
+            row = {"label": label, "file_mb": path.stat().st_size / 1e6, "bpw": linear_bits_per_weight(path),
+                   "kld": r.kld, "top1": r.top1, "ppl": r.ppl, "ppl_llama_protocol_lowbit": ppl_ours,
+                   "ppl_llama_cpp": ppl_theirs, "quant_seconds": quant_s,
+                   "token_ids_same": same_ids, "token_ids_compared": min(n_cmp, len(theirs_ids))}
+            store.put(label, row)
+            log(json.dumps(row))
             del loaded
-    body = render(rows, (time.time() - t0) / 60)
+    body = render(store.rows, (time.time() - t0) / 60)
     print(body)
     if not args.no_write:
         replace_section(ROOT / "BENCHMARKS.md", "gguf", "GGUF files: lowbit and llama.cpp on SmolLM2-135M", body)

@@ -33,7 +33,7 @@ import torch
 
 from lowbit.codecs.base import Codec, GroupHessian, ScaleData
 from lowbit.codecs.grouping import Grouping
-from lowbit.codecs.minifloat import FP16_MAX, fp16_scale
+from lowbit.codecs.minifloat import fp16_scale, fp16_value
 
 GGML_BLOCK = 32
 
@@ -79,7 +79,7 @@ class GGMLLegacyCodec(Codec):
             mid = (lo + hi) / 2
             # shrink toward the middle; shrink == 1 keeps lo and hi exactly
             lo, hi = lo + (mid - lo) * (1 - shrink), hi - (hi - mid) * (1 - shrink)
-            return {"d": fp16_scale((hi - lo) / self.qmax), "m": _fp16(lo)}
+            return {"d": fp16_scale((hi - lo) / self.qmax), "m": fp16_value(lo)}
         if self.bits == 8:
             return {"d": fp16_scale(groups.abs().amax(dim=-1) * shrink / 127)}
         idx = groups.abs().argmax(dim=-1, keepdim=True)
@@ -134,7 +134,7 @@ class GGMLLegacyCodec(Codec):
         flat = span.squeeze(-1) <= 0
         safe_span = torch.where(span > 0, span, 1.0)
         sw, swx = w.sum(-1), (w * x).sum(-1)
-        out = [{"d": fp16_scale(span.squeeze(-1) / self.qmax), "m": _fp16(lo.squeeze(-1))}]
+        out = [{"d": fp16_scale(span.squeeze(-1) / self.qmax), "m": fp16_value(lo.squeeze(-1))}]
         for k in range(37):
             q = torch.round((self.qmax - 0.9 + 0.05 * k) / safe_span * (x - lo)).clamp(0, self.qmax)
             swl, swl2, swxl = (w * q).sum(-1), (w * q * q).sum(-1), (w * x * q).sum(-1)
@@ -143,7 +143,7 @@ class GGMLLegacyCodec(Codec):
             safe = torch.where(ok, det, 1.0)
             d = torch.where(ok, (sw * swxl - swx * swl) / safe, span.squeeze(-1) / self.qmax)
             m = torch.where(ok, (swl2 * swx - swl * swxl) / safe, lo.squeeze(-1))
-            out.append({"d": fp16_scale(d.clamp_min(0)), "m": _fp16(m)})
+            out.append({"d": fp16_scale(d.clamp_min(0)), "m": fp16_value(m)})
         return out
 
     def encode(self, values: torch.Tensor, scale: ScaleData) -> torch.Tensor:
@@ -162,10 +162,6 @@ class GGMLLegacyCodec(Codec):
         if self.affine:
             return d * codes.to(torch.float32) + scale["m"].to(torch.float32).unsqueeze(-1)
         return d * (codes.to(torch.float32) - self.zero)
-
-
-def _fp16(v: torch.Tensor) -> torch.Tensor:
-    return v.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
 
 
 def _signed_fp16(d: torch.Tensor) -> torch.Tensor:

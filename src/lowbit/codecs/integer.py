@@ -28,7 +28,7 @@ from pydantic import Field
 
 from lowbit.codecs.base import GroupedCodec, ScaleData
 from lowbit.codecs.grouping import Granularity
-from lowbit.codecs.minifloat import FP16_MAX, fp16_scale
+from lowbit.codecs.minifloat import fp16_scale, fp16_value
 
 
 
@@ -69,7 +69,7 @@ class IntCodec(GroupedCodec):
             # shrink toward the middle; written so that shrink == 1 keeps lo and hi exactly
             lo, hi = lo + (mid - lo) * (1 - shrink), hi - (hi - mid) * (1 - shrink)
             scale = fp16_scale((hi - lo) / self.qmax)
-            return {"scale": scale, "zero": lo.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)}
+            return {"scale": scale, "zero": fp16_value(lo)}
         lo, hi = lo.clamp(max=0) * shrink, hi.clamp(min=0) * shrink
         scale = fp16_scale((hi - lo) / self.qmax)
         zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, self.qmax)

@@ -106,6 +106,11 @@ def e8m0_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(c == E8M0_NAN, float("nan"), v)
 
 
+def fp16_value(v: torch.Tensor) -> torch.Tensor:
+    """A float32 value (either sign, e.g. an offset) as fp16, clamped to fp16's finite range."""
+    return v.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+
+
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     """A float32 scale rounded to its fp16 storage value, kept away from 0 and Inf."""
     return scale.clamp(FP16_MIN_SCALE, FP16_MAX).to(torch.float16)
