@@ -39,6 +39,9 @@ CODECS = [
     {"name": "q4_1"},
     {"name": "q5_0"},
     {"name": "q8_0"},
+    {"name": "q2_k"},  # k-quants: scales fitted per super-block up front
+    {"name": "q4_k"},
+    {"name": "q6_k"},
 ]
 
 

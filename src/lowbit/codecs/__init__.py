@@ -33,3 +33,8 @@ __all__ += ["FP4Codec", "FP8Codec", "MXFP4Codec", "MXFP8Codec", "NF4Codec", "NVF
 from lowbit.codecs.ggml_legacy import Q4_0Codec, Q4_1Codec, Q5_0Codec, Q5_1Codec, Q8_0Codec  # noqa: E402
 
 __all__ += ["Q4_0Codec", "Q4_1Codec", "Q5_0Codec", "Q5_1Codec", "Q8_0Codec"]
+
+# llama.cpp's k-quants (256-value super-blocks).
+from lowbit.codecs.ggml_kquants import Q2_KCodec, Q3_KCodec, Q4_KCodec, Q5_KCodec, Q6_KCodec  # noqa: E402
+
+__all__ += ["Q2_KCodec", "Q3_KCodec", "Q4_KCodec", "Q5_KCodec", "Q6_KCodec"]

@@ -38,16 +38,12 @@ from lowbit.codecs.minifloat import fp16_scale, fp16_value
 GGML_BLOCK = 32
 
 
-class GGMLLegacyCodec(Codec):
-    """One of ggml's 32-value block types (see the module docstring); no parameters."""
+class GGMLBlockCodec(Codec):
+    """A ggml block type: ``bits`` per code, affine (a stored minimum) or symmetric."""
 
     bits: ClassVar[int]
-    affine: ClassVar[bool]  # a stored minimum (the _1 types)
-    ggml_type: ClassVar[str]
-
-    @property
-    def grouping(self) -> Grouping:
-        return Grouping("group", GGML_BLOCK)
+    affine: ClassVar[bool]
+    ggml_type: ClassVar[str]  # ggml's name of the type, e.g. "Q4_0"
 
     @property
     def code_bits(self) -> int:
@@ -61,6 +57,14 @@ class GGMLLegacyCodec(Codec):
     def zero(self) -> int:
         """The code of the value 0 (symmetric types)."""
         return 1 << (self.bits - 1)
+
+
+class GGMLLegacyCodec(GGMLBlockCodec):
+    """One of ggml's 32-value block types (see the module docstring); no parameters."""
+
+    @property
+    def grouping(self) -> Grouping:
+        return Grouping("group", GGML_BLOCK)
 
     def scale_dtypes(self) -> dict[str, torch.dtype]:
         return {"d": torch.float16, "m": torch.float16} if self.affine else {"d": torch.float16}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lowbit.codecs import QuantizedTensor, codec_from_dict
-from lowbit.codecs.ggml_legacy import GGMLLegacyCodec
+from lowbit.codecs.ggml_legacy import GGMLBlockCodec
 from lowbit.errors import LowbitError
 from lowbit.io.ggml_blocks import to_ggml_blocks
 from lowbit.modules import QuantLinear
@@ -173,13 +173,19 @@ def _add_tokenizer(w: "gguf.GGUFWriter", tokenizer: object, n_vocab: int) -> Non
         w.add_chat_template(template)
 
 
-def _gguf_tensors(model: nn.Module, arch: GGUFArch, dense_f32: bool):  # type: ignore[no-untyped-def]
-    """(GGUF name, numpy data, raw ggml type or None) for every tensor the file holds."""
+def tensor_name_map(model: nn.Module, arch_name: str) -> "gguf.TensorNameMap":  # type: ignore[name-defined]
+    """gguf-py's map from ``model``'s HF tensor names to llama.cpp's for the GGUF architecture
+    ``arch_name``: ``get_name("model.layers.0.self_attn.q_proj.weight", try_suffixes=(".weight",))``
+    is ``blk.0.attn_q.weight``."""
     import gguf
 
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name.upper()], model.config.num_hidden_layers)
+
+
+def _gguf_tensors(model: nn.Module, arch: GGUFArch, dense_f32: bool):  # type: ignore[no-untyped-def]
+    """(GGUF name, numpy data, raw ggml type or None) for every tensor the file holds."""
     cfg = model.config
-    n_blocks = cfg.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], n_blocks)
+    names = tensor_name_map(model, arch.name)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     done: set[str] = set()
@@ -210,9 +216,9 @@ def _tensor_data(hf_name: str, value: object, n_head: int, dense_f32: bool) -> t
     if isinstance(value, QuantLinear):
         qt: QuantizedTensor = value.qweight
         codec = codec_from_dict(qt.codec)
-        if not isinstance(codec, GGMLLegacyCodec):
+        if not isinstance(codec, GGMLBlockCodec):
             raise LowbitError(f"{hf_name}: codec {qt.codec['name']!r} has no GGUF type "
-                              "(use q4_0, q4_1, q5_0, q5_1 or q8_0)")
+                              "(use a GGUF block type: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k .. q6_k)")
         raw = to_ggml_blocks(qt, codec)  # (rows, row bytes)
         if n_head:
             raw = _permute_rows(raw, n_head)
