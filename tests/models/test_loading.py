@@ -143,3 +143,28 @@ def test_hub_id_unresolvable_host_fails_fast(monkeypatch, tmp_path) -> None:  # 
     with pytest.raises(LowbitError, match="unreachable"):
         load_model("lowbit-test-org/no-such-model")
     assert time.monotonic() - t0 < 20
+
+
+def test_gguf_kept_quantized_f32_equals_dequantized(tiny_gguf) -> None:  # type: ignore[no-untyped-def]
+    path = tiny_gguf()
+    packed, dense = load_model(str(path), keep_quantized=True).model, load_model(str(path)).model
+    assert not any(type(m).__name__ == "QuantLinear" for m in packed.modules())  # F32: nothing to keep packed
+    assert not packed.config.tie_word_embeddings  # the file has its own output.weight
+    want = dict(dense.named_parameters())
+    assert sorted(n for n, _ in packed.named_parameters()) == sorted(want)
+    for name, p in packed.named_parameters():
+        assert torch.equal(p, want[name]), name
+
+
+def test_gguf_architecture_the_reader_does_not_know_is_dequantized(tiny_gguf, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.io import gguf_reader
+
+    monkeypatch.setattr(gguf_reader, "READABLE_ARCHITECTURES", {})
+    with pytest.warns(UserWarning, match=r"does not know architecture 'llama' \(known: none\); loading it dequantized"):
+        loaded = load_model(str(tiny_gguf()), keep_quantized=True)
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+
+
+def test_truncated_gguf_kept_quantized(tiny_gguf) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LowbitError, match="corrupt or truncated GGUF"):
+        load_model(str(tiny_gguf(truncate_to=-100)), keep_quantized=True)

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 LOWBIT_MARKER = "lowbit.json"
 
@@ -27,9 +32,10 @@ class LoadedModel:
     path: Path | None = None
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
     """Load ``spec``: a built-in name (``smollm2-135m``), a lowbit folder, an HF folder, a
-    ``.gguf`` file, or a hub id. Weights are in ``dtype`` (quantized weights stay packed)."""
+    ``.gguf`` file, or a hub id. Weights are in ``dtype`` (a lowbit folder's quantized weights
+    stay packed; a ``.gguf`` file's too with ``keep_quantized``, else it is dequantized)."""
     from lowbit.models.builtin import BUILTIN_MODELS, builtin_model_path
 
     if spec in BUILTIN_MODELS:
@@ -43,7 +49,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
                 return load_quantized(path, dtype)
             return _load_hf_folder(path, dtype, source=spec)
         if path.suffix == ".gguf":
-            return load_gguf(path, dtype)
+            return load_gguf(path, dtype, keep_quantized=keep_quantized)
         raise LowbitError(f"{spec}: not a model folder or a .gguf file")
     if _looks_like_path(spec):
         raise LowbitError(f"no such file or directory: {spec}")
@@ -116,24 +122,41 @@ def _hub_resolves() -> bool:
     return True
 
 
-def check_gguf(path: Path) -> None:
-    """Parse a GGUF file's header and tensor table; LowbitError if it is truncated or corrupt."""
+def check_gguf(path: Path) -> "GGUFReader":
+    """Parse a GGUF file's header and tensor table (returned as gguf-py's reader, the tensors
+    memory-mapped); LowbitError if it is truncated or corrupt."""
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
-        size = path.stat().st_size
+        size = Path(path).stat().st_size
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size:
                 raise ValueError(f"tensor {t.name} runs past the end of the file")
+        return reader
     except Exception as e:
+        type_id = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+        if type_id:  # gguf-py's enum refused it: a type newer than the installed gguf, or a corrupt file
+            raise LowbitError(f"{path}: unknown GGML tensor type id {type_id.group(1)} (corrupt GGUF file, "
+                              "or a type newer than the installed gguf package)") from None
         raise LowbitError(f"{path}: corrupt or truncated GGUF file ({_first_line(e)})") from None
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Dequantize a GGUF file into a transformers model, with the tokenizer stored in it."""
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
+    """A GGUF file's model with the tokenizer stored in it: dequantized into a plain
+    transformers model, or with ``keep_quantized`` read by :mod:`lowbit.io.gguf_reader`
+    (linears of ggml types lowbit knows stay packed as QuantLinears). Architectures that
+    reader does not know are dequantized, with a warning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = Path(path)
+    if keep_quantized:
+        from lowbit.io.gguf_reader import UnknownGGUFArchitecture, read_gguf_model
+
+        try:
+            return read_gguf_model(path, dtype)
+        except UnknownGGUFArchitecture as e:
+            warnings.warn(f"{e}; loading it dequantized to float", stacklevel=2)
     check_gguf(path)
     _quiet_transformers()
     try:
