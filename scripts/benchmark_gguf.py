@@ -46,6 +46,7 @@ from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
 from lowbit.evaluation.reference import model_fingerprint
 from lowbit.io.gguf_writer import save_gguf
+from lowbit.io.imatrix import read_imatrix
 from lowbit.models import LoadedModel, cache_dir, load_model
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import get_preset
@@ -66,6 +67,21 @@ ROWS = [
     ("lowbit Q4_0 RTN+imatrix", ("lowbit", "gguf-q4_0-imatrix")),
     ("lowbit Q4_0 GPTQ", ("lowbit", "gguf-q4_0-gptq")),
 ]
+# llama-quantize's type mixes, each made by llama.cpp (with and without its imatrix) and by lowbit
+MIX_ROWS = [
+    row
+    for mix, kinds in (("Q4_K_M", "all"), ("Q3_K_M", "all"), ("Q2_K", "calibrated"), ("Q6_K", "rtn"))
+    for row in [
+        *([(f"llama.cpp {mix}", ("llama.cpp-mix", mix, False))] if kinds != "calibrated" else []),
+        *([(f"lowbit {mix} RTN", ("lowbit", f"gguf-{mix.lower()}"))] if kinds != "calibrated" else []),
+        *([(f"llama.cpp {mix} imatrix", ("llama.cpp-mix", mix, True)),
+           (f"lowbit {mix} RTN + llama.cpp's imatrix", ("lowbit+imatrix-file", f"gguf-{mix.lower()}-imatrix")),
+           (f"lowbit {mix} RTN+imatrix", ("lowbit", f"gguf-{mix.lower()}-imatrix")),
+           (f"lowbit {mix} GPTQ", ("lowbit", f"gguf-{mix.lower()}-gptq"))] if kinds != "rtn" else []),
+    ]
+]
+
+ALL_ROWS = ROWS + MIX_ROWS
 
 
 def log(msg: str) -> None:
@@ -99,19 +115,22 @@ def make_file(how: tuple, base: LoadedModel, work: Path, f32: Path, imatrix: Pat
     out = work / f"{'-'.join(str(h) for h in how)}.gguf"
     if how[0] == "f32":
         return f32, None
-    if how[0] == "lowbit":
+    if how[0] in ("lowbit", "lowbit+imatrix-file"):
         recipe = get_preset(how[1])
         model = copy.deepcopy(base.model)
-        calib = None
-        if recipe.needs_calibration:
+        calib = importance = None
+        if how[0] == "lowbit+imatrix-file":
+            importance = read_imatrix(imatrix, model)
+        elif recipe.needs_calibration:
             from lowbit.calibration import calibration_set
 
             calib = calibration_set(base.tokenizer, recipe.calibration_config())
-        report = quantize_model(model, recipe, progress=False, calibration=calib)
+        report = quantize_model(model, recipe, progress=False, calibration=calib, importance=importance)
         save_gguf(LoadedModel(model, base.tokenizer, base.source, None), out, overwrite=True)
         return out, report.seconds
     _, qtype, with_imatrix = how
-    args = ["--pure", "--token-embedding-type", "f16", "--output-tensor-type", "f16"]
+    # the pure rows: every linear in the one type, embeddings F16 (as lowbit's gguf-<type> presets)
+    args = [] if how[0] == "llama.cpp-mix" else ["--pure", "--token-embedding-type", "f16", "--output-tensor-type", "f16"]
     if with_imatrix:
         args += ["--imatrix", str(imatrix)]
     run_tool("llama-quantize", *args, str(f32), str(out), qtype)
@@ -145,14 +164,14 @@ def main() -> int:
         calib_file.write_text(load_text("pydoc-calib").text)
         f32 = save_gguf(base, work / "f32.gguf", dense="f32")
         imatrix = work / "imatrix.gguf"
-        if any(how[0] == "llama.cpp" and how[2] for _, how in ROWS):
+        if any(how[0].startswith("llama.cpp") and how[2] or how[0] == "lowbit+imatrix-file" for _, how in ALL_ROWS):
             run_tool("llama-imatrix", "-m", str(f32), "-f", str(calib_file), "-c", str(N_CTX), "--chunks", "128",
                      "-o", str(imatrix), "-t", str(threads))
         theirs_ids = llama_cpp_token_ids(f32, text_file)
         ours_ids = base.tokenizer(text.text, add_special_tokens=False)["input_ids"]
         n_cmp = CHUNKS * N_CTX
         same_ids = sum(a == b for a, b in zip(theirs_ids[:n_cmp], ours_ids[:n_cmp]))
-        for label, how in ROWS:
+        for label, how in ALL_ROWS:
             if store.get(label) is not None:
                 continue
             log(f"{label} ...")
@@ -169,19 +188,35 @@ def main() -> int:
             store.put(label, row)
             log(json.dumps(row))
             del loaded
-    body = render(store.rows, (time.time() - t0) / 60)
-    print(body)
+    minutes = (time.time() - t0) / 60
+    pure, mixes = render(store.rows, ROWS, minutes, PURE_NOTE), render(store.rows, MIX_ROWS, minutes, MIX_NOTE)
+    print(pure + "\n\n" + mixes)
     if not args.no_write:
-        replace_section(ROOT / "BENCHMARKS.md", "gguf", "GGUF files: lowbit and llama.cpp on SmolLM2-135M", body)
+        replace_section(ROOT / "BENCHMARKS.md", "gguf", "GGUF files: lowbit and llama.cpp on SmolLM2-135M", pure)
+        replace_section(ROOT / "BENCHMARKS.md", "gguf-mixes", "GGUF type mixes (Q4_K_M, ...): lowbit and llama.cpp "
+                        "on SmolLM2-135M", mixes)
     return 0
 
 
-def render(rows: dict[str, dict], minutes: float) -> str:
+PURE_NOTE = (
+    "Each row is one GGUF file; every linear of the decoder blocks in the named "
+    "type, embeddings (tied LM head) in F16. llama.cpp's files: `llama-quantize --pure "
+    "--token-embedding-type f16 --output-tensor-type f16` from the F32 GGUF of the same model; ")
+MIX_NOTE = (
+    "Each row is one GGUF file with llama-quantize's type mix: the type of every tensor as llama-quantize "
+    "chooses it (lowbit's `gguf-<mix>` presets resolve to the same types, tested against llama-quantize's "
+    "own choices; SmolLM2's 576-wide rows are not whole 256-value super-blocks, so llama.cpp's fallback "
+    "32-block types hold all but the 1536-wide `ffn_down`, and the tied token embedding is Q8_0). llama.cpp's "
+    "files: `llama-quantize [--imatrix] F32.gguf OUT.gguf <MIX>`; lowbit's: `gguf-<mix>` (RTN with llama.cpp's "
+    "searches), `gguf-<mix>-imatrix` (the searches weighted by lowbit's importance matrix, collected block by "
+    "block with earlier blocks quantized; or by llama.cpp's imatrix file read with `--imatrix`), "
+    "`gguf-<mix>-gptq` (GPTQ on each tensor's grid). ")
+
+
+def render(rows: dict[str, dict], which: list, minutes: float, note: str) -> str:
     any_row = next(iter(rows.values()))
     lines = [
-        f"Printed by {COMMAND}. Each row is one GGUF file; every linear of the decoder blocks in the named "
-        "type, embeddings (tied LM head) in F16. llama.cpp's files: `llama-quantize --pure "
-        "--token-embedding-type f16 --output-tensor-type f16` from the F32 GGUF of the same model; its imatrix: "
+        f"Printed by {COMMAND}. " + note + "llama.cpp's imatrix: "
         "`llama-imatrix` on 128 chunks of 512 tokens of the built-in `pydoc-calib` text. KLD, top-1 and PPL: "
         "lowbit's evaluator on the file as transformers' GGUF loader reads it, held-out `pydoc` text, windows of "
         f"512. The two last PPL columns follow `llama-perplexity`'s protocol ({any_row['token_ids_compared'] // N_CTX} "
@@ -193,7 +228,7 @@ def render(rows: dict[str, dict], minutes: float) -> str:
         "PPL: llama.cpp | quantize s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, _ in ROWS:
+    for label, _ in which:
         r = rows.get(label)
         if r is None:
             continue

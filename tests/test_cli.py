@@ -327,3 +327,72 @@ def test_calib_device_without_a_gpu(capsys, model_dir, tmp_path) -> None:  # typ
                             "--calib-samples", "2", "--calib-seq-len", "64", "--calib-device", "cuda")
     assert_one_line_error(code, err, "no CUDA GPU")
     assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# importance matrix (imatrix)
+# ---------------------------------------------------------------------------------------------
+def test_save_an_imatrix_then_quantize_with_it(capsys, model_dir, text_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.io.imatrix import read_imatrix_file
+    from lowbit.io.lowbit_format import read_weights
+
+    imatrix = tmp_path / "m.imatrix.gguf"
+    collected, supplied = tmp_path / "collected", tmp_path / "supplied"
+    code, stdout, err = quantize(capsys, model_dir, collected, "--recipe", "gguf-q4_0-imatrix", "--calib",
+                                 str(text_file), "--calib-samples", "4", "--calib-seq-len", "64",
+                                 "--save-imatrix", str(imatrix))
+    assert code == 0, err
+    assert f"importance matrix of 14 linears -> {imatrix}" in stdout
+    raw = read_imatrix_file(imatrix)
+    assert len(raw.values) == 14 and set(raw.counts.values()) == {4 * 64} and raw.datasets == [str(text_file)]
+
+    code, stdout, err = quantize(capsys, model_dir, supplied, "--recipe", "gguf-q4_0-imatrix", "--imatrix", str(imatrix))
+    assert code == 0, err
+    assert "quantized 14 linears with gguf-q4_0-imatrix" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+    ours, theirs = read_weights(collected)[0], read_weights(supplied)[0]
+    assert ours.keys() == theirs.keys()
+    # the file keeps sums: means come back within one ulp, which may tip a near-tie (none here)
+    assert sum(not torch.equal(ours[k], theirs[k]) for k in ours) <= 2
+
+
+def test_imatrix_errors(capsys, model_dir, tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from lowbit.io.imatrix import ImportanceMatrix, linear_gguf_names, write_imatrix
+
+    other = tiny_model("llama", intermediate_size=96)
+    foreign = write_imatrix(tmp_path / "other.gguf", ImportanceMatrix(
+        {k: torch.ones(w) for k, (_, w) in linear_gguf_names(other).items()}), other)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + np.arange(40, dtype=np.int32).tobytes())
+    mine = tmp_path / "mine.gguf"
+    model = tiny_model("llama")
+    write_imatrix(mine, ImportanceMatrix({k: torch.ones(w) for k, (_, w) in linear_gguf_names(model).items()}), model)
+    imatrix_recipe = ("--recipe", "gguf-q4_0-imatrix")
+    cases = [
+        ((*imatrix_recipe, "--imatrix", str(corrupt)), "corrupt.gguf: truncated or corrupt GGUF"),
+        ((*imatrix_recipe, "--imatrix", str(foreign)), "has 96 columns, but model.layers.0.mlp.down_proj has 128"),
+        ((*imatrix_recipe, "--imatrix", str(tmp_path / "nope.gguf")), "no such importance matrix file"),
+        (("--recipe", "gguf-q4_0", "--imatrix", str(mine)), "does not use one"),
+        ((*imatrix_recipe, "--imatrix", str(mine), "--calib-samples", "4"), "uses no calibration data"),
+        (("--recipe", "gguf-q4_0", "--save-imatrix", str(tmp_path / "s.gguf")), "collects no calibration statistics"),
+        (("--recipe", "w4a16-awq", "--save-imatrix", str(tmp_path / "s.gguf")), "rescales the inputs"),
+        ((*imatrix_recipe, "--save-imatrix", str(tmp_path / "s.dat")), "name it .gguf"),
+        ((*imatrix_recipe, "--imatrix", str(mine), "--save-imatrix", str(tmp_path / "s.gguf")),
+         "with --imatrix nothing is collected"),
+    ]
+    for argv, fragment in cases:
+        out = tmp_path / "out"
+        code, stdout, err = quantize(capsys, model_dir, out, *argv)
+        assert_one_line_error(code, err, fragment)
+        assert "quantized" not in stdout
+        assert_nothing_written(out)
+        assert not (tmp_path / "s.gguf").exists()
+
+
+def test_quantize_help_mentions_imatrix_options(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    assert "--imatrix FILE" in text and "--save-imatrix FILE" in text and "llama-imatrix" in text

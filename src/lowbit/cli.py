@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-search", action="store_true", default=None,
                    help="RTN/GPTQ: search each group's range shrink for the lowest squared error")
     _add_calibration_args(q)
+    g = q.add_argument_group("importance matrix (imatrix)")
+    g.add_argument("--imatrix", type=Path, metavar="FILE",
+                   help="use this importance matrix instead of collecting one (recipes with rtn importance: the "
+                   "gguf-*-imatrix presets); llama.cpp's llama-imatrix output, GGUF or legacy .dat, or a "
+                   "--save-imatrix file; no calibration pass is then needed")
+    g.add_argument("--save-imatrix", type=Path, metavar="FILE",
+                   help="also write the importance matrix this run collects (each linear's mean x^2 per input "
+                   "column, measured with the earlier linears quantized) in llama.cpp's GGUF imatrix format, "
+                   "which llama-quantize --imatrix reads")
     q.add_argument("--restart", action="store_true",
                    help="discard the resume state of an interrupted run (OUT.partial) and start over")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -136,20 +145,36 @@ def _with_calibration(recipe, args: argparse.Namespace):  # type: ignore[no-unty
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.io import save_quantized
     from lowbit.pipeline import quantize_model
+    from lowbit.pipeline.importance import calibrating_algorithms
     from lowbit.recipes import resolve_recipe
 
     recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, group_size=args.group_size, bits=args.bits)
     recipe = _with_calibration(recipe, args)
     if args.out.exists() and not args.overwrite:
         raise LowbitError(f"output {args.out} exists (pass --overwrite to replace it)")
+    _check_imatrix_args(recipe, args)
     loaded, weights = _load_for_quantization(args.model)
+    importance = None
+    if args.imatrix is not None:
+        from lowbit.io.imatrix import read_imatrix
+
+        importance = read_imatrix(args.imatrix, loaded.model)
+        if not calibrating_algorithms(recipe, importance) and _calibration_overrides(args):
+            raise LowbitError(f"--calib options given, but with --imatrix {recipe.label()} uses no calibration data")
+    if args.save_imatrix is not None:
+        from lowbit.io.imatrix import linear_gguf_names
+
+        linear_gguf_names(loaded.model)  # llama.cpp names its linears: before the work, not after it
     to_gguf = args.out.suffix == ".gguf"
+    if not to_gguf and (recipe.gguf_mix or recipe.embedding or recipe.lm_head):
+        raise LowbitError(f"{recipe.label()} is a GGUF type mix (it quantizes the token embedding): "
+                          "write a GGUF file (--out FILE.gguf)")
     if to_gguf:
         from lowbit.io.gguf_writer import check_gguf_architecture
 
         check_gguf_architecture(loaded.model)  # before the work, not after it
     calib, resume = None, None
-    if recipe.needs_calibration:
+    if calibrating_algorithms(recipe, importance):
         from lowbit.calibration import calibration_set
         from lowbit.pipeline.resume import ResumeState, run_fingerprint
 
@@ -157,13 +182,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model_id = weights.fingerprint() if weights is not None else None
         resume = ResumeState(
             args.out.with_name(args.out.name + ".partial"),
-            run_fingerprint(loaded.model, model_id, recipe, calib, args.calib_dtype),
+            run_fingerprint(loaded.model, model_id, recipe, calib, args.calib_dtype, importance),
         )
         if args.restart:
             resume.discard()
+        if args.save_imatrix is not None and resume.finished_blocks():
+            raise LowbitError(f"{resume.folder} holds finished blocks whose statistics --save-imatrix would lack: "
+                              "pass --restart to start over")
     report = quantize_model(
         loaded.model, recipe, progress=not args.no_progress, calibration=calib, weights=weights, resume=resume,
         compute_dtype=_dtype(args.calib_dtype), batch_size=args.calib_batch, device=args.calib_device,
+        importance=importance,
     )
     if report.sequential is not None and not args.no_progress:
         print(report.sequential.summary(), file=sys.stderr)
@@ -173,6 +202,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         save_gguf(loaded, args.out, overwrite=args.overwrite)
     else:
         save_quantized(loaded, args.out, overwrite=args.overwrite, source=args.model)
+    if args.save_imatrix is not None:
+        from lowbit.io.imatrix import write_imatrix
+
+        assert report.importance is not None  # _check_imatrix_args: the run collected statistics
+        write_imatrix(args.save_imatrix, report.importance, loaded.model, overwrite=args.overwrite)
+        print(f"importance matrix of {len(report.importance.values)} linears -> {args.save_imatrix}")
     if resume is not None:
         resume.discard()
     from lowbit.bench.compare import block_linear_names, folder_bytes
@@ -185,6 +220,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{(args.out.stat().st_size if to_gguf else folder_bytes(args.out)) / 1e6:.1f} MB on disk -> {args.out}"
     )
     return 0
+
+
+def _calibration_overrides(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed))
+
+
+def _check_imatrix_args(recipe, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """LowbitError for --imatrix/--save-imatrix combinations that cannot work, before any work."""
+    if args.imatrix is not None and not args.imatrix.is_file():
+        raise LowbitError(f"no such importance matrix file: {args.imatrix}")
+    out = args.save_imatrix
+    if out is None:
+        return
+    if args.imatrix is not None:
+        raise LowbitError("--save-imatrix writes what a run collects, and with --imatrix nothing is collected")
+    if out.suffix == ".dat":
+        raise LowbitError(f"--save-imatrix {out}: only llama.cpp's GGUF imatrix format is written; name it .gguf")
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"{out} exists (pass --overwrite to replace it)")
+    if not recipe.needs_calibration:
+        raise LowbitError(f"--save-imatrix: {recipe.label()} collects no calibration statistics "
+                          "(use a gguf-*-imatrix or a -gptq preset)")
+    if any(a.transforms_block for a in recipe.algorithms):
+        raise LowbitError(f"--save-imatrix: {recipe.label()} rescales the inputs of its linears (AWQ), so what it "
+                          "measures is not the model's importance matrix")
 
 
 def _load_for_quantization(spec: str):  # type: ignore[no-untyped-def]
@@ -211,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.models import cache_dir, load_model
 
     text = load_text(args.text)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, keep_quantized=True)  # a .gguf file's linears stay packed
     ref_spec = None if args.no_ref else args.ref
     if ref_spec is None and not args.no_ref and getattr(loaded.model, "lowbit_recipe", None) is not None:
         ref_spec = loaded.source

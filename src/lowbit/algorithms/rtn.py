@@ -5,7 +5,8 @@ The clipping search (as in GPTQ's ``mse`` option and llama.cpp's weighted scale 
 the one with the lowest squared error, weighted per input column by ``stats.importance`` when
 calibration statistics are given. With ``importance`` the pipeline collects those statistics
 (each input column's mean ``x^2`` on the calibration data, what llama.cpp calls an importance
-matrix), block by block with the earlier linears already quantized.
+matrix), block by block with the earlier linears already quantized, or takes them from a
+supplied importance matrix (``quantize_model(importance=...)``, e.g. llama.cpp's imatrix file).
 """
 
 from __future__ import annotations

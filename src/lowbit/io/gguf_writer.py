@@ -90,18 +90,24 @@ def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False, dense:
         w = gguf.GGUFWriter(str(tmp), arch.name)
         _add_hparams(w, arch, cfg)
         _add_tokenizer(w, loaded.tokenizer, int(cfg.vocab_size))
-        w.add_file_type(_file_type(tensors))
+        mix = getattr(getattr(loaded.model, "lowbit_recipe", None), "gguf_mix", None)
+        w.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]) if mix else _file_type(tensors))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, data, qtype in tensors:
             w.add_tensor(name, data, raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
+        finish_gguf(w, tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def finish_gguf(w: "gguf.GGUFWriter", tmp: Path, path: Path) -> None:  # type: ignore[name-defined]
+    """Write out a GGUFWriter opened on ``tmp`` and move the finished file to ``path``."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
 
 
 def _add_hparams(w: "gguf.GGUFWriter", arch: GGUFArch, cfg: object) -> None:  # type: ignore[name-defined]
@@ -249,4 +255,8 @@ def _file_type(tensors: list) -> int:  # type: ignore[type-arg]
         return int(gguf.LlamaFileType.ALL_F32 if all(d.dtype == np.float32 for _, d, _ in tensors)
                    else gguf.LlamaFileType.MOSTLY_F16)
     top = max(counts, key=lambda k: counts[k])
-    return int(gguf.LlamaFileType[f"MOSTLY_{top}"])
+    return int(gguf.LlamaFileType[f"MOSTLY_{_K_FILE_TYPES.get(top, top)}"])
+
+
+# a k-quant type as the file type of llama.cpp's mix that uses it most
+_K_FILE_TYPES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}

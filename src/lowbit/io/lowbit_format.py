@@ -32,7 +32,7 @@ from torch import nn
 import lowbit
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
-from lowbit.modules import QuantLinear, dense_tensors
+from lowbit.modules import QuantEmbedding, QuantLinear, dense_tensors
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
@@ -66,6 +66,9 @@ def save_quantized(loaded: "LoadedModel", out: Path, overwrite: bool = False, so
     recipe = getattr(model, "lowbit_recipe", None)
     if recipe is None:
         raise LowbitError("the model is not quantized (no recipe attached)")
+    if any(isinstance(m, QuantEmbedding) for m in model.modules()):
+        raise LowbitError("this recipe quantizes the token embedding (a GGUF type mix): write a GGUF file "
+                          "(--out FILE.gguf)")
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"output folder {out} exists (pass --overwrite to replace it)")

@@ -14,6 +14,8 @@ compute ``x * (1 + weight)`` (Gemma), so a fold must rewrite ``weight`` as ``(1 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from dataclasses import dataclass
 
 from torch import nn
@@ -47,6 +49,15 @@ class Architecture:
 
     def linear_names(self) -> list[str]:
         return [name for step in self.steps for name in step]
+
+    def dense_block_linears(self, model: nn.Module) -> "Iterator[tuple[str, nn.Module, str]]":
+        """(full name, block, name in the block) of every linear of the decoder blocks that is
+        not an MoE expert, in block and step order."""
+        for i, block in enumerate(self.block_list(model)):
+            for step in self.steps:
+                for n in step:
+                    if "{e}" not in n:
+                        yield f"{self.blocks}.{i}.{n}", block, n
 
     def block_steps(self, block: nn.Module) -> list[tuple[str, ...]]:
         """``steps`` for one block, with ``{e}`` expanded over its experts (whose fused

@@ -1,25 +1,31 @@
 """The layer-wise runner: walk the decoder blocks and let the recipe's algorithms quantize
 each selected linear, step by step in execution order.
 
-Algorithms that need calibration (GPTQ, AWQ) go through :mod:`lowbit.pipeline.sequential`;
-RTN needs no statistics, so each block is quantized in place (loaded from disk first when the
-model is lazy).
+Algorithms that need calibration (GPTQ, AWQ, RTN with importance) go through
+:mod:`lowbit.pipeline.sequential`; plain RTN needs no statistics, nor does RTN with importance
+when an importance matrix is supplied, so each block is quantized in place (loaded from disk
+first when the model is lazy).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms import LayerStats
 from lowbit.calibration.samples import CalibrationSet
 from lowbit.errors import LowbitError
+from lowbit.io.gguf_mixes import resolve_gguf_mix
+from lowbit.io.imatrix import ImportanceMatrix
 from lowbit.models import Architecture, architecture_of
 from lowbit.models.lazy import LazyWeights
-from lowbit.modules import QuantLinear, dense_tensors, linear_weight
+from lowbit.modules import QuantLinear, dense_tensors, linear_weight, quantize_embeddings
+from lowbit.pipeline.importance import calibrating_algorithms, check_importance, empty_importance, record_importance
 from lowbit.pipeline.resume import ResumeState
 from lowbit.pipeline.sequential import (
     SequentialStats,
@@ -27,6 +33,8 @@ from lowbit.pipeline.sequential import (
     capture_block_inputs,
     quantize_block_sequential,
     release_dense_weights,
+    supplied_importance,
+    takes_importance,
     to_device,
 )
 from lowbit.recipes import Recipe
@@ -39,6 +47,9 @@ class QuantizationReport:
     quantized: list[str] = field(default_factory=list)  # full module names
     skipped: list[str] = field(default_factory=list)
     sequential: SequentialStats | None = None  # per-linear errors of a calibrated run
+    # mean x^2 per input column of the linears whose statistics a calibrated run collected (as
+    # each saw its input: earlier linears quantized); blocks restored by a resume are absent
+    importance: ImportanceMatrix | None = None
 
 
 def check_finite(model: nn.Module, prefix: str = "") -> None:
@@ -59,6 +70,7 @@ def quantize_model(
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    importance: ImportanceMatrix | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place per ``recipe``; returns what was done and how long it took.
 
@@ -68,13 +80,24 @@ def quantize_model(
     ``resume`` finished blocks are saved as they complete, and an earlier interrupted run with
     the same fingerprint is continued. With ``device`` (e.g. ``"cuda"``) the calibration
     activations live there and each block is moved there for its passes and its quantization,
-    then back to the CPU; by default everything runs where the model is (the CPU).
+    then back to the CPU; by default everything runs where the model is (the CPU). With
+    ``importance`` (HF module names, e.g. from :func:`lowbit.io.imatrix.read_imatrix`) RTN with
+    importance uses it instead of collecting one, and needs no calibration data; a linear it
+    lacks is a LowbitError, raised before anything is quantized. A recipe naming a GGUF type mix
+    is first resolved against the model (:func:`lowbit.io.gguf_mixes.resolve_gguf_mix`; the
+    report and ``model.lowbit_recipe`` hold the resolved recipe), and its token embedding / LM
+    head codecs are applied last.
     """
     arch = architecture_of(model)
-    needs = recipe.needs_calibration
+    recipe = resolve_gguf_mix(recipe, model)
+    calibrating = calibrating_algorithms(recipe, importance)
+    needs = bool(calibrating)
     if needs and calibration is None:
-        names = ", ".join(sorted({a.name for a in recipe.algorithms if a.needs_calibration}))
+        names = ", ".join(sorted({a.name for a in calibrating}))
         raise LowbitError(f"algorithm {names} needs calibration data")
+    if importance is not None:
+        check_importance(model, arch, recipe, importance)
+    supplied = importance.values if importance is not None else None
     if weights is None:
         check_finite(model)
     report = QuantizationReport(recipe=recipe, seconds=0.0)
@@ -84,14 +107,16 @@ def quantize_model(
         if needs:
             assert calibration is not None
             _run_sequential(model, arch, blocks, recipe, calibration, weights, resume, compute_dtype, batch_size, report,
-                            progress, _compute_device(device))
+                            progress, _compute_device(device), supplied)
         else:
             for i, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label()}", unit="block", disable=not progress)):
                 prefix = f"{arch.blocks}.{i}"
                 if weights is not None:
                     weights.materialize(block, prefix)
                     check_finite(block, prefix)
-                _quantize_block(block, prefix, arch, recipe, report)
+                _quantize_block(block, prefix, arch, recipe, report, supplied)
+        if recipe.embedding is not None or recipe.lm_head is not None:
+            quantize_embeddings(model, recipe.embedding, recipe.lm_head)
         round_dense_tensors(model, getattr(torch, recipe.dense_dtype))
     model.lowbit_recipe = recipe
     report.seconds = time.perf_counter() - t0
@@ -111,8 +136,10 @@ def _run_sequential(
     report: QuantizationReport,
     progress: bool,
     device: torch.device | None,
+    importance: Mapping[str, torch.Tensor] | None,
 ) -> None:
     seq = report.sequential = SequentialStats(calibration_tokens=calibration.n_tokens)
+    report.importance = empty_importance(calibration)
     done = resume.finished_blocks() if resume is not None else 0
     for i in range(done):
         resume.restore_block(blocks[i], i)  # type: ignore[union-attr]
@@ -137,12 +164,15 @@ def _run_sequential(
             home = first.device if first is not None else torch.device("cpu")
             if device is not None:
                 block.to(device)
-            results, inputs = quantize_block_sequential(block, prefix, arch, recipe, inputs, compute_dtype, report.skipped)
+            results, inputs = quantize_block_sequential(
+                block, prefix, arch, recipe, inputs, compute_dtype, report.skipped, importance
+            )
             release_dense_weights(block)
             block.to(home)
             if not all(torch.isfinite(h).all() for h, _ in inputs):
                 raise LowbitError(f"block {prefix} produced NaN or Inf on the calibration data")
             seq.linears.extend(results)
+            record_importance(report.importance, results)
             report.quantized.extend(r.name for r in results)
             if resume is not None:
                 resume.save(block, i, inputs)
@@ -153,7 +183,10 @@ def _run_sequential(
     seq.forward_seconds = time.perf_counter() - t_start - sum(r.seconds for r in seq.linears)
 
 
-def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe, report: QuantizationReport) -> None:
+def _quantize_block(
+    block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe, report: QuantizationReport,
+    importance: Mapping[str, torch.Tensor] | None,
+) -> None:
     for step in arch.block_steps(block):
         for name in step:
             full = f"{prefix}.{name}"
@@ -167,8 +200,11 @@ def _quantize_block(block: nn.Module, prefix: str, arch: Architecture, recipe: R
             except AttributeError:
                 raise LowbitError(f"{arch.family}: block has no module {name}") from None
             weight, bias = linear_weight(module)
+            stats = None
+            if importance is not None and takes_importance(algorithm):
+                stats = LayerStats(importance=supplied_importance(importance, full).to(weight.device))
             try:
-                qt = algorithm.quantize(weight, codec, None)
+                qt = algorithm.quantize(weight, codec, stats)
             except ValueError as e:
                 raise LowbitError(f"cannot quantize {full}: {e}") from None
             block.set_submodule(name, QuantLinear(qt, bias))

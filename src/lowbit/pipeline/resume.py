@@ -28,6 +28,7 @@ from lowbit.modules import QuantLinear
 
 if TYPE_CHECKING:
     from lowbit.calibration.samples import CalibrationSet
+    from lowbit.io.imatrix import ImportanceMatrix
     from lowbit.recipes import Recipe
 
 STATE = "state.json"
@@ -38,16 +39,19 @@ BlockInputs = list[tuple[torch.Tensor, dict]]
 
 
 def run_fingerprint(
-    model: nn.Module, model_id: str | None, recipe: "Recipe", calibration: "CalibrationSet", compute_dtype: str
+    model: nn.Module, model_id: str | None, recipe: "Recipe", calibration: "CalibrationSet", compute_dtype: str,
+    importance: "ImportanceMatrix | None" = None,
 ) -> str:
     """SHA-256 of everything that determines a run's result: the model (``model_id`` when the
-    caller knows its identity, else a hash of its weights), the recipe, the calibration tokens and
-    the compute dtype."""
+    caller knows its identity, else a hash of its weights), the recipe, the calibration tokens,
+    the compute dtype and a supplied importance matrix."""
     if model_id is None:
         from lowbit.evaluation.reference import model_fingerprint
 
         model_id = model_fingerprint(model)
     spec = {"model": model_id, "recipe": recipe.digest(), "calibration": calibration.digest, "dtype": compute_dtype}
+    if importance is not None:  # only then: earlier fingerprints stay valid
+        spec["importance"] = importance.digest()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

@@ -24,7 +24,7 @@ import ctypes
 import gc
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +52,8 @@ class LinearResult:
     error: float  # relative output error ||(W - Q) X|| ^ 2 / ||W X|| ^ 2 on the calibration inputs
     seconds: float
     note: str = ""  # why it fell back to RTN, or the raised dampening
+    importance: torch.Tensor | None = field(default=None, repr=False)  # (in,) mean x^2 of its input, when collected
+    tokens: int = 0  # calibration tokens that reached it
 
 
 @dataclass
@@ -216,23 +218,41 @@ def relative_output_error(
     return float(num / den) if den > 0 else 0.0
 
 
+def takes_importance(algorithm: Algorithm) -> bool:
+    """Whether ``algorithm`` can use a supplied importance matrix instead of collecting one."""
+    return isinstance(algorithm, RTN) and algorithm.importance
+
+
+def supplied_importance(importance: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The supplied importance ``(in,)`` of the linear ``name`` (full module name), or a LowbitError."""
+    v = importance.get(name)
+    if v is None:
+        # llama.cpp quantizes such a tensor unweighted, with a warning; silently mixing methods
+        # makes a result that no recipe describes, and it usually means a file of another model
+        raise LowbitError(f"the importance matrix has no entry for {name}")
+    return v
+
+
 def quantize_linear(
-    module: nn.Module, name: str, codec: Codec, algorithm: Algorithm, stats: InputStatistics
+    module: nn.Module, name: str, codec: Codec, algorithm: Algorithm, stats: InputStatistics,
+    importance: torch.Tensor | None = None,
 ) -> tuple[QuantLinear, LinearResult]:
-    """Quantize one linear with its statistics; falls back to RTN (with a note) when no
-    calibration token reached it or its Hessian is singular."""
+    """Quantize one linear with its statistics (``importance``: a supplied ``(in,)`` importance
+    used instead of the collected one); falls back to RTN (with a note) when no calibration token
+    reached it or its Hessian is singular."""
     t0 = time.perf_counter()
     weight, bias = linear_weight(module)
     hessian = stats.hessian
+    collected = stats.mean_square if stats.n_tokens else None
     layer = LayerStats(
-        importance=stats.mean_square if stats.n_tokens else None,
+        importance=collected if importance is None else importance.to(weight.device),
         hessian=hessian,
         rows=stats.rows,
         n_tokens=stats.n_tokens,
     )
     note = ""
     try:
-        if stats.n_tokens == 0 and algorithm.needs_calibration:
+        if stats.n_tokens == 0 and algorithm.needs_calibration and importance is None:
             note = "no calibration token reached it: RTN"
             qt = RTN().quantize(weight, codec, None)
         else:
@@ -247,7 +267,7 @@ def quantize_linear(
     dense = qt.dequantize()
     q._dense = dense  # kept while the block is being processed; see release_dense_weights
     err = relative_output_error(weight, dense, stats, hessian) if stats.n_tokens else float("nan")
-    return q, LinearResult(name, err, time.perf_counter() - t0, note)
+    return q, LinearResult(name, err, time.perf_counter() - t0, note, collected, stats.n_tokens)
 
 
 def quantize_block_sequential(
@@ -258,9 +278,11 @@ def quantize_block_sequential(
     inputs: BlockInputs,
     compute_dtype: torch.dtype,
     skipped: list[str],
+    importance: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[list[LinearResult], BlockInputs]:
     """Quantize the selected linears of one block, sub-step by sub-step (module docstring);
     returns the per-linear results and the quantized block's outputs (the next block's inputs).
+    ``importance``: supplied per-linear importances (full names) for the algorithms that take one.
 
     When an algorithm transforms the block (AWQ), one pass over the unquantized block first
     gives every sub-step its input statistics and the transforms are applied, all before any
@@ -306,7 +328,11 @@ def quantize_block_sequential(
             stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
             for n in names:
                 codec, algorithm = plan[n]
-                q, result = quantize_linear(block.get_submodule(n), f"{prefix}.{n}", codec, algorithm, stats[n])
+                full = f"{prefix}.{n}"
+                given = None
+                if importance is not None and takes_importance(algorithm):
+                    given = supplied_importance(importance, full)
+                q, result = quantize_linear(block.get_submodule(n), full, codec, algorithm, stats[n], given)
                 block.set_submodule(n, q)
                 results.append(result)
             for r in recording:

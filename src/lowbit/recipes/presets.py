@@ -24,6 +24,27 @@ def _calibrated(algorithm: dict[str, Any], base: dict[str, Any]) -> dict[str, An
     return {**base, "algorithm": algorithm, "calibration": {"source": "pydoc-calib", "samples": 128, "seq_len": 512}}
 
 
+# llama-quantize's mixes: preset name -> mix (Q4_0 and Q8_0 as mixes; gguf-q4_0 / gguf-q8_0 are one type
+# on every linear, embeddings F16)
+_MIXES = {"q2_k": "q2_k", "q3_k_m": "q3_k_m", "q4_k_s": "q4_k_s", "q4_k_m": "q4_k_m", "q5_k_m": "q5_k_m",
+          "q6_k": "q6_k", "q4_0-mix": "q4_0", "q8_0-mix": "q8_0"}
+_MIX_VARIANTS = [
+    ("", " (llama-quantize's type per tensor), RTN with llama.cpp's searches", None),
+    ("-imatrix", ", RTN searches weighted by calibration activations (an importance matrix)",
+     {"name": "rtn", "clip_search": True, "importance": True}),
+    ("-gptq", ", GPTQ on each tensor's grid, block scales from the search weighted by the Hessian's diagonal",
+     {"name": "gptq", "clip_search": True}),
+]
+
+
+def _mix(preset: str, algorithm: dict[str, Any] | None) -> dict[str, Any]:
+    from lowbit.io.gguf_mixes import MIXES
+
+    mix = _MIXES[preset]
+    base = {**_rtn(MIXES[mix].default), "gguf_mix": mix}
+    return base if algorithm is None else _calibrated(algorithm, base)
+
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("int8 per-channel symmetric, RTN", _int(8, group_size=None)),
     "w8a16": ("same as int8", _int(8, group_size=None)),
@@ -65,6 +86,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                              "by calibration activations (an importance matrix)",
                              _calibrated({"name": "rtn", "clip_search": True, "importance": True}, _rtn(t)))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1")},
+    # llama-quantize's type mixes (write with --out FILE.gguf); token embedding quantized as llama.cpp does
+    **{f"gguf-{m}{suffix}": (f"llama.cpp {m.upper()} mix{help_tail}", _mix(m, algorithm))
+       for m in _MIXES for suffix, help_tail, algorithm in _MIX_VARIANTS},
 }
 
 PRESET_HELP: dict[str, str] = {name: help_line for name, (help_line, _) in PRESETS.items()}

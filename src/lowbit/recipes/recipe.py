@@ -88,6 +88,11 @@ class Recipe(BaseModel):
     rules: list[Rule] = Field(default_factory=list, description="per-module codec/algorithm overrides, first match wins")
     calibration: CalibrationConfig | None = Field(None, description="calibration data (default: CalibrationConfig())")
     dense_dtype: DenseDType = Field("float16", description="storage dtype of everything not quantized")
+    gguf_mix: str | None = Field(None, description="a llama-quantize type mix (q4_k_m, q3_k_m, ...), resolved "
+                                 "against the model when quantizing (lowbit.io.gguf_mixes)")
+    embedding: SerializeAsAny[Codec] | None = Field(
+        None, description="codec of the token embedding (and a tied LM head), RTN; GGUF files only")
+    lm_head: SerializeAsAny[Codec] | None = Field(None, description="codec of an untied LM head, RTN; GGUF files only")
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -103,6 +108,20 @@ class Recipe(BaseModel):
     @classmethod
     def _algorithm(cls, v: Any) -> Any:
         return _dispatch(v, Algorithm, "algorithm")
+
+    @field_validator("embedding", "lm_head", mode="before")
+    @classmethod
+    def _dense_codec(cls, v: Any) -> Any:
+        return None if v is None else _dispatch(v, Codec, "codec")
+
+    @field_validator("gguf_mix")
+    @classmethod
+    def _mix(cls, v: str | None) -> str | None:
+        from lowbit.io.gguf_mixes import MIXES
+
+        if v is not None and v not in MIXES:
+            raise ValueError(f"unknown GGUF mix {v!r}; known: {', '.join(MIXES)}")
+        return v
 
     def selects(self, module_name: str) -> bool:
         hit = any(matches(p, module_name) for p in self.targets)
@@ -129,7 +148,8 @@ class Recipe(BaseModel):
         return self.calibration or CalibrationConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_defaults=False, exclude={k for k in ("rules", "calibration") if not getattr(self, k)})
+        optional = ("rules", "calibration", "gguf_mix", "embedding", "lm_head")
+        return self.model_dump(mode="json", exclude_defaults=False, exclude={k for k in optional if not getattr(self, k)})
 
     def digest(self) -> str:
         """Short stable hash of everything that changes the result."""
