@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, metavar="DIR|FILE.gguf",
                    help="output folder (must not exist), or a .gguf file that llama.cpp runs (Llama-family "
                    "models with the gguf-* presets: llama.cpp's block types)")
+    q.add_argument("--codec", metavar="NAME", help="replace the recipe's codec by NAME with its defaults "
+                   "(e.g. q4_k, nf4, mxfp4; --bits/--group-size then adjust it)")
+    q.add_argument("--algorithm", choices=("rtn", "gptq", "awq"), help="replace the recipe's algorithm")
     q.add_argument("--group-size", type=_positive, metavar="N", help="override the codec's group size")
     q.add_argument("--bits", type=int, metavar="N", help="override the codec's bits (2..8 for int)")
     q.add_argument("--clip-search", action="store_true", default=None,
@@ -148,7 +151,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.pipeline.importance import calibrating_algorithms
     from lowbit.recipes import resolve_recipe
 
-    recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, group_size=args.group_size, bits=args.bits)
+    recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, codec=args.codec, algorithm=args.algorithm,
+                            group_size=args.group_size, bits=args.bits)
     recipe = _with_calibration(recipe, args)
     if args.out.exists() and not args.overwrite:
         raise LowbitError(f"output {args.out} exists (pass --overwrite to replace it)")

@@ -213,3 +213,15 @@ def test_recipes_without_rules_keep_their_digest() -> None:
     # rules/calibration are left out of the serialized form when unset, so old digests hold
     r = Recipe.from_dict({"codec": {"name": "int", "bits": 4}})
     assert "rules" not in r.to_dict() and "calibration" not in r.to_dict()
+
+
+def test_codec_and_algorithm_overrides_by_name() -> None:
+    r = resolve_recipe("gguf-q4_k_m", algorithm="gptq", clip_search=True)
+    assert r.algorithm.name == "gptq" and r.algorithm.clip_search and r.gguf_mix == "q4_k_m"  # type: ignore[attr-defined]
+    assert r.name is None and r.needs_calibration
+    r = resolve_recipe("w4a16", codec="q4_k")
+    assert r.codec.name == "q4_k" and r.algorithm.name == "rtn"
+    r = resolve_recipe("w4a16", codec="int", bits=3, group_size=32)
+    assert (r.codec.bits, r.codec.group_size) == (3, 32)  # type: ignore[attr-defined]
+    with pytest.raises(LowbitError, match="unknown codec name 'q9_k'"):
+        resolve_recipe("w4a16", codec="q9_k")

@@ -8,9 +8,13 @@ from lowbit.recipes.presets import PRESET_HELP, get_preset, preset_names
 from lowbit.recipes.recipe import Recipe
 
 
-def resolve_recipe(spec: str, clip_search: bool | None = None, **overrides: Any) -> Recipe:
-    """A preset name or a YAML/JSON recipe file, with codec field overrides applied
-    (e.g. ``group_size=64``; ``None`` values are ignored) and optionally RTN's clipping search."""
+def resolve_recipe(
+    spec: str, clip_search: bool | None = None, codec: str | None = None, algorithm: str | None = None,
+    **overrides: Any,
+) -> Recipe:
+    """A preset name or a YAML/JSON recipe file, optionally with another codec / algorithm (by
+    name, with their default parameters; e.g. ``codec="q4_k", algorithm="gptq"``), codec field
+    overrides (e.g. ``group_size=64``; ``None`` values are ignored) and RTN's clipping search."""
     if spec in preset_names():
         recipe = get_preset(spec)
     elif Path(spec).suffix in (".yaml", ".yml", ".json") or Path(spec).exists():
@@ -20,16 +24,25 @@ def resolve_recipe(spec: str, clip_search: bool | None = None, **overrides: Any)
     else:
         raise LowbitError(f"unknown preset {spec!r} (and no such recipe file); presets: {', '.join(preset_names())}")
     codec_over = {k: v for k, v in overrides.items() if v is not None}
-    if clip_search is None and not codec_over:
+    if clip_search is None and not codec_over and codec is None and algorithm is None:
         return recipe
     data = recipe.to_dict()
+    if codec is not None:
+        data["codec"] = {"name": codec}
+    if algorithm is not None:
+        data["algorithm"] = {"name": algorithm}
     if clip_search is not None:
-        if "clip_search" not in type(recipe.algorithm).model_fields:
-            raise LowbitError(f"algorithm {recipe.algorithm.name!r} has no clipping search")
+        from lowbit.algorithms import Algorithm
+
+        algo = Algorithm.registry.get(data["algorithm"]["name"])
+        if algo is None or "clip_search" not in algo.model_fields:
+            raise LowbitError(f"algorithm {data['algorithm']['name']!r} has no clipping search")
         data["algorithm"]["clip_search"] = clip_search
     if "group_size" in codec_over and data["codec"].get("granularity") in ("channel", "tensor"):
         data["codec"]["granularity"] = "group"
     data["codec"].update(codec_over)
+    if codec is not None or algorithm is not None:
+        data.pop("name", None)  # no longer the preset it names
     return Recipe.from_dict(data, source="recipe with overrides")
 
 
