@@ -135,8 +135,15 @@ def test_mix_preset_end_to_end_reads_back_exactly(tiny_model, tmp_path: Path) ->
     assert codecs == {"q4_k", "q6_k"}
     for n, qt in read.items():
         assert qt.codec == written[n].codec and all(torch.equal(qt.data[k], written[n].data[k]) for k in qt.data), n
+    assert isinstance(back.get_input_embeddings(), QuantEmbedding) and "lm_head" in read
     ids = torch.tensor([[1, 40, 90, 200, 7]])
     torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # everything stays as stored: lowbit's size of the model read back is the file's tensor bytes
+    from lowbit.bench.compare import block_linear_names
+    from lowbit.evaluation import model_size
+
+    stored = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+    assert model_size(back, block_linear_names(back)).model_bytes == stored
 
 
 def test_cli_refuses_a_mix_into_a_folder(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -33,10 +33,13 @@ def model_size(model: nn.Module, block_linears: list[str]) -> ModelSize:
     dense_dtype = storage_dtype(model)
     linear_set = set(block_linears)
     total = lin_bytes = lin_params = 0
+    seen: set[int] = set()  # a tied LM head shares its embedding's codes: count them once
     for mod_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             nbytes = module.qweight.nbytes
-            total += nbytes
+            ptr = module.qweight_codes.data_ptr()
+            total += 0 if ptr in seen else nbytes
+            seen.add(ptr)
             if mod_name in linear_set:
                 lin_bytes += nbytes
                 lin_params += module.in_features * module.out_features

@@ -5,8 +5,9 @@
   tensor, so a float copy of a quantized weight never exists;
 * a linear stored in a ggml type lowbit has a codec for (:func:`known_ggml_codecs`) becomes a
   :class:`QuantLinear` holding the file's blocks exactly (:func:`from_ggml_blocks`);
-* F32/F16/BF16 tensors, embeddings and the LM head (tied or not; they are not QuantLinears)
-  are float in the requested dtype, dequantized by gguf-py where stored quantized;
+* a token embedding / LM head stored in such a type (llama-quantize's mixes) becomes a
+  :class:`QuantEmbedding` / :class:`QuantLinear` (a tied head shares the embedding's codes);
+* F32/F16/BF16 tensors are float in the requested dtype (other types dequantized by gguf-py);
 * a linear in a type lowbit has no codec for is dequantized by gguf-py too, with a warning;
 * q/k rows (and biases) are put back in HF's order: the writer's permutation moves whole
   rows, so quantized rows are un-permuted as bytes, before decoding.
@@ -24,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.codecs import Codec, codec_from_dict
+from lowbit.codecs import Codec, QuantizedTensor, codec_from_dict
 from lowbit.errors import LowbitError
 from lowbit.io.gguf_writer import GGUF_ARCHITECTURES, GGUFArch
-from lowbit.modules import QuantLinear
+from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from gguf import ReaderTensor
@@ -78,6 +79,16 @@ def read_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMo
         n_head = _n_head(model.config, t.name) if arch.permute_qk else 0
         type_name = t.tensor_type.name
         is_linear = isinstance(module, nn.Linear) and module is not out_emb and attr == "weight"
+        is_table = attr == "weight" and (module is model.get_input_embeddings() or module is out_emb)
+        if is_table and type_name in codecs:
+            # a quantized token embedding / output (llama-quantize's mixes) stays packed too
+            shape = tuple(getattr(module, attr).shape)
+            qt = _quantized_tensor(t, codecs[type_name], (shape[0], shape[1]), 0, path)
+            if module is out_emb:
+                model.set_output_embeddings(QuantLinear(qt, getattr(module, "bias", None)))
+            else:
+                model.set_input_embeddings(QuantEmbedding(qt))
+            continue
         if is_linear and type_name in codecs:
             model.set_submodule(module_name, _quant_linear(t, codecs[type_name], module, n_head, path))
             continue
@@ -89,7 +100,11 @@ def read_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMo
         warnings.warn(f"{path}: lowbit has no codec for ggml type(s) {kinds}: those linears were "
                       "dequantized to float", stacklevel=2)
     if getattr(model.config, "tie_word_embeddings", False) and out_emb is not None:
-        out_emb.weight = model.get_input_embeddings().weight
+        emb = model.get_input_embeddings()
+        if isinstance(emb, QuantEmbedding):
+            model.set_output_embeddings(QuantLinear(emb.qweight))
+        else:
+            out_emb.weight = emb.weight
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
     if missing:
         raise LowbitError(f"{path}: tensors missing from the GGUF file: {missing[:5]}")
@@ -151,21 +166,25 @@ def _rows_cols(t: "ReaderTensor") -> tuple[int, int]:
     return int(t.n_elements) // cols, cols
 
 
-def _quant_linear(t: "ReaderTensor", codec: Codec, old: nn.Linear, n_head: int, path: Path) -> QuantLinear:
+def _quantized_tensor(t: "ReaderTensor", codec: Codec, shape: tuple[int, int], n_head: int,
+                      path: Path) -> QuantizedTensor:
+    """The blocks of ``t`` as a QuantizedTensor of the HF ``shape`` ``(rows, cols)``."""
     from lowbit.io.ggml_blocks import from_ggml_blocks
 
     rows, cols = _rows_cols(t)
-    if (rows, cols) != (old.out_features, old.in_features):
-        raise LowbitError(f"{path}: {t.name} has shape {(rows, cols)}, the model expects "
-                          f"{(old.out_features, old.in_features)}")
+    if (rows, cols) != shape:
+        raise LowbitError(f"{path}: {t.name} has shape {(rows, cols)}, the model expects {shape}")
     raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(rows, -1))  # a private copy, not the memmap
     if n_head:
         raw = unpermute_rows(raw, n_head)
     try:
-        qt = from_ggml_blocks(raw, codec, (rows, cols))  # type: ignore[arg-type]
+        return from_ggml_blocks(raw, codec, (rows, cols))  # type: ignore[arg-type]
     except ValueError as e:
         raise LowbitError(f"{path}: {t.name}: {e}") from None
-    q = QuantLinear(qt)
+
+
+def _quant_linear(t: "ReaderTensor", codec: Codec, old: nn.Linear, n_head: int, path: Path) -> QuantLinear:
+    q = QuantLinear(_quantized_tensor(t, codec, (old.out_features, old.in_features), n_head, path))
     if old.bias is not None:
         q.bias = old.bias  # still meta, or already read: the bias tensor may come first in the file
     return q
