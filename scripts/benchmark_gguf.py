@@ -70,13 +70,15 @@ ROWS = [
 # llama-quantize's type mixes, each made by llama.cpp (with and without its imatrix) and by lowbit
 MIX_ROWS = [
     row
-    for mix, kinds in (("Q4_K_M", "all"), ("Q3_K_M", "all"), ("Q2_K", "calibrated"), ("Q6_K", "rtn"))
+    for mix, kinds in (("Q4_K_M", "all"), ("Q3_K_M", "all"), ("Q2_K", "calibrated"), ("Q6_K", "rtn"),
+                       ("Q4_K_S", "no-file"), ("Q5_K_M", "no-file"))
     for row in [
         *([(f"llama.cpp {mix}", ("llama.cpp-mix", mix, False))] if kinds != "calibrated" else []),
         *([(f"lowbit {mix} RTN", ("lowbit", f"gguf-{mix.lower()}"))] if kinds != "calibrated" else []),
-        *([(f"llama.cpp {mix} imatrix", ("llama.cpp-mix", mix, True)),
-           (f"lowbit {mix} RTN + llama.cpp's imatrix", ("lowbit+imatrix-file", f"gguf-{mix.lower()}-imatrix")),
-           (f"lowbit {mix} RTN+imatrix", ("lowbit", f"gguf-{mix.lower()}-imatrix")),
+        *([(f"llama.cpp {mix} imatrix", ("llama.cpp-mix", mix, True))] if kinds != "rtn" else []),
+        *([(f"lowbit {mix} RTN + llama.cpp's imatrix", ("lowbit+imatrix-file", f"gguf-{mix.lower()}-imatrix"))]
+          if kinds in ("all", "calibrated") else []),
+        *([(f"lowbit {mix} RTN+imatrix", ("lowbit", f"gguf-{mix.lower()}-imatrix")),
            (f"lowbit {mix} GPTQ", ("lowbit", f"gguf-{mix.lower()}-gptq"))] if kinds != "rtn" else []),
     ]
 ]
