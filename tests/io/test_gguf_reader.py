@@ -20,7 +20,7 @@ from lowbit.io.gguf_reader import known_ggml_codecs, read_gguf_model, unpermute_
 from lowbit.io.gguf_writer import _permute_rows, save_gguf
 from lowbit.models import LoadedModel, load_model
 from lowbit.models.loading import load_gguf
-from lowbit.modules import QuantLinear
+from lowbit.modules import QuantEmbedding, QuantLinear
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import Recipe
 
@@ -205,9 +205,12 @@ def test_smollm2_q4_1_file_reads_packed_with_the_float_models_logits() -> None:
     path = _find_gguf(BUILTIN_MODELS["smollm2-135m"])
     packed = load_gguf(path, keep_quantized=True)
     dense = load_gguf(path)
-    layers = quant_linears(packed.model)
+    layers = {n: q for n, q in quant_linears(packed.model).items() if n.startswith("model.layers.")}
     assert len(layers) == 210 and {q.codec["name"] for q in layers.values()} == {"q4_1"}
-    assert packed.model.lm_head.weight is packed.model.model.embed_tokens.weight  # tied, float
+    # the file's Q8_0 token embedding stays packed; the tied head shares its codes
+    emb, head = packed.model.model.embed_tokens, packed.model.lm_head
+    assert isinstance(emb, QuantEmbedding) and emb.codec["name"] == "q8_0"
+    assert head.qweight_codes.data_ptr() == emb.qweight_codes.data_ptr()
     ids = packed.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     assert ids.tolist() == dense.tokenizer("The capital of France is", return_tensors="pt")["input_ids"].tolist()
     torch.testing.assert_close(logits_of(packed.model, ids), logits_of(dense.model, ids), rtol=0, atol=0)
