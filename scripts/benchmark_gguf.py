@@ -16,7 +16,7 @@ computation of that perplexity protocol on the file's weights and llama.cpp's ow
 Needs llama.cpp's tools (``scripts/peers/setup_llamacpp.sh``, about 6 minutes). Rows are kept in
 ``$LOWBIT_CACHE/bench/gguf.json``; ``--fresh`` runs everything again.
 
-Usage: .venv/bin/python scripts/benchmark_gguf.py [--fresh] [--no-write] [--redo "LABEL;LABEL"]
+Usage: .venv/bin/python scripts/benchmark_gguf.py [--fresh] [--no-write] [--redo "LABEL;LABEL"] [--kept-only]
 """
 
 from __future__ import annotations
@@ -144,7 +144,12 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     ap.add_argument("--redo", default="", metavar="LABELS", help="semicolon-separated row labels to run again")
+    ap.add_argument("--kept-only", action="store_true", help="render the kept rows, run nothing")
     args = ap.parse_args()
+    if args.kept_only:
+        store = RowStore(cache_dir() / "bench" / "gguf.json", False)
+        write_tables(store.rows, 0.0, args.no_write)
+        return 0
     if llama_cpp_bin() is None:
         log("llama.cpp's tools are missing: building them (scripts/peers/setup_llamacpp.sh)")
         subprocess.run(["bash", str(ROOT / "scripts" / "peers" / "setup_llamacpp.sh")], check=True)
@@ -190,14 +195,17 @@ def main() -> int:
             store.put(label, row)
             log(json.dumps(row))
             del loaded
-    minutes = (time.time() - t0) / 60
-    pure, mixes = render(store.rows, ROWS, minutes, PURE_NOTE), render(store.rows, MIX_ROWS, minutes, MIX_NOTE)
+    write_tables(store.rows, (time.time() - t0) / 60, args.no_write)
+    return 0
+
+
+def write_tables(rows: dict[str, dict], minutes: float, no_write: bool) -> None:
+    pure, mixes = render(rows, ROWS, minutes, PURE_NOTE), render(rows, MIX_ROWS, minutes, MIX_NOTE)
     print(pure + "\n\n" + mixes)
-    if not args.no_write:
+    if not no_write:
         replace_section(ROOT / "BENCHMARKS.md", "gguf", "GGUF files: lowbit and llama.cpp on SmolLM2-135M", pure)
         replace_section(ROOT / "BENCHMARKS.md", "gguf-mixes", "GGUF type mixes (Q4_K_M, ...): lowbit and llama.cpp "
                         "on SmolLM2-135M", mixes)
-    return 0
 
 
 PURE_NOTE = (
@@ -238,8 +246,8 @@ def render(rows: dict[str, dict], which: list, minutes: float, note: str) -> str
         lines.append(f"| {label} | {r['file_mb']:.1f} | {r['bpw']:.3f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
                      f"{r['ppl']:.3f} | {r['ppl_llama_protocol_lowbit']:.3f} | {r['ppl_llama_cpp']:.3f} | "
                      f"{'-' if q is None else f'{q:.1f}'} |")
-    lines += ["", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-              f"this invocation {minutes:.1f} min."]
+    lines += ["", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+              + (f"; this invocation {minutes:.1f} min." if minutes else "; rows kept from earlier invocations.")]
     return "\n".join(lines)
 
 
