@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from lowbit.codecs import codec_from_dict
-from lowbit.codecs.ggml_kquants import QK_K, GGMLKQuantCodec
-from lowbit.codecs.ggml_legacy import GGML_BLOCK
+from lowbit.io.ggml_blocks import block_size
 
 if TYPE_CHECKING:
     from lowbit.recipes.recipe import Recipe
@@ -87,22 +86,18 @@ def mix_type(mix: Mix, role: str, layer: int, n_layers: int, gqa: int, imatrix: 
 
 def output_type(mix: Mix, cols: int) -> str:
     """The type of the output tensor (or of a token embedding tied to it)."""
-    if cols % block_values(mix.default) or mix.default == "q8_0":
+    if cols % block_size(mix.default.upper()) or mix.default == "q8_0":
         return "q8_0"
     return "q6_k"
-
-
-def block_values(ggml_codec: str) -> int:
-    return QK_K if isinstance(codec_from_dict({"name": ggml_codec}), GGMLKQuantCodec) else GGML_BLOCK
 
 
 def fit_type(ggml_codec: str, cols: int) -> str | None:
     """``ggml_codec``, or llama.cpp's fallback when rows of ``cols`` are not whole blocks of it;
     None (keep F16) when the fallback does not fit either."""
     t = ggml_codec
-    if cols % block_values(t):
+    if cols % block_size(t.upper()):
         t = FALLBACK.get(t, t)
-    return None if cols % block_values(t) else t
+    return None if cols % block_size(t.upper()) else t
 
 
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
@@ -120,24 +115,21 @@ class ResolvedMix:
 
 def plan_gguf_mix(model: nn.Module, mix_name: str, imatrix: bool) -> ResolvedMix:
     """llama-quantize's choice of types for ``model``'s tensors under the mix ``mix_name``."""
-    from lowbit.io.gguf_writer import check_gguf_architecture, tensor_name_map
+    from lowbit.io.gguf_writer import check_gguf_architecture
+    from lowbit.io.imatrix import linear_gguf_names
 
     mix = MIXES[mix_name]
-    arch = check_gguf_architecture(model)
-    names = tensor_name_map(model, arch.name)
+    check_gguf_architecture(model)  # a mix is for a file the writer can write
     cfg = model.config
     n_layers = cfg.num_hidden_layers
     gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     linears: dict[str, str | None] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name == "lm_head":
-            continue
-        gguf_name = names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or ""
+    for name, (gguf_name, width) in linear_gguf_names(model).items():
         m = _BLOCK_TENSOR.fullmatch(gguf_name)
         if m is None:
             continue
         t = mix_type(mix, m.group(2), int(m.group(1)), n_layers, gqa, imatrix)
-        linears[name] = fit_type(t, module.in_features)
+        linears[name] = fit_type(t, width)
     emb = model.get_input_embeddings().weight
     out_t = fit_type(output_type(mix, emb.shape[1]), emb.shape[1])
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
