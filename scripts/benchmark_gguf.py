@@ -70,16 +70,20 @@ ROWS = [
 # llama-quantize's type mixes, each made by llama.cpp (with and without its imatrix) and by lowbit
 MIX_ROWS = [
     row
-    for mix, kinds in (("Q4_K_M", "all"), ("Q3_K_M", "all"), ("Q2_K", "calibrated"), ("Q6_K", "rtn"),
-                       ("Q4_K_S", "no-file"), ("Q5_K_M", "no-file"))
+    # (llama-quantize's mix name, the name in row labels, lowbit's preset stem, which rows)
+    for mix, name, stem, kinds in (
+        ("Q4_K_M", "Q4_K_M", "gguf-q4_k_m", "all"), ("Q3_K_M", "Q3_K_M", "gguf-q3_k_m", "all"),
+        ("Q2_K", "Q2_K", "gguf-q2_k", "calibrated"), ("Q6_K", "Q6_K", "gguf-q6_k", "rtn"),
+        ("Q4_K_S", "Q4_K_S", "gguf-q4_k_s", "no-file"), ("Q5_K_M", "Q5_K_M", "gguf-q5_k_m", "no-file"),
+        ("Q8_0", "Q8_0 mix", "gguf-q8_0-mix", "rtn"), ("Q4_0", "Q4_0 mix", "gguf-q4_0-mix", "no-file"))
     for row in [
-        *([(f"llama.cpp {mix}", ("llama.cpp-mix", mix, False))] if kinds != "calibrated" else []),
-        *([(f"lowbit {mix} RTN", ("lowbit", f"gguf-{mix.lower()}"))] if kinds != "calibrated" else []),
-        *([(f"llama.cpp {mix} imatrix", ("llama.cpp-mix", mix, True))] if kinds != "rtn" else []),
-        *([(f"lowbit {mix} RTN + llama.cpp's imatrix", ("lowbit+imatrix-file", f"gguf-{mix.lower()}-imatrix"))]
+        *([(f"llama.cpp {name}", ("llama.cpp-mix", mix, False))] if kinds != "calibrated" else []),
+        *([(f"lowbit {name} RTN", ("lowbit", stem))] if kinds != "calibrated" else []),
+        *([(f"llama.cpp {name} imatrix", ("llama.cpp-mix", mix, True))] if kinds != "rtn" else []),
+        *([(f"lowbit {name} RTN + llama.cpp's imatrix", ("lowbit+imatrix-file", f"{stem}-imatrix"))]
           if kinds in ("all", "calibrated") else []),
-        *([(f"lowbit {mix} RTN+imatrix", ("lowbit", f"gguf-{mix.lower()}-imatrix")),
-           (f"lowbit {mix} GPTQ", ("lowbit", f"gguf-{mix.lower()}-gptq"))] if kinds != "rtn" else []),
+        *([(f"lowbit {name} RTN+imatrix", ("lowbit", f"{stem}-imatrix")),
+           (f"lowbit {name} GPTQ", ("lowbit", f"{stem}-gptq"))] if kinds != "rtn" else []),
     ]
 ]
 

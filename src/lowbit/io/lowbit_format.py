@@ -18,8 +18,6 @@ so a failure never leaves a partial model behind.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,7 @@ from torch import nn
 import lowbit
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
+from lowbit.io.folder import atomic_folder
 from lowbit.modules import QuantEmbedding, QuantLinear, dense_tensors
 
 if TYPE_CHECKING:
@@ -70,11 +69,7 @@ def save_quantized(loaded: "LoadedModel", out: Path, overwrite: bool = False, so
         raise LowbitError("this recipe quantizes the token embedding (a GGUF type mix): write a GGUF file "
                           "(--out FILE.gguf)")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"output folder {out} exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         tensors, headers = quantized_state(model, getattr(torch, recipe.dense_dtype))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", QUANT_KEY: json.dumps(headers)})
         model.config.save_pretrained(tmp)
@@ -91,16 +86,6 @@ def save_quantized(loaded: "LoadedModel", out: Path, overwrite: bool = False, so
             "quantized_modules": len(headers),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
