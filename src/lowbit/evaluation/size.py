@@ -37,7 +37,8 @@ def model_size(model: nn.Module, block_linears: list[str]) -> ModelSize:
     for mod_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             nbytes = module.qweight.nbytes
-            ptr = module.qweight_codes.data_ptr()
+            # a kernel-backed layer's codes live in its kernel
+            ptr = id(module.kernel) if module.kernel is not None else module.qweight_codes.data_ptr()
             total += 0 if ptr in seen else nbytes
             seen.add(ptr)
             if mod_name in linear_set:

@@ -1,9 +1,10 @@
 """QuantLinear: a linear layer whose weight is a packed :class:`QuantizedTensor`.
 
-The reference path dequantizes to the input's dtype and calls ``F.linear``. Fast kernels
-(torch int8/int4 ops, CUDA/Triton) plug in later behind the same module. During evaluation,
-:func:`cache_dequantized_weights` keeps one dense copy per layer so that repeated forwards do
-not unpack again.
+The reference path dequantizes to the input's dtype and calls ``F.linear``. A fast kernel
+(:mod:`lowbit.modules.kernels`, attached by :func:`enable_fast_kernels`) replaces it where one
+holds the codec; the kernel then owns the codes. During evaluation,
+:func:`cache_dequantized_weights` keeps one dense copy per layer (reference path) so that
+repeated forwards do not unpack again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.codecs import QuantizedTensor
+from lowbit.codecs.packing import pack_codes
+from lowbit.modules.kernels import LinearKernel, build_kernel
 
 _PART_PREFIX = "qweight_"
 
@@ -36,10 +39,13 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._dense: torch.Tensor | None = None
+        self.kernel: LinearKernel | None = None
 
     @property
     def qweight(self) -> QuantizedTensor:
         data = {p: getattr(self, _PART_PREFIX + p) for p in self.parts}
+        if self.kernel is not None:
+            data["codes"] = pack_codes(self.kernel.codes(), self.codec["bits"])
         return QuantizedTensor(codec=self.codec, shape=(self.out_features, self.in_features), data=data)
 
     @property
@@ -52,9 +58,31 @@ class QuantLinear(nn.Module):
             return self._dense if self._dense.dtype == dtype else self._dense.to(dtype)
         return self.qweight.dequantize(torch.float32).to(dtype=dtype, device=self.qweight_codes.device)
 
+    def use_kernel(self, kernel: "LinearKernel | None") -> None:
+        """Run through ``kernel`` (which then holds the codes: the layer's own packed copy is
+        released) or, with None, go back to the reference path (the codes are restored)."""
+        if self.kernel is not None:
+            self._buffers[_PART_PREFIX + "codes"] = self.qweight.data["codes"]
+            self.kernel = None
+        if kernel is not None:
+            self._buffers[_PART_PREFIX + "codes"] = torch.empty(0, dtype=torch.uint8)
+            self.kernel = kernel
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.kernel is None:
+            return super().state_dict(*args, **kwargs)
+        kernel = self.kernel
+        self.use_kernel(None)
+        try:
+            return super().state_dict(*args, **kwargs)
+        finally:
+            self.use_kernel(kernel)
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # model.to(dtype) must not cast codes or scale data (a bf16 cast of an fp16 scale loses
         # bits): quantized parts follow the module's device only, keeping their storage dtype.
+        if self.kernel is not None and fn(torch.empty(0)).device.type != "cpu":
+            self.use_kernel(None)  # the kernels are CPU operators
         parts = {p: getattr(self, _PART_PREFIX + p) for p in self.parts}
         super()._apply(fn, recurse)
         for p, t in parts.items():
@@ -64,14 +92,31 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kernel is not None and self._dense is None:
+            y = self.kernel(x)
+            return y if bias is None else y + bias
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         qt = self.qweight
+        kernel = "" if self.kernel is None else f", kernel={self.kernel.name}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"codec={json.dumps(self.codec, sort_keys=True)}, bpw={qt.bits_per_weight:.4f}"
+            f"codec={json.dumps(self.codec, sort_keys=True)}, bpw={qt.bits_per_weight:.4f}{kernel}"
         )
+
+
+def enable_fast_kernels(model: nn.Module) -> dict[str, int]:
+    """Give every CPU QuantLinear whose codec a kernel holds that kernel (its layout built now,
+    once); returns how many layers each kernel (and the reference path) took."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            kernel = build_kernel(m.qweight) if m.qweight_codes.device.type == "cpu" else None
+            m.use_kernel(kernel)
+            name = "reference" if kernel is None else kernel.name
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 @contextlib.contextmanager

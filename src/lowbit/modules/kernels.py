@@ -1,0 +1,214 @@
+"""Fast CPU paths behind :class:`QuantLinear`: PyTorch's own packed int4 and int8 matmuls.
+
+A kernel is built once from a stored :class:`QuantizedTensor` (at load time, never per call)
+and holds the weight in the operator's layout; :func:`enable_fast_kernels` then drops the
+layer's own packed codes, so the weights' resident memory stays at their bits per weight. The
+stored tensor is always recoverable exactly (:meth:`Int4PackedKernel.codes`), so saving and the
+reference path keep working.
+
+Both operators compute in bf16 on this CPU's fast path (their float32 paths are scalar loops,
+20-30x slower), so activations are rounded to bf16 at each kernel-backed linear. With more than
+:data:`SMALL_BATCH` rows (prefill) the packed operators lose to AMX's bf16 matmul: the kernel
+then dequantizes its weight to bf16 and calls ``F.linear``.
+
+Which codecs run here: lowbit's ``int`` codec, the weight ``w = scale * q + offset`` per group
+with 4-bit codes and 32/64/128/256-wide groups (ragged last groups and act-order ``g_idx``
+included: the input is padded / permuted), and with 8-bit codes per channel or per tensor.
+Everything else stays on the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.codecs import QuantizedTensor
+from lowbit.codecs.base import group_order
+
+#: rows of the input up to which the packed operators run; above it, dequantize + bf16 matmul
+#: (the crossover measured by ``scripts/benchmark_speed.py --crossover``)
+SMALL_BATCH = 16
+KERNEL_DTYPE = torch.bfloat16
+_INT4_GROUPS = (32, 64, 128, 256)
+
+
+class LinearKernel(Protocol):
+    name: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def codes(self) -> torch.Tensor: ...
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def affine_form(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(codes (N, K) uint8 in stored column order, scale (N, G), offset (N, G))`` float32 with
+    ``w = scale * q + offset`` per group, for the ``int`` codec; None for other codecs."""
+    codec = qt.get_codec()
+    if qt.codec.get("name") != "int":
+        return None
+    inner = QuantizedTensor(qt.codec, qt.shape, {k: v for k, v in qt.data.items() if k != "g_idx"})
+    codes, scale_data = codec.unpack(inner)
+    codes = codec.grouping.merge(codes, qt.shape)
+    scale = scale_data["scale"].to(torch.float32)
+    if qt.codec["symmetric"]:
+        offset = -float(1 << (qt.codec["bits"] - 1)) * scale
+    elif qt.codec["zero_point"] == "float":
+        offset = scale_data["zero"].to(torch.float32)
+    else:
+        offset = -scale_data["zero"].to(torch.float32) * scale
+    rows = qt.shape[0]
+    return codes, scale.reshape(-1, scale.shape[-1]).expand(rows, -1), offset.reshape(-1, offset.shape[-1]).expand(rows, -1)
+
+
+class Int4PackedKernel:
+    """``torch.ops.aten._weight_int4pack_mm_for_cpu``: 4-bit codes in the operator's tiled layout,
+    ``(scale, zero)`` per group as ``w = (q - 8) * scale + zero``."""
+
+    name = "int4-packed-cpu"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+                 order: torch.Tensor | None) -> None:
+        rows, cols = codes.shape
+        self.shape = (rows, cols)
+        self.group_size = group_size
+        self.padded = -(-cols // group_size) * group_size
+        # padded columns meet zero inputs, so their code (8) and their group's zero never count
+        padded_codes = F.pad(codes.to(torch.int32), (0, self.padded - cols), value=8)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded_codes.contiguous(), 1)
+        zero = offset + 8 * scale
+        self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(KERNEL_DTYPE).contiguous()
+        self.order = order
+
+    @property
+    def nbytes(self) -> int:
+        order = 0 if self.order is None else self.order.numel() * self.order.element_size()
+        return self.packed.numel() + self.scale_zero.numel() * 2 + order
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order is not None:
+            x = x.index_select(-1, self.order)
+        return F.pad(x.to(KERNEL_DTYPE), (0, self.padded - self.shape[1]))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > SMALL_BATCH:
+            y = F.linear(flat.to(KERNEL_DTYPE), self.dense(KERNEL_DTYPE))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._input(flat), self.packed, self.group_size,
+                                                           self.scale_zero)
+        return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    def codes(self) -> torch.Tensor:
+        """The ``(N, K)`` codes in the layer's column order (``g_idx`` order when permuted)."""
+        rows, _ = self.shape
+        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
+        codes = nibbles[_int4_gather_index(rows, self.padded)].view(rows, self.padded)[:, : self.shape[1]]
+        if self.order is None:
+            return codes
+        out = torch.empty_like(codes)
+        out[:, self.order] = codes
+        return out
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``(N, K)`` weight as the operator sees it (scale and zero rounded to bf16), in
+        ``dtype`` and the layer's column order."""
+        rows, cols = self.shape
+        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
+        q = nibbles[_int4_gather_index(rows, self.padded)].view(rows, -1, self.group_size).to(dtype)
+        sz = self.scale_zero.transpose(0, 1).to(dtype)
+        w = (q - 8) * sz[..., 0:1] + sz[..., 1:2]
+        w = w.reshape(rows, self.padded)[:, :cols]
+        return w if self.order is None else w.index_select(1, torch.argsort(self.order))
+
+
+@functools.lru_cache(maxsize=16)
+def _int4_gather_index(rows: int, cols: int) -> torch.Tensor:
+    """For each value of a ``(rows, cols)`` weight (row-major), the position of its nibble in
+    the operator's packed layout (low nibble first). Found by packing the digits of each value's
+    own index, so it follows whatever layout this torch build uses."""
+    src = torch.zeros(rows * cols, dtype=torch.int64)
+    index = torch.arange(rows * cols, dtype=torch.int64).view(rows, cols)
+    shift = 0
+    while (1 << shift) < rows * cols:
+        digit = ((index >> shift) & 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit.contiguous(), 1)
+        src |= torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int64) << shift
+        shift += 4
+    gather = torch.empty_like(src)
+    gather[src] = torch.arange(rows * cols, dtype=torch.int64)
+    return gather.to(torch.int32 if rows * cols < 2**31 else torch.int64)
+
+
+class Int8PackedKernel:
+    """``torch.ops.aten._weight_int8pack_mm``: int8 ``q - 128`` per row times a per-row scale,
+    plus ``offset + 128 * scale`` times the input's row sum when the zero point is not 128."""
+
+    name = "int8-cpu"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        self.shape = tuple(codes.shape)
+        self.weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        self.scale = scale[:, 0].to(KERNEL_DTYPE).contiguous()
+        shift = offset[:, 0] + 128 * scale[:, 0]
+        self.shift = None if torch.all(shift == 0) else shift.to(KERNEL_DTYPE)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() + self.scale.numel() * 2 + (0 if self.shift is None else self.shift.numel() * 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+        if flat.shape[0] > SMALL_BATCH:
+            y = F.linear(flat, self.dense(KERNEL_DTYPE))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+            if self.shift is not None:
+                y = y + flat.sum(-1, keepdim=True) * self.shift
+        return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    def codes(self) -> torch.Tensor:
+        return (self.weight.to(torch.int16) + 128).to(torch.uint8)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+        return w if self.shift is None else w + self.shift.to(dtype)[:, None]
+
+
+def build_kernel(qt: QuantizedTensor) -> LinearKernel | None:
+    """The fastest CPU kernel that computes ``x @ W.T`` for this stored weight, or None (the
+    reference path) when no kernel holds its codec."""
+    form = affine_form(qt)
+    if form is None:
+        return None
+    codes, scale, offset = form
+    bits, granularity = qt.codec["bits"], qt.codec["granularity"]
+    rows, cols = qt.shape
+    if bits == 8 and granularity in ("channel", "tensor") and "g_idx" not in qt.data:
+        return Int8PackedKernel(codes, scale, offset)
+    if bits != 4:
+        return None
+    if granularity == "group":
+        group_size = qt.codec["group_size"]
+        if group_size not in _INT4_GROUPS:
+            return None
+        order = None
+        if "g_idx" in qt.data:
+            order = group_order(qt.data["g_idx"], qt.get_codec().grouping, qt.shape)
+            codes = codes[:, order]
+        return Int4PackedKernel(codes, scale, offset, group_size, order)
+    # one scale per row (or tensor): the operator's groups repeat it
+    group_size = next((g for g in reversed(_INT4_GROUPS) if cols % g == 0), None)
+    if group_size is None:
+        return None
+    groups = cols // group_size
+    return Int4PackedKernel(codes, scale.expand(rows, groups), offset.expand(rows, groups), group_size, None)

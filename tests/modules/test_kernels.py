@@ -1,0 +1,116 @@
+"""Fast CPU kernels behind QuantLinear: same weights as the reference path (up to the bf16
+rounding of scales the operators need), codes kept exactly, large batches through the
+dequantized path, and a tiny model whose logits follow the reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.algorithms import GPTQ, LayerStats
+from lowbit.codecs import IntCodec, QuantizedTensor
+from lowbit.codecs.registry import codec_from_dict
+from lowbit.modules import QuantLinear, enable_fast_kernels
+from lowbit.modules.kernels import SMALL_BATCH, build_kernel
+from lowbit.pipeline import quantize_model
+from lowbit.recipes import resolve_recipe
+
+# bf16 keeps 8 significant bits: a scale (and so every weight of its group) moves by at most
+# 2**-9 of itself, zero points by 2**-9 of theirs
+BF16_REL = 2.0**-8
+
+CODECS = {
+    "int4 g128 sym (ragged 576)": dict(bits=4, group_size=128),
+    "int4 g32 asym": dict(bits=4, group_size=32, symmetric=False),
+    "int4 g64 float zero": dict(bits=4, group_size=64, symmetric=False, zero_point="float"),
+    "int4 channel": dict(bits=4, granularity="channel"),
+    "int8 channel sym": dict(bits=8, granularity="channel"),
+    "int8 channel asym": dict(bits=8, granularity="channel", symmetric=False),
+    "int8 tensor": dict(bits=8, granularity="tensor"),
+}
+
+
+def _weight(rows: int = 96, cols: int = 576, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def _act_order_qt() -> QuantizedTensor:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 192, generator=g) @ torch.randn(192, 192, generator=g)
+    codec = codec_from_dict({"name": "int", "bits": 4, "group_size": 64})
+    qt = GPTQ(act_order=True, static_groups=False).quantize(_weight(32, 192), codec, LayerStats(hessian=x.t() @ x))
+    assert "g_idx" in qt.data
+    return qt
+
+
+def _cases() -> list[tuple[str, QuantizedTensor]]:
+    return [(k, IntCodec(**v).quantize(_weight())) for k, v in CODECS.items()] + [("act-order", _act_order_qt())]
+
+
+@pytest.mark.parametrize("label,qt", _cases(), ids=[c[0] for c in _cases()])
+def test_kernel_matches_reference(label: str, qt: QuantizedTensor) -> None:
+    kernel = build_kernel(qt)
+    assert kernel is not None, label
+    ref = qt.dequantize()
+    dense = kernel.dense(torch.float32)
+    # the operator's weight: the reference's up to bf16 scales (relative to the group's size)
+    assert (dense - ref).abs().max() <= BF16_REL * ref.abs().max() * 1.01
+    # the codes come back exactly, in the stored column order
+    codec = qt.get_codec()
+    inner = QuantizedTensor(qt.codec, qt.shape, {k: v for k, v in qt.data.items() if k != "g_idx"})
+    assert torch.equal(kernel.codes(), codec.grouping.merge(codec.unpack(inner)[0], qt.shape))
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 3, SMALL_BATCH + 5):  # the operator, and the dequantize + matmul path
+        x = torch.randn(2, rows, qt.shape[1], generator=g)
+        y = kernel(x)
+        assert y.shape == (2, rows, qt.shape[0]) and y.dtype == torch.float32
+        expected = F.linear(x.to(torch.bfloat16).double(), dense.double())
+        assert ((y.double() - expected).norm() / expected.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("codec", [dict(bits=3, group_size=64), dict(bits=4, group_size=48),
+                                   dict(bits=8, group_size=64)])
+def test_codecs_without_a_kernel_stay_on_the_reference_path(codec: dict) -> None:
+    assert build_kernel(IntCodec(**codec).quantize(_weight())) is None
+    assert build_kernel(codec_from_dict({"name": "nf4"}).quantize(_weight())) is None
+
+
+def test_quant_linear_with_kernel_releases_codes_and_keeps_its_state() -> None:
+    qt = IntCodec(bits=4, group_size=64, symmetric=False).quantize(_weight())
+    bias = torch.randn(96)
+    model = nn.Sequential(QuantLinear(qt, bias))
+    before = copy.deepcopy(model.state_dict())
+    assert enable_fast_kernels(model) == {"int4-packed-cpu": 1}
+    layer = model[0]
+    assert layer.qweight_codes.numel() == 0  # the kernel holds the only copy of the codes
+    assert "kernel=int4-packed-cpu" in repr(layer)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(layer.qweight.data["codes"], qt.data["codes"])
+    x = torch.randn(4, 576)
+    y = layer(x)
+    expected = F.linear(x.to(torch.bfloat16).float(), layer.kernel.dense(torch.float32), bias)
+    assert torch.allclose(y, expected, rtol=1e-2, atol=1e-2)
+    layer.use_kernel(None)  # back to the reference path, codes restored
+    assert torch.equal(layer.qweight_codes, qt.data["codes"])
+    assert torch.equal(layer(x), F.linear(x, qt.dequantize(), bias))
+
+
+def test_tiny_model_logits_follow_the_reference(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    quantize_model(model, resolve_recipe("w4a16", group_size=32), progress=False)
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(ids).logits
+        fast = copy.deepcopy(model)
+        counts = enable_fast_kernels(fast)
+        assert counts.get("int4-packed-cpu", 0) > 0 and "reference" not in counts
+        got = fast(ids).logits
+        # prefill (12 rows) and one decode step (1 row) go through both paths
+        step = fast(ids[:, :1]).logits
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (step - ref[:, :1]).abs().max() < 0.05 * ref.abs().max()
