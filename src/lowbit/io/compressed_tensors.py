@@ -1,0 +1,646 @@
+"""The compressed-tensors checkpoint layout: what llm-compressor writes and transformers (with the
+``compressed-tensors`` package) and vLLM read.
+
+A folder::
+
+    config.json          the transformers config plus its ``quantization_config``
+                         (``quant_method: compressed-tensors``; ``config_groups``: one scheme per
+                         distinct codec; ``format``; ``ignore``: the linears left dense)
+    model.safetensors    dense tensors as in the model (a tied LM head stored once, under its
+                         embedding) and, for each quantized linear NAME, the tensors below
+    tokenizer files
+    recipe.json          lowbit's recipe, and lowbit_export.json its source model (lowbit only)
+
+Per quantized linear with an ``(out, in)`` weight, as compressed-tensors 0.20 reads them:
+
+* ``pack-quantized``, lowbit's ``int`` codec: ``NAME.weight_packed`` int32
+  ``(out, ceil(in * bits / 32))``: each row's codes as one bit stream, code ``c`` at bits
+  ``[c*bits, (c+1)*bits)``, least significant bit first, cut into little-endian 32-bit words
+  (lowbit's own packing, row by row, each row padded to whole words); ``NAME.weight_shape``
+  int64 ``[out, in]``; ``NAME.weight_scale`` fp16 ``(out, G)`` per group, ``(out, 1)`` per
+  channel, ``(1,)`` per tensor; asymmetric: ``NAME.weight_zero_point``, packed the same way along
+  the *output* dimension, int32 ``(ceil(out * bits / 32), G)``, or int8 ``(1,)`` per tensor.
+  compressed-tensors decodes a signed code ``q`` in ``[-2**(bits-1), 2**(bits-1) - 1]`` as
+  ``scale * (q - zp)`` (``zp = 0`` when symmetric) and packs ``q + 2**(bits-1)``: the stored
+  bits are lowbit's unsigned codes unchanged, and its zero point is lowbit's ``zero - 2**(bits-1)``
+  (so a packed zero point holds lowbit's ``zero``). Releases up to 0.17 packed ``32 // bits``
+  codes per word instead (none straddling two words): the same bytes for 2, 4 and 8 bits; the
+  reader also accepts that older layout for 3, 5, 6 and 7 bits.
+* ``float-quantized``, lowbit's ``fp8`` codec (E4M3): ``NAME.weight`` float8_e4m3fn ``(out, in)``
+  and ``NAME.weight_scale`` float32, shaped as above.
+
+The bytes are those of compressed-tensors' own compressors (the tests compare them), and both
+decode as lowbit does (``(q - zp) * scale``, ``fp8 * scale``) in the scale's dtype. What that
+means in transformers 5.23 with compressed-tensors 0.20:
+
+* its default load keeps the modules compressed and decompresses on the first forward pass,
+  with scales in the model dtype: loaded in float32, the weights are lowbit's bit for bit (a bf16
+  load rounds the fp16 scales to bf16 first);
+* that path cannot read packed asymmetric zero points (it allocates them unpacked: a size
+  mismatch, for compressed-tensors' own files too); ``CompressedTensorsConfig(dequantize=True)``
+  reads them, decoding in the stored fp16 scale dtype (each weight rounded once to fp16), but it
+  applies one scheme to every module, so it cannot load a mix of int and fp8 schemes.
+
+What the layout cannot hold is refused before anything is written: other codecs
+(:func:`unsupported_reason`), groups that do not divide a row (compressed-tensors raises "tensor
+column shape must be divisible" on them, after allocating ``ceil(in / group_size)`` scales),
+act-order with a ``g_idx`` (``actorder: group`` was dropped after compressed-tensors 0.18),
+linears that transformers does not build as ``nn.Linear`` (GPT-2's Conv1D, fused experts) and
+quantized embeddings. The reader also takes ``weight_g_idx`` from older files and int8
+``naive-quantized`` weights, and refuses activation or KV-cache quantization, transforms and
+sparsity, which lowbit's linears cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import lowbit
+from lowbit.codecs import Codec, QuantizedTensor, codec_from_dict, pack_codes, unpack_codes
+from lowbit.codecs.base import GroupedCodec, group_order
+from lowbit.codecs.fp8 import FP8Codec
+from lowbit.codecs.ggml_legacy import GGMLBlockCodec
+from lowbit.codecs.integer import IntCodec
+from lowbit.errors import LowbitError
+from lowbit.io.folder import atomic_folder
+from lowbit.modules import QuantEmbedding, QuantLinear, dense_tensors
+
+if TYPE_CHECKING:
+    from lowbit.models.loading import LoadedModel
+
+QUANT_METHOD = "compressed-tensors"
+LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose reader this layout was checked against
+WEIGHTS = "model.safetensors"
+MARKER = "lowbit_export.json"
+_FORMATS = {"int": "pack-quantized", "fp8": "float-quantized"}
+_READABLE_FORMATS = ("pack-quantized", "float-quantized", "naive-quantized", "int-quantized")
+_DENSE_PACKING_SINCE = (0, 18)  # 3/5/6/7-bit codes straddle words from this release on
+
+
+# -- what the layout can hold ------------------------------------------------------------------
+
+
+def unsupported_reason(codec: dict[str, Any]) -> str | None:
+    """Why compressed-tensors cannot hold weights of ``codec`` (a ``Codec.model_dump()``), or None
+    when it can (per-weight limits, such as groups that must divide a row, are checked on save)."""
+    name = codec.get("name")
+    if name == "int":
+        if not codec.get("symmetric", True) and codec.get("zero_point", "integer") != "integer":
+            return ("int with a float zero point (zero_point='float') has no compressed-tensors scheme: its zero "
+                    "points are integers; lowbit's own format holds it")
+        return None
+    if name == "fp8":
+        if codec.get("fmt", "e4m3") != "e4m3":
+            return (f"fp8 {codec.get('fmt')}: compressed-tensors stores FP8 weights as E4M3 only; lowbit's own format "
+                    "holds it")
+        return None
+    cls = Codec.registry.get(str(name))
+    ggml = cls is not None and issubclass(cls, GGMLBlockCodec)
+    where = "a GGUF file or lowbit's own format" if ggml else "lowbit's own format"
+    return (f"codec {name!r} has no compressed-tensors layout (it holds int codes as pack-quantized and fp8 E4M3 "
+            f"as float-quantized); {where} holds it")
+
+
+def _export_problem(name: str, qt: QuantizedTensor, module: nn.Module | None) -> str | None:
+    """Why the quantized linear ``name`` cannot be written (``module``: its meta twin in the
+    transformers model), or None."""
+    reason = unsupported_reason(qt.codec)
+    if reason is not None:
+        return f"{name}: {reason}"
+    if not isinstance(module, nn.Linear):
+        kind = "absent" if module is None else f"a {type(module).__name__}"
+        return (f"{name}: compressed-tensors quantizes nn.Linear layers only, and transformers builds this one as "
+                f"{kind}; lowbit's own format holds it")
+    codec = qt.get_codec()
+    assert isinstance(codec, GroupedCodec)
+    rows, cols = qt.shape
+    if codec.granularity == "group":
+        assert codec.group_size is not None
+        if cols % codec.group_size:
+            return (f"{name}: its {cols} input columns are not a whole number of groups of {codec.group_size}; "
+                    "compressed-tensors refuses a shorter last group ('tensor column shape must be divisible'): "
+                    f"quantize with a group size that divides {cols} (e.g. {math.gcd(cols, codec.group_size)}), "
+                    "or write lowbit's own format")
+        if "g_idx" in qt.data and not _trivial_g_idx(qt.data["g_idx"], codec.group_size):
+            return (f"{name}: act-order with a g_idx (GPTQ act_order without static_groups) cannot be stored: "
+                    "compressed-tensors no longer reads a g_idx (actorder='group', dropped after 0.18); quantize "
+                    "with static_groups (act-order without g_idx), or write the GPTQ layout or lowbit's own format")
+    return None
+
+
+def _trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
+    cols = g_idx.numel()
+    return torch.equal(g_idx.to(torch.long), torch.arange(cols, device=g_idx.device) // group_size)
+
+
+# -- int32 row packing ---------------------------------------------------------------------------
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``(rows, n)`` -> int32 ``(rows, ceil(n * bits / 32))``: each row one bit
+    stream (:func:`lowbit.codecs.pack_codes`), read as little-endian 32-bit words."""
+    rows, n = codes.shape
+    padded = F.pad(codes.to(torch.uint8), (0, (-n) % 32))  # a row of 32k codes fills whole words
+    b = pack_codes(padded, bits).view(rows, -1, 4).to(torch.int64)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words[:, : -(-n * bits // 32)].to(torch.int32).contiguous()
+
+
+def unpack_rows(words: torch.Tensor, bits: int, n: int, legacy: bool = False) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: uint8 codes ``(rows, n)``; with ``legacy``, words holding
+    ``32 // bits`` codes each (compressed-tensors up to 0.17)."""
+    rows, width = words.shape
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    if legacy:
+        per = 32 // bits
+        codes = (w.unsqueeze(-1) >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
+        return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
+    w = F.pad(w, (0, (-width) % bits))  # rows of a multiple of `bits` words hold whole codes
+    per_row = w.shape[1] * 32 // bits
+    b = torch.stack([(w >> s) & 0xFF for s in (0, 8, 16, 24)], dim=-1).to(torch.uint8).reshape(-1)
+    return unpack_codes(b, bits, rows * per_row).view(rows, per_row)[:, :n]
+
+
+def packed_width(n: int, bits: int, legacy: bool = False) -> int:
+    """int32 words per row of ``n`` codes."""
+    return -(-n // (32 // bits)) if legacy else -(-n * bits // 32)
+
+
+# -- lowbit -> compressed-tensors --------------------------------------------------------------
+
+
+def _scheme(codec: dict[str, Any]) -> dict[str, Any]:
+    """The compressed-tensors weight arguments of a lowbit codec."""
+    c = codec_from_dict(codec)
+    assert isinstance(c, (IntCodec, FP8Codec))
+    return {
+        "num_bits": c.bits if isinstance(c, IntCodec) else 8,
+        "type": "int" if isinstance(c, IntCodec) else "float",
+        "symmetric": c.symmetric if isinstance(c, IntCodec) else True,
+        "strategy": c.granularity,
+        "group_size": c.group_size if c.granularity == "group" else None,
+        "dynamic": False,
+    }
+
+
+def _scale_shape(granularity: str, rows: int, groups: int) -> tuple[int, ...]:
+    return (1,) if granularity == "tensor" else (rows, groups)
+
+
+def ct_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized linear, by local name (``weight_packed``, ...)."""
+    codec = qt.get_codec()
+    assert isinstance(codec, (IntCodec, FP8Codec))
+    rows, cols = qt.shape
+    codes = unpack_codes(qt.data["codes"], codec.code_bits, rows * cols).view(rows, cols)
+    scale = qt.data["scale"]
+    scale = scale.reshape(_scale_shape(codec.granularity, *scale.shape))
+    if isinstance(codec, FP8Codec):
+        return {"weight": codes.view(torch.float8_e4m3fn), "weight_scale": scale.to(torch.float32).contiguous()}
+    out = {
+        "weight_packed": pack_rows(codes, codec.bits),
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
+        "weight_scale": scale.contiguous(),
+    }
+    if not codec.symmetric:
+        zero = qt.data["zero"].to(torch.int64)  # integer-valued fp16 in [0, 2**bits - 1]
+        if codec.granularity == "tensor":
+            out["weight_zero_point"] = (zero.reshape(1) - (1 << (codec.bits - 1))).to(torch.int8)
+        else:
+            out["weight_zero_point"] = pack_rows(zero.t(), codec.bits).t().contiguous()
+    return out
+
+
+def _meta_twin(config: Any) -> nn.Module:
+    """The transformers model of ``config`` with no memory behind its parameters."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def quantization_config(quantized: dict[str, QuantizedTensor], dense_linears: list[str]) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config``: one config group per distinct codec; a single
+    group targets every ``Linear`` but the dense ones (llm-compressor's way), several name their
+    modules."""
+    by_codec: dict[str, list[str]] = {}
+    for name, qt in quantized.items():
+        by_codec.setdefault(json.dumps(qt.codec, sort_keys=True), []).append(name)
+    single = len(by_codec) == 1
+    groups = {}
+    formats = set()
+    for i, (key, names) in enumerate(by_codec.items()):
+        codec = json.loads(key)
+        formats.add(_FORMATS[codec["name"]])
+        groups[f"group_{i}"] = {
+            "targets": ["Linear"] if single else names,
+            "weights": _scheme(codec),
+            "input_activations": None,
+            "output_activations": None,
+            "format": _FORMATS[codec["name"]],
+        }
+    return {
+        "quant_method": QUANT_METHOD,
+        "version": LAYOUT_VERSION,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": dense_linears if single else [],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+    }
+
+
+def save_compressed_tensors(
+    loaded: "LoadedModel", out: Path, overwrite: bool = False, source: str | None = None
+) -> Path:
+    """Write a quantized model as a compressed-tensors folder ``out`` (see the module docstring);
+    a LowbitError, before anything is written, when the layout cannot hold it."""
+    model = loaded.model
+    if any(isinstance(m, QuantEmbedding) for m in model.modules()):
+        raise LowbitError("compressed-tensors cannot hold a quantized token embedding (a GGUF type mix): write a "
+                          "GGUF file (--out FILE.gguf)")
+    quantized = {n: m.qweight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quantized:
+        raise LowbitError("the model is not quantized (no quantized linears)")
+    twin = _meta_twin(model.config)
+    twins = dict(twin.named_modules())
+    problems = [p for n, qt in quantized.items() if (p := _export_problem(n, qt, twins.get(n))) is not None]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LowbitError(f"cannot write compressed-tensors: {problems[0]}{more}")
+    dense_linears = [n for n, m in twin.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    recipe = getattr(model, "lowbit_recipe", None)
+    dense_dtype = getattr(torch, recipe.dense_dtype) if recipe is not None else None
+
+    out = Path(out)
+    with atomic_folder(out, overwrite) as tmp:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, qt in quantized.items():
+            tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt).items()})
+        for mod_name, _, attr, t in dense_tensors(model):
+            t = t.detach()
+            if dense_dtype is not None and t.dtype.is_floating_point:
+                t = t.to(dense_dtype)
+            tensors[f"{mod_name}.{attr}" if mod_name else attr] = t.contiguous()
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = quantization_config(quantized, dense_linears)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            (tmp / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        marker = {
+            "format": QUANT_METHOD,
+            "lowbit_version": lowbit.__version__,
+            "source": source or loaded.source,
+            "recipe_digest": None if recipe is None else recipe.digest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return out
+
+
+# -- compressed-tensors -> lowbit --------------------------------------------------------------
+
+
+def is_compressed_tensors_folder(path: Path) -> bool:
+    """Whether ``path`` is a model folder whose config declares compressed-tensors quantization."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _read_quantization_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise LowbitError(f"{path}: no config.json, not a Hugging Face model folder")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"{file}: unreadable JSON ({e})") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise LowbitError(f"{path}: config.json declares no compressed-tensors quantization_config")
+    return qc
+
+
+class _Group:
+    """One config group of a compressed-tensors config, as lowbit reads it."""
+
+    def __init__(self, path: Path, name: str, group: Any, default_format: str) -> None:
+        where = f"{path}: quantization_config.config_groups.{name}"
+        if not isinstance(group, dict) or not isinstance(group.get("targets"), list):
+            raise LowbitError(f"{where}: not a scheme with a list of targets")
+        for side in ("input_activations", "output_activations"):
+            if group.get(side):
+                raise LowbitError(f"{where}: quantizes {side} (e.g. W8A8), which lowbit's linears cannot run; "
+                                  "only weight-only schemes are read")
+        self.targets: list[str] = group["targets"]
+        self.format = group.get("format") or default_format
+        if self.format not in _READABLE_FORMATS:
+            raise LowbitError(f"{where}: format {self.format!r} is not read by lowbit (it reads "
+                              f"{', '.join(_READABLE_FORMATS)})")
+        self.codec = _codec_of(where, group.get("weights"))
+
+    def matches(self, name: str, module: nn.Module, ignore: list[str]) -> bool:
+        hit = any(_target_hit(t, name, module) for t in self.targets)
+        return hit and not any(_target_hit(t, name, module) for t in ignore)
+
+
+def _target_hit(target: str, name: str, module: nn.Module) -> bool:
+    """compressed-tensors' matching: ``re:REGEX`` (re.match) or the exact module name, or a class
+    name anywhere in the module's class hierarchy."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or any(c.__name__ == target for c in type(module).__mro__)
+
+
+def _codec_of(where: str, w: Any) -> Codec | None:
+    """The lowbit codec of a scheme's weight arguments (None: weights not quantized)."""
+    if w is None:
+        return None
+    if not isinstance(w, dict):
+        raise LowbitError(f"{where}.weights: not a mapping")
+    bits, kind = w.get("num_bits", 8), w.get("type", "int")
+    strategy, group_size = w.get("strategy"), w.get("group_size")
+    if strategy is None:  # compressed-tensors infers it from the group size
+        strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
+    if w.get("dynamic"):
+        raise LowbitError(f"{where}: dynamic weight quantization is not a stored format")
+    if strategy not in ("tensor", "channel", "group"):
+        raise LowbitError(f"{where}: weight strategy {strategy!r} is not read by lowbit (it reads tensor, channel "
+                          "and group scales)")
+    if w.get("actorder") not in (None, False, "weight", "static", "group", "dynamic"):
+        raise LowbitError(f"{where}: unknown actorder {w.get('actorder')!r}")
+    params: dict[str, Any] = {"granularity": strategy, "group_size": group_size if strategy == "group" else None}
+    try:
+        if kind == "int" and isinstance(bits, int) and 2 <= bits <= 8:
+            return IntCodec(bits=bits, symmetric=bool(w.get("symmetric", True)), zero_point="integer", **params)
+        if kind == "float" and bits == 8 and w.get("symmetric", True):
+            return FP8Codec(fmt="e4m3", **params)
+    except ValueError as e:
+        raise LowbitError(f"{where}: {str(e).splitlines()[0]}") from None
+    asym = "" if w.get("symmetric", True) else " (asymmetric)"
+    raise LowbitError(f"{where}: {bits}-bit {kind} weights{asym} are not read by lowbit (it reads int 2..8 bits and "
+                      "symmetric fp8 E4M3)")
+
+
+def _version(qc: dict[str, Any]) -> tuple[int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)", str(qc.get("version", "")))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+class _Reader:
+    """Turns one module's compressed-tensors tensors into a lowbit QuantizedTensor."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], version: tuple[int, int] | None) -> None:
+        self.path = path
+        self.tensors = tensors
+        self.version = version
+        self.consumed: set[str] = set()
+
+    def take(self, key: str, required: bool = True) -> torch.Tensor | None:
+        t = self.tensors.get(key)
+        if t is None and required:
+            raise LowbitError(f"{self.path}: missing tensor {key}")
+        if t is not None:
+            self.consumed.add(key)
+        return t
+
+    def quantized(self, name: str, codec: Codec, shape: tuple[int, int]) -> QuantizedTensor:
+        rows, cols = shape
+        assert isinstance(codec, (IntCodec, FP8Codec))
+        R, G, _ = codec.grouping.grid(shape)
+        scale = self.take(f"{name}.weight_scale")
+        assert scale is not None
+        if scale.numel() != R * G or not scale.dtype.is_floating_point:
+            raise LowbitError(f"{self.path}: {name}.weight_scale has shape {tuple(scale.shape)} and dtype "
+                              f"{scale.dtype}, expected {R * G} floats for {codec.describe()} on a {rows}x{cols} "
+                              "weight")
+        data: dict[str, torch.Tensor] = {}
+        if isinstance(codec, FP8Codec):
+            codes = self._fp8_codes(name, shape)
+            data["scale"] = scale.reshape(R, G).to(torch.float32)
+        else:
+            codes = self._int_codes(name, codec, shape)
+            data["scale"] = self._exact_fp16(f"{name}.weight_scale", scale.reshape(R, G))
+            if not codec.symmetric:
+                data["zero"] = self._zero(name, codec, rows, R, G)
+            elif (zp := self.take(f"{name}.weight_zero_point", required=False)) is not None and zp.any():
+                raise LowbitError(f"{self.path}: {name} is symmetric but has a non-zero weight_zero_point")
+        data = {"codes": pack_codes(codes, codec.code_bits), **data}
+        g_idx = self.take(f"{name}.weight_g_idx", required=False)
+        if g_idx is not None and not bool((g_idx == -1).any()):  # -1: column order
+            if codec.granularity != "group":
+                raise LowbitError(f"{self.path}: {name}.weight_g_idx on a weight without groups")
+            data["g_idx"] = g_idx.to(torch.int32).reshape(-1).contiguous()
+            try:
+                group_order(data["g_idx"], codec.grouping, shape)
+            except ValueError as e:
+                raise LowbitError(f"{self.path}: {name}.weight_g_idx: {e}") from None
+        return QuantizedTensor(codec.model_dump(), shape, data)
+
+    def _fp8_codes(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        w = self.take(f"{name}.weight")
+        assert w is not None
+        if w.dtype != torch.float8_e4m3fn or tuple(w.shape) != shape:
+            raise LowbitError(f"{self.path}: {name}.weight is {w.dtype} {tuple(w.shape)}, expected float8_e4m3fn "
+                              f"{shape}")
+        return w.view(torch.uint8)
+
+    def _int_codes(self, name: str, codec: IntCodec, shape: tuple[int, int]) -> torch.Tensor:
+        rows, cols = shape
+        half = 1 << (codec.bits - 1)
+        packed = self.take(f"{name}.weight_packed", required=False)
+        if packed is None:  # naive-quantized: signed codes stored as int8
+            w = self.take(f"{name}.weight")
+            assert w is not None
+            if w.dtype != torch.int8 or tuple(w.shape) != shape:
+                raise LowbitError(f"{self.path}: {name}.weight is {w.dtype} {tuple(w.shape)}, expected int8 {shape}")
+            if int(w.min()) < -half or int(w.max()) >= half:
+                raise LowbitError(f"{self.path}: {name}.weight has codes outside {codec.bits} bits")
+            return (w.to(torch.int16) + half).to(torch.uint8)
+        stored = self.take(f"{name}.weight_shape")
+        assert stored is not None
+        if [int(x) for x in stored.reshape(-1)] != [rows, cols]:
+            raise LowbitError(f"{self.path}: {name}.weight_shape is {stored.tolist()}, the model's linear is "
+                              f"{rows}x{cols}")
+        legacy = self._legacy(codec.bits, cols, packed.shape[-1])
+        if packed.dtype != torch.int32 or tuple(packed.shape) != (rows, packed_width(cols, codec.bits, legacy)):
+            raise LowbitError(f"{self.path}: {name}.weight_packed is {packed.dtype} {tuple(packed.shape)}, expected "
+                              f"int32 ({rows}, {packed_width(cols, codec.bits, legacy)}) for {codec.bits}-bit codes")
+        return unpack_rows(packed, codec.bits, cols, legacy)
+
+    def _legacy(self, bits: int, n: int, width: int) -> bool:
+        """Whether codes are packed ``32 // bits`` per word (compressed-tensors up to 0.17)."""
+        if 32 % bits == 0:
+            return False  # both layouts are the same
+        if self.version is not None:
+            return self.version < _DENSE_PACKING_SINCE
+        return width == packed_width(n, bits, legacy=True) != packed_width(n, bits)
+
+    def _zero(self, name: str, codec: IntCodec, rows: int, R: int, G: int) -> torch.Tensor:
+        zp = self.take(f"{name}.weight_zero_point")
+        assert zp is not None
+        half = 1 << (codec.bits - 1)
+        if codec.granularity == "tensor":
+            if zp.numel() != 1 or zp.dtype.is_floating_point:
+                raise LowbitError(f"{self.path}: {name}.weight_zero_point must be one integer, got {zp.dtype} "
+                                  f"{tuple(zp.shape)}")
+            zero = zp.reshape(1, 1).to(torch.int64) + half
+        else:
+            legacy = self._legacy(codec.bits, rows, zp.shape[0])
+            want = (packed_width(rows, codec.bits, legacy), G)
+            if zp.dtype != torch.int32 or tuple(zp.shape) != want:
+                raise LowbitError(f"{self.path}: {name}.weight_zero_point is {zp.dtype} {tuple(zp.shape)}, expected "
+                                  f"packed int32 {want}")
+            zero = unpack_rows(zp.t().contiguous(), codec.bits, rows, legacy).t().to(torch.int64)
+        if int(zero.min()) < 0 or int(zero.max()) > codec.qmax:
+            raise LowbitError(f"{self.path}: {name}.weight_zero_point is outside the {codec.bits}-bit range")
+        return zero.reshape(R, G).to(torch.float16)
+
+    def _exact_fp16(self, key: str, scale: torch.Tensor) -> torch.Tensor:
+        """lowbit's int scales are fp16: other dtypes are taken only when fp16 holds them exactly."""
+        half = scale.to(torch.float16)
+        if not torch.equal(half.to(scale.dtype), scale):
+            raise LowbitError(f"{self.path}: {key} ({scale.dtype}) is not exactly representable in fp16, the scale "
+                              "dtype of lowbit's int codec; reading it would change the weights")
+        return half.contiguous()
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files (one file or an index of shards)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LowbitError(f"{index}: corrupt safetensors index ({e})") from None
+    else:
+        files = [path / WEIGHTS]
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise LowbitError(f"{path}: missing {file.name}")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+            first = str(e).splitlines()[0][:200]
+            raise LowbitError(f"{file}: corrupt or truncated safetensors file ({first})") from None
+    return tensors
+
+
+def _groups(path: Path, qc: dict[str, Any]) -> tuple[list[_Group], list[str]]:
+    for key, what in (("kv_cache_scheme", "KV-cache quantization"), ("transform_config", "transforms (rotations)"),
+                      ("sparsity_config", "sparsity"), ("moe_sparsity_config", "expert sparsity")):
+        if qc.get(key):
+            raise LowbitError(f"{path}: the checkpoint uses {what} ({key}), which lowbit does not read")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise LowbitError(f"{path}: quantization_status {status!r}: the weights are not stored compressed (load the "
+                          "folder as a plain Hugging Face model)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise LowbitError(f"{path}: quantization_config has no config_groups")
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list):
+        raise LowbitError(f"{path}: quantization_config.ignore is not a list")
+    default_format = qc.get("format") or "dense"
+    return [_Group(path, name, g, default_format) for name, g in groups.items()], ignore
+
+
+def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
+    """Read a compressed-tensors folder (written by lowbit, llm-compressor or anyone else) into a
+    lowbit model: its quantized linears become :class:`QuantLinear` with the equivalent codec and
+    the same weights bit for bit, never materialized as floats; dense tensors are cast to ``dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.models.loading import LoadedModel, _quiet_transformers
+
+    _quiet_transformers()
+    path = Path(path)
+    qc = _read_quantization_config(path)
+    groups, ignore = _groups(path, qc)
+    tensors = _read_tensors(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the model in memory is lowbit's, not compressed-tensors'
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for broken folders
+        raise LowbitError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0][:200]}") from None
+
+    reader = _Reader(path, tensors, _version(qc))
+    quantized: dict[str, QuantizedTensor] = {}
+    for name, module in list(model.named_modules()):
+        group = next((g for g in groups if g.codec is not None and g.matches(name, module, ignore)), None)
+        if group is None:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise LowbitError(f"{path}: {name} is a quantized {type(module).__name__}; lowbit reads quantized "
+                              "nn.Linear layers only")
+        assert group.codec is not None
+        qt = reader.quantized(name, group.codec, (module.out_features, module.in_features))
+        bias = reader.take(f"{name}.bias", required=module.bias is not None)
+        model.set_submodule(name, QuantLinear(qt, None if bias is None else bias.to(dtype)))
+        quantized[name] = qt
+    if not quantized:
+        raise LowbitError(f"{path}: no linear of the model matches the quantization_config's targets")
+
+    rest = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items() if k not in reader.consumed}
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise LowbitError(f"{path}: unexpected tensors {sorted(result.unexpected_keys)[:5]}")
+    model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise LowbitError(f"{path}: missing tensors {missing[:5]}")
+    source = _attach_recipe(path, model, quantized)
+    model.eval()
+    return LoadedModel(model, tokenizer, source or str(path), path)
+
+
+def _attach_recipe(path: Path, model: nn.Module, quantized: dict[str, QuantizedTensor]) -> str | None:
+    """Set ``model.lowbit_recipe`` from a lowbit-written folder whose recipe gives every quantized
+    linear the codec it holds; the source model it names, or None (a foreign folder: no recipe,
+    so evaluation does not take the folder itself for its unquantized reference)."""
+    from lowbit.recipes import Recipe
+
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        recipe = Recipe.from_file(path / "recipe.json")
+    except (OSError, ValueError, LowbitError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != QUANT_METHOD or not marker.get("source"):
+        return None
+    for name, qt in quantized.items():
+        assigned = recipe.assignment(name)
+        if assigned is None or assigned[0].model_dump() != qt.codec:
+            return None
+    model.lowbit_recipe = recipe
+    return str(marker["source"])
