@@ -1,0 +1,417 @@
+"""What the GPTQ and AWQ checkpoint folders share (:mod:`lowbit.io.gptq_format`,
+:mod:`lowbit.io.awq_format`).
+
+Both store an integer-codec linear as plain integer tables, which :class:`IntTables` holds:
+codes ``(out, in)``, one fp16 scale and one integer zero point per group and output feature
+``(G, out)``, and the group of every input column ``g_idx`` ``(in,)``; decoding is
+``W[o, c] = scales[g_idx[c], o] * (codes[o, c] - zeros[g_idx[c], o])`` exactly as lowbit's
+:class:`~lowbit.codecs.IntCodec` decodes (a symmetric codec's implied zero is ``2**(bits-1)``;
+a per-tensor scale is repeated per output feature, one group of every column).
+
+Writing: the checks every export makes before anything is written, then one folder:
+``model.safetensors`` (packed linears and dense tensors), ``config.json`` with its
+``quantization_config``, optional extra JSON files, the tokenizer and lowbit's ``recipe.json``.
+
+Reading: a folder's safetensors (``model.safetensors``, a sharded index, or a single
+``*.safetensors`` of another name as AutoGPTQ writes), the model built with its parameters on
+``meta``, the quantized linears set in as :class:`~lowbit.modules.QuantLinear` and every other
+tensor assigned, so that no float copy of a quantized weight is ever made.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.codecs import IntCodec, QuantizedTensor, codec_from_dict, unpack_codes
+from lowbit.codecs.base import group_order
+from lowbit.errors import LowbitError
+from lowbit.io.folder import atomic_folder
+from lowbit.modules import QuantEmbedding, QuantLinear, dense_tensors
+from lowbit.modules.experts import UnfusedExperts
+
+if TYPE_CHECKING:
+    from lowbit.models.loading import LoadedModel
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+RECIPE = "recipe.json"
+
+
+# -- integer tables ----------------------------------------------------------------------------
+@dataclass
+class IntTables:
+    """An integer-codec weight as the GPTQ/AWQ layouts see it (module docstring).
+
+    ``codes`` int64 ``(out, in)``; ``scales`` fp16 ``(G, out)``; ``zeros`` int64 ``(G, out)``,
+    the zero point itself (no format offset); ``g_idx`` int64 ``(in,)``; ``group_size`` -1 for
+    one group per output feature."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+
+    @property
+    def act_order(self) -> bool:
+        """Whether columns are grouped otherwise than ``col // group_size`` (GPTQ act-order)."""
+        return not torch.equal(self.g_idx, natural_g_idx(self.codes.shape[1], self.group_size))
+
+
+def natural_g_idx(cols: int, group_size: int) -> torch.Tensor:
+    """The group of each column without act-order: ``col // group_size`` (all 0 for -1)."""
+    if group_size == -1:
+        return torch.zeros(cols, dtype=torch.int64)
+    return torch.arange(cols, dtype=torch.int64) // group_size
+
+
+def has_act_order(qt: QuantizedTensor) -> bool:
+    """Whether a tensor's ``g_idx`` part groups its columns otherwise than ``col // group_size``."""
+    g_idx = qt.data.get("g_idx")
+    group_size = qt.codec.get("group_size") if qt.codec.get("granularity") == "group" else None
+    if g_idx is None or group_size is None:
+        return False
+    return not torch.equal(g_idx.to(torch.int64), natural_g_idx(qt.shape[1], int(group_size)))
+
+
+def int_codec_reason(codec: dict[str, Any]) -> str | None:
+    """Why an integer-table layout cannot hold ``codec`` at all, or None (shape and bit width
+    are each layout's own checks)."""
+    if codec.get("name") != "int":
+        return f"{describe(codec)} is not an integer codec"
+    if not codec.get("symmetric", True) and codec.get("zero_point") == "float":
+        return f"{describe(codec)} has a float zero offset (x = scale * q + offset), not an integer zero point"
+    return None
+
+
+def describe(codec: dict[str, Any]) -> str:
+    try:
+        return codec_from_dict(codec).describe()
+    except ValueError:
+        return str(codec.get("name"))
+
+
+def int_tables(qt: QuantizedTensor) -> IntTables:
+    """The integer tables of an :class:`~lowbit.codecs.IntCodec` tensor (integer zero point)."""
+    codec = qt.get_codec()
+    if not isinstance(codec, IntCodec) or (not codec.symmetric and codec.zero_point == "float"):
+        raise ValueError(f"{describe(qt.codec)} has no integer tables")
+    rows, cols = qt.shape
+    codes = unpack_codes(qt.data["codes"], codec.bits, rows * cols).view(rows, cols).to(torch.int64)
+    groups = qt.data["scale"].shape[1]
+    scales = qt.data["scale"].to(torch.float16).expand(rows, groups).t().contiguous()
+    if codec.symmetric:
+        zeros = torch.full((groups, rows), 1 << (codec.bits - 1), dtype=torch.int64)
+    else:
+        z = qt.data["zero"].to(torch.float32).expand(rows, groups).t()
+        if not torch.equal(z, z.round()):
+            raise ValueError("integer zero points that are not integers")
+        zeros = z.to(torch.int64).contiguous()
+    group_size = codec.group_size if codec.granularity == "group" else -1
+    assert group_size is not None
+    g_idx = qt.data.get("g_idx")
+    g_idx = natural_g_idx(cols, group_size) if g_idx is None else g_idx.to(torch.int64)
+    return IntTables(codec.bits, group_size, codec.symmetric, codes, scales, zeros, g_idx)
+
+
+def tables_to_quantized(t: IntTables) -> QuantizedTensor:
+    """The lowbit tensor of integer tables: an :class:`~lowbit.codecs.IntCodec` per group (or
+    channel for ``group_size`` -1), symmetric when ``t.symmetric`` (then every zero must be
+    ``2**(bits-1)``), with a ``g_idx`` part when the columns are act-ordered. ValueError when
+    the tables do not fit together or lowbit's grouping cannot follow their ``g_idx``."""
+    rows, cols = t.codes.shape
+    groups = 1 if t.group_size == -1 else -(-cols // t.group_size)
+    if t.scales.shape != (groups, rows) or t.zeros.shape != (groups, rows) or t.g_idx.shape != (cols,):
+        raise ValueError(f"scales {tuple(t.scales.shape)}, zeros {tuple(t.zeros.shape)} and g_idx "
+                         f"{tuple(t.g_idx.shape)} do not fit {groups} groups of a ({rows}, {cols}) weight")
+    if t.g_idx.numel() and (int(t.g_idx.min()) < 0 or int(t.g_idx.max()) >= groups):
+        raise ValueError(f"g_idx names groups outside 0..{groups - 1}")
+    granularity = "channel" if t.group_size == -1 else "group"
+    codec = IntCodec(bits=t.bits, symmetric=t.symmetric, granularity=granularity,
+                     group_size=None if t.group_size == -1 else t.group_size, zero_point="integer")
+    scale = {"scale": t.scales.t().contiguous()}
+    if t.symmetric:
+        if not bool((t.zeros == 1 << (t.bits - 1)).all()):
+            raise ValueError("a symmetric codec with zero points other than 2**(bits-1)")
+    else:
+        scale["zero"] = t.zeros.t().to(torch.float16).contiguous()
+    qt = codec.pack(t.codes.to(torch.uint8), scale, (rows, cols))
+    if t.act_order:
+        g_idx = t.g_idx.to(torch.int32)
+        group_order(g_idx, codec.grouping, (rows, cols))  # ValueError unless lowbit's groups can follow it
+        qt.data["g_idx"] = g_idx
+    return qt
+
+
+def packed_parts(tensors: dict[str, torch.Tensor], name: str, shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """``NAME.{part}`` for each part of ``shapes``, checked: present, of that shape, packed parts
+    (``q*``) int32 and ``scales`` exactly fp16 (lowbit's scale dtype); ValueError if not."""
+    missing = [f"{name}.{p}" for p in shapes if f"{name}.{p}" not in tensors]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    parts = {p: tensors[f"{name}.{p}"] for p in shapes}
+    for part, wanted in shapes.items():
+        t = parts[part]
+        if tuple(t.shape) != wanted:
+            raise ValueError(f"{name}.{part} has shape {tuple(t.shape)}, expected {wanted}")
+        if part.startswith("q") and t.dtype != torch.int32:
+            raise ValueError(f"{name}.{part} of dtype {t.dtype} (lowbit reads int32 packing)")
+    scales = parts.get("scales")
+    if scales is not None:
+        half = scales.to(torch.float16)
+        if not scales.dtype.is_floating_point or not torch.equal(half.to(scales.dtype), scales):
+            raise ValueError(f"{name}.scales of dtype {scales.dtype}, which fp16 cannot hold exactly")
+        parts["scales"] = half
+    return parts
+
+
+# -- writing -------------------------------------------------------------------------------------
+def exportable_linears(
+    loaded: "LoadedModel", layout: str, reason: Callable[[dict[str, Any], tuple[int, int], bool], str | None]
+) -> list[tuple[str, QuantizedTensor]]:
+    """The quantized linears of ``loaded`` by name, or a LowbitError saying why ``layout``
+    cannot hold the model (``reason(codec, shape, act_order)`` judges each tensor)."""
+    model = loaded.model
+    if any(isinstance(m, QuantEmbedding) for m in model.modules()):
+        raise LowbitError(f"this recipe quantizes the token embedding (a GGUF type mix), which the {layout} "
+                          "layout cannot hold: write a GGUF file (--out FILE.gguf) or lowbit's own folder")
+    if any(isinstance(m, UnfusedExperts) for m in model.modules()):
+        raise LowbitError(f"lowbit does not write mixture-of-experts models in the {layout} layout yet "
+                          "(its per-expert names): write lowbit's own folder")
+    linears = [(n, m.qweight) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not linears:
+        raise LowbitError(f"the model has no quantized linears to write in the {layout} layout")
+    refused: dict[str, list[str]] = {}
+    for name, qt in linears:
+        why = reason(qt.codec, qt.shape, has_act_order(qt))
+        if why is not None:
+            refused.setdefault(why, []).append(name)
+    if refused:
+        why, names = next(iter(refused.items()))
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise LowbitError(f"the {layout} layout cannot hold {names[0]}{more}: {why}")
+    return linears
+
+
+def naming_alternatives(
+    layout: str, reason: str | None, codec: dict[str, Any], shape: tuple[int, int] | None, act_order: bool
+) -> str | None:
+    """``reason`` (why ``layout`` cannot hold such a tensor, or None) followed by the layouts
+    that can: the other integer-table layouts that accept it, and lowbit's own folder."""
+    if reason is None:
+        return None
+    from lowbit.io import awq_format, gptq_format
+
+    checks = {"GPTQ": gptq_format.layout_reason, "AWQ": awq_format.layout_reason}
+    can = [name for name, check in checks.items() if name != layout and check(codec, shape, act_order) is None]
+    return f"{reason}; write it as " + ", ".join([*can, "lowbit's own folder"])
+
+
+def dense_linear_names(model: nn.Module) -> list[str]:
+    """Linears (``nn.Linear`` / transformers ``Conv1D``) left unquantized, LM head aside: what a
+    consumer must be told not to convert."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m is not head]
+
+
+def output_head_quantized(model: nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(head, QuantLinear)
+
+
+def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every dense tensor (biases of quantized linears included) by name, tied ones once, floats
+    in the recipe's ``dense_dtype`` (as they are without a recipe)."""
+    recipe = getattr(model, "lowbit_recipe", None)
+    dtype = None if recipe is None else getattr(torch, recipe.dense_dtype)
+    out = {}
+    for mod_name, _, name, t in dense_tensors(model):
+        t = t.detach()
+        cast = dtype is not None and t.dtype.is_floating_point
+        out[f"{mod_name}.{name}" if mod_name else name] = (t.to(dtype) if cast else t).contiguous()
+    return out
+
+
+def lowbit_meta(loaded: "LoadedModel", source: str | None) -> dict[str, Any]:
+    """The ``meta`` entry of a quantization config: who wrote it, from what."""
+    import lowbit
+
+    return {"quantizer": [f"lowbit:{lowbit.__version__}"], "lowbit_source": source or loaded.source}
+
+
+def write_folder(
+    loaded: "LoadedModel", out: Path, overwrite: bool, tensors: dict[str, torch.Tensor],
+    quantization_config: dict[str, Any], extra_json: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write the folder ``out`` atomically: ``tensors`` plus the dense state, ``config.json``
+    with ``quantization_config``, ``extra_json`` files, tokenizer and recipe."""
+    model = loaded.model
+    out = Path(out)
+    with atomic_folder(out, overwrite) as tmp:
+        save_file({**tensors, **dense_state(model)}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / CONFIG).read_text())
+        config["quantization_config"] = quantization_config
+        _write_json(tmp / CONFIG, config)
+        for name, data in (extra_json or {}).items():
+            _write_json(tmp / name, data)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        recipe = getattr(model, "lowbit_recipe", None)
+        if recipe is not None:
+            _write_json(tmp / RECIPE, recipe.to_dict())
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None if absent; LowbitError if unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LowbitError(f"{path}: not a JSON object")
+    return data
+
+
+def hf_quantization_config(path: Path) -> dict[str, Any] | None:
+    """``config.json``'s ``quantization_config`` (None without one)."""
+    config = read_json(path / CONFIG)
+    if config is None:
+        raise LowbitError(f"{path}: no {CONFIG}, not a Hugging Face model folder")
+    qc = config.get("quantization_config")
+    return qc if isinstance(qc, dict) else None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors weights."""
+    index = read_json(path / WEIGHTS_INDEX)
+    if index is not None:
+        files = sorted({path / f for f in index.get("weight_map", {}).values()})
+    elif (path / WEIGHTS).is_file():
+        files = [path / WEIGHTS]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise LowbitError(f"{path}: missing {WEIGHTS}" + (" (and several other .safetensors files)" if files else ""))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise LowbitError(f"{path}: missing {file.name} (named in {WEIGHTS_INDEX})")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+            raise LowbitError(f"{file}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
+    return tensors
+
+
+def empty_model(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The folder's model with parameters on ``meta`` (buffers real) and no quantization config
+    (transformers would otherwise look for GPTQ/AWQ kernels), and its tokenizer."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.models.loading import _first_line, _quiet_transformers
+
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for corrupt or partial folders
+        raise LowbitError(f"cannot rebuild the model of {path}: {_first_line(e)}") from None
+    return model, tokenizer
+
+
+def linear_shape(model: nn.Module, name: str, path: Path) -> tuple[int, int]:
+    """``(out, in)`` of the linear ``name`` of the (meta) model."""
+    from lowbit.modules import linear_weight
+
+    try:
+        weight, _ = linear_weight(model.get_submodule(name))
+    except (AttributeError, LowbitError):
+        raise LowbitError(f"{path}: quantized tensors for {name}, which is not a linear of the model") from None
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def assemble(
+    model: nn.Module, path: Path, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],
+    consumed: set[str], dtype: torch.dtype,
+) -> None:
+    """Set each of ``quantized`` in as a QuantLinear (with its ``NAME.bias``), assign every other
+    tensor not in ``consumed`` (floats cast to ``dtype``), tie weights; LowbitError for a tensor
+    the model lacks or a tensor of the model missing from the folder."""
+    for name, qt in quantized.items():
+        old = model.get_submodule(name)
+        bias = tensors.get(f"{name}.bias")
+        if getattr(old, "bias", None) is not None and bias is None:
+            raise LowbitError(f"{path}: missing {name}.bias")
+        consumed.add(f"{name}.bias")
+        model.set_submodule(name, QuantLinear(qt, None if bias is None else bias.to(dtype)))
+    rest = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items() if k not in consumed}
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    # rotary inv_freq: a buffer older checkpoints stored and transformers now derives from the config
+    unexpected = [k for k in result.unexpected_keys if not k.endswith(".inv_freq")]
+    if unexpected:
+        raise LowbitError(f"{path}: unexpected tensors {unexpected[:5]}")
+    model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise LowbitError(f"{path}: missing tensors {missing[:5]}")
+    model.eval()
+
+
+def load_folder(
+    path: Path, dtype: torch.dtype, layout: str, config: dict[str, Any], parts: tuple[str, ...],
+    read_linear: Callable[[dict[str, torch.Tensor], str, tuple[int, int]], QuantizedTensor],
+) -> "LoadedModel":
+    """The model of a checkpoint folder whose quantized linears are the ``NAME.qweight`` owners,
+    each read by ``read_linear(tensors, NAME, (out, in))`` (a ValueError says what is wrong) and
+    stored as ``NAME.{parts}``; the rest as :func:`assemble` does, then lowbit's recipe if the
+    folder has one."""
+    from lowbit.models.loading import LoadedModel
+
+    tensors = read_tensors(path)
+    model, tokenizer = empty_model(path, dtype)
+    quantized: dict[str, QuantizedTensor] = {}
+    consumed: set[str] = set()
+    for name in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
+        shape = linear_shape(model, name, path)
+        try:
+            quantized[name] = read_linear(tensors, name, shape)
+        except ValueError as e:
+            raise LowbitError(f"{path}: bad quantized linear {name}: {e}") from None
+        consumed.update(f"{name}.{p}" for p in parts)
+    if not quantized:
+        raise LowbitError(f"{path}: a {layout} quantization config but no quantized linears (no *.qweight tensors)")
+    assemble(model, path, quantized, tensors, consumed, dtype)
+    if (path / RECIPE).is_file():
+        from lowbit.recipes import Recipe
+
+        model.lowbit_recipe = Recipe.from_file(path / RECIPE)
+    source = (config.get("meta") or {}).get("lowbit_source") or str(path)
+    return LoadedModel(model, tokenizer, str(source), path)
