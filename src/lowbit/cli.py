@@ -108,7 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(b)
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     b.add_argument("--no-progress", action="store_true")
+    gen = sub.add_parser("generate", help="generate text, streamed, and print tokens/s")
+    _add_run_args(gen)
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N", help="default 64")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                     help="sampling temperature (default 0: greedy)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+
+    sp = sub.add_parser("bench-speed", help="prefill and decode tokens/s and peak memory")
+    _add_run_args(sp)
+    sp.add_argument("--batch", default="1,8", metavar="LIST", help="comma-separated batch sizes (default 1,8)")
+    sp.add_argument("--prompt-tokens", type=_positive, default=128, metavar="N", help="prefill length (default 128)")
+    sp.add_argument("--new-tokens", type=_positive, default=32, metavar="N", help="decode steps (default 32)")
+    sp.add_argument("--repeats", type=_positive, default=3, metavar="N", help="timed runs, median (default 3)")
+    sp.add_argument("--threads", type=_positive, metavar="N", help="torch threads (default: torch's)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="built-in name, HF folder, lowbit folder, .gguf file or hub id")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="dtype of activations and dense weights (default auto: bfloat16 when a fast kernel "
+                        "runs the quantized linears, whose operators compute in bf16; else float32)")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="run quantized linears on the reference path (dequantized once, then dense matmuls)")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -365,7 +391,132 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
+def _load_for_running(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The model with fast kernels built (unless --no-kernels), the remaining quantized layers
+    dequantized once, in the chosen dtype; what ran where; the MB of tensors the model holds and
+    the process's resident MB after loading."""
+    from lowbit.evaluation.speed import held_bytes, resident_bytes
+    from lowbit.models import load_model
+    from lowbit.modules import enable_fast_kernels, keep_dequantized_weights
+    from lowbit.modules.kernels import build_kernel
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32"
+        if not args.no_kernels and _first_kernel_codec(args.model, build_kernel):
+            dtype = "bfloat16"
+    loaded = load_model(args.model, _dtype(dtype), keep_quantized=True)
+    counts = {} if args.no_kernels else enable_fast_kernels(loaded.model)
+    counts.pop("reference", None)
+    dequantized = keep_dequantized_weights(loaded.model, _dtype(dtype))  # once, not per call
+    if dequantized:
+        counts["dequantized once"] = dequantized
+    rss = resident_bytes()
+    return loaded, dtype, counts, {"model_mb": held_bytes(loaded.model) / 1e6,
+                                   "rss_after_load_mb": None if rss is None else rss / 1e6}
+
+
+def _first_kernel_codec(spec: str, build_kernel) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a lowbit folder's first quantized linear has a fast kernel (read from its header
+    alone, before loading)."""
+    from lowbit.io.lowbit_format import MARKER, WEIGHTS, QUANT_KEY
+
+    path = Path(spec).expanduser()
+    if not (path / MARKER).is_file():
+        return False
+    from safetensors import safe_open
+
+    from lowbit.codecs import QuantizedTensor
+
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        headers = json.loads((f.metadata() or {}).get(QUANT_KEY, "{}"))
+        for name, header in headers.items():
+            prefix = f"{name}.weight"
+            parts = json.loads(header)["parts"]
+            qt = QuantizedTensor.from_state_dict(header, {f"{prefix}.{p}": f.get_tensor(f"{prefix}.{p}") for p in parts},
+                                                 prefix)
+            return build_kernel(qt) is not None
+    return False
+
+
+def _describe_run(dtype: str, counts: dict[str, int], memory: dict[str, float | None]) -> str:
+    layers = ", ".join(f"{n} linears: {k}" for k, n in counts.items()) or "no quantized linears"
+    rss = memory["rss_after_load_mb"]
+    return (f"{dtype} activations; {layers}; model tensors {memory['model_mb']:.0f} MB"
+            + ("" if rss is None else f", process resident {rss:.0f} MB after loading"))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    loaded, dtype, counts, memory = _load_for_running(args)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise LowbitError(f"{args.model} has no tokenizer")
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise LowbitError(f"{args.model}'s tokenizer has no chat template (drop --chat)")
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    print(_describe_run(dtype, counts, memory), file=sys.stderr)
+    sample = args.temperature > 0
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=sample,
+            temperature=args.temperature if sample else None, top_p=None, top_k=None,
+            streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+    seconds = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    print(f"{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s (prompt {ids.shape[1]} tokens)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.evaluation.speed import measure_speed, peak_resident_bytes
+
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise LowbitError(f"--batch: expected comma-separated integers, got {args.batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise LowbitError(f"--batch: expected positive batch sizes, got {args.batch!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded, dtype, counts, memory = _load_for_running(args)
+    load_peak = peak_resident_bytes()
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    rows = [measure_speed(loaded.model, vocab, b, args.prompt_tokens, args.new_tokens, args.repeats)
+            for b in batches]
+    result = {
+        "model": args.model, "dtype": dtype, "linears": counts, "threads": torch.get_num_threads(),
+        **memory, "load_peak_mb": None if load_peak is None else load_peak / 1e6,
+        "runs": [r.to_dict() for r in rows],
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.model}: {_describe_run(dtype, counts, memory)}; {result['threads']} threads")
+    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak MB':>8}")
+    for r in rows:
+        peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+        print(f"{r.batch:>5} {r.prefill_tokens_per_s:>14.1f} {r.decode_tokens_per_s:>13.1f} {peak:>8}")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench,
+            "generate": cmd_generate, "bench-speed": cmd_bench_speed}
 
 
 def main(argv: list[str] | None = None) -> int:

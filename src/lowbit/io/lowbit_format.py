@@ -119,6 +119,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
     """Rebuild a quantized model from a lowbit folder; dense tensors are cast to ``dtype``."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -132,7 +133,9 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
     tensors, headers = read_weights(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        with no_init_weights():
+        # parameters on the meta device: the float weights of the quantized linears are never
+        # allocated; buffers (rotary tables) are real, as the checkpoint does not hold them
+        with no_init_weights(), init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
@@ -164,11 +167,12 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         consumed.update(qt.state_dict(f"{name}.weight"))
 
     rest = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items() if k not in consumed}
-    result = model.load_state_dict(rest, strict=False)
+    result = model.load_state_dict(rest, strict=False, assign=True)
     if result.unexpected_keys:
         raise LowbitError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
     model.tie_weights()
     missing = [k for k in result.missing_keys if not _is_tied_or_quantized(model, k)]
+    missing += [n for n, p in model.named_parameters() if p.is_meta and n not in missing]
     if missing:
         raise LowbitError(f"{path}: missing tensors {missing[:5]}")
     model.lowbit_recipe = recipe

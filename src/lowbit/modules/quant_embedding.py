@@ -20,6 +20,8 @@ class QuantEmbedding(QuantLinear):
     """Rows of the ``(vocab, hidden)`` table looked up by token id, decoded on use (float32, or
     the dtype :func:`cache_dequantized_weights` caches)."""
 
+    kernel_capable = False
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         table = self._dense if self._dense is not None else self.dense_weight(torch.float32)
         return F.embedding(ids, table)

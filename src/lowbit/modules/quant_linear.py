@@ -27,6 +27,8 @@ _PART_PREFIX = "qweight_"
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as codes and scale data (module buffers)."""
 
+    kernel_capable = True  # whether enable_fast_kernels may give it a kernel
+
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.codec = dict(qweight.codec)
@@ -66,6 +68,11 @@ class QuantLinear(nn.Module):
             self.kernel = None
         if kernel is not None:
             self._buffers[_PART_PREFIX + "codes"] = torch.empty(0, dtype=torch.uint8)
+            # own copies of the small parts: a part may be a view into a memory-mapped checkpoint,
+            # whose pages would otherwise stay resident for the sake of a few scales
+            for p in self.parts:
+                if p != "codes":
+                    self._buffers[_PART_PREFIX + p] = self._buffers[_PART_PREFIX + p].clone()
             self.kernel = kernel
 
     def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -111,7 +118,7 @@ def enable_fast_kernels(model: nn.Module) -> dict[str, int]:
     once); returns how many layers each kernel (and the reference path) took."""
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and m.kernel_capable:
             kernel = build_kernel(m.qweight) if m.qweight_codes.device.type == "cpu" else None
             m.use_kernel(kernel)
             name = "reference" if kernel is None else kernel.name
@@ -119,17 +126,32 @@ def enable_fast_kernels(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def keep_dequantized_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every QuantLinear without a fast kernel keeps its dequantized weight in ``dtype`` (so
+    repeated forwards do not unpack again); returns how many layers do."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.kernel is None:
+            m._dense = m.dense_weight(dtype)
+            n += 1
+    return n
+
+
+def release_dequantized_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m._dense = None
+
+
 @contextlib.contextmanager
 def cache_dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Within the block, every QuantLinear keeps its dequantized weight in ``dtype``."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    """Within the block, every QuantLinear without a fast kernel keeps its dequantized weight in
+    ``dtype`` (a kernel-backed one keeps running its kernel: its numerics are what is measured)."""
     try:
-        for m in layers:
-            m._dense = m.dense_weight(dtype)
+        keep_dequantized_weights(model, dtype)
         yield
     finally:
-        for m in layers:
-            m._dense = None
+        release_dequantized_weights(model)
 
 
 def dense_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
