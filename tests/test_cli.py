@@ -396,3 +396,59 @@ def test_quantize_help_mentions_imatrix_options(capsys) -> None:  # type: ignore
         main(["quantize", "--help"])
     text = capsys.readouterr().out
     assert "--imatrix FILE" in text and "--save-imatrix FILE" in text and "llama-imatrix" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# --format, generate, bench-speed
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["gptq", "gptq_v2", "awq", "compressed-tensors"])
+def test_quantize_to_each_layout_then_evaluate_it(capsys, model_dir, text_file, tmp_path, layout) -> None:  # type: ignore[no-untyped-def]
+    common = ("--text", str(text_file), "--seq-len", "64", "--max-windows", "2", "--json", "--no-progress",
+              "--ref", str(model_dir))
+    native, other = tmp_path / "native", tmp_path / layout
+    for out, extra in ((native, ()), (other, ("--format", layout))):
+        code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16-asym", "--group-size", "32", *extra)
+        assert code == 0, err
+    code, stdout, err = run(capsys, "eval", str(native), *common)
+    want = json.loads(stdout)
+    code, stdout, err = run(capsys, "eval", str(other), *common)  # the folder's layout is recognized
+    assert code == 0, err
+    got = json.loads(stdout)
+    assert (got["kld"], got["ppl"], got["bits_per_weight"]) == (want["kld"], want["ppl"], want["bits_per_weight"])
+
+
+def test_a_layout_that_cannot_hold_the_codec_is_refused_before_the_work(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "nf4", "--format", "awq")
+    assert_one_line_error(code, err, "--format awq cannot hold", "nf4", "lowbit's own")
+    assert_nothing_written(out)
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--group-size", "48",
+                            "--format", "compressed-tensors")
+    assert_one_line_error(code, err, "not a whole number of groups of 48", "GPTQ layout")
+    assert_nothing_written(out)
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--format", "gguf")
+    assert_one_line_error(code, err, "--out FILE.gguf")
+    code, _, err = quantize(capsys, model_dir, tmp_path / "m.gguf", "--recipe", "w4a16", "--format", "gptq")
+    assert_one_line_error(code, err, "names a GGUF file")
+
+
+def test_generate_and_bench_speed(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--group-size", "32")
+    assert code == 0, err
+    code, stdout, err = run(capsys, "generate", str(out), "--prompt", "ab", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert "bfloat16 activations" in err and "int4-packed-cpu" in err and "tokens/s" in err
+    code, stdout, err = run(capsys, "bench-speed", str(out), "--batch", "1,2", "--prompt-tokens", "8",
+                            "--new-tokens", "3", "--repeats", "1", "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["dtype"] == "bfloat16" and r["linears"] == {"int4-packed-cpu": 14}
+    assert [run_["batch"] for run_ in r["runs"]] == [1, 2]
+    assert all(run_["decode_tokens_per_s"] > 0 and run_["prefill_tokens_per_s"] > 0 for run_ in r["runs"])
+    code, stdout, err = run(capsys, "bench-speed", str(out), "--no-kernels", "--batch", "1", "--prompt-tokens", "4",
+                            "--new-tokens", "2", "--repeats", "1", "--json")
+    r = json.loads(stdout)
+    assert r["dtype"] == "float32" and r["linears"] == {"dequantized once": 14}
+    code, _, err = run(capsys, "bench-speed", str(out), "--batch", "0")
+    assert_one_line_error(code, err, "--batch")

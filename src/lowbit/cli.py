@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, metavar="DIR|FILE.gguf",
                    help="output folder (must not exist), or a .gguf file that llama.cpp runs (Llama-family "
                    "models with the gguf-* presets: llama.cpp's block types)")
+    q.add_argument("--format", choices=tuple(_layouts()), metavar="LAYOUT",
+                   help="output layout: " + "; ".join(f"{n}: {h}" for n, h in _layouts().items())
+                   + " (default: gguf for --out FILE.gguf, else native)")
     q.add_argument("--codec", metavar="NAME", help="replace the recipe's codec by NAME with its defaults "
                    "(e.g. q4_k, nf4, mxfp4; --bits/--group-size then adjust it)")
     q.add_argument("--algorithm", choices=("rtn", "gptq", "awq"), help="replace the recipe's algorithm")
@@ -128,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _layouts() -> dict[str, str]:
+    from lowbit.io.formats import LAYOUTS
+
+    return {n: lay.help for n, lay in LAYOUTS.items()}
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="built-in name, HF folder, lowbit folder, .gguf file or hub id")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
@@ -172,7 +181,6 @@ def _with_calibration(recipe, args: argparse.Namespace):  # type: ignore[no-unty
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.io import save_quantized
     from lowbit.pipeline import quantize_model
     from lowbit.pipeline.importance import calibrating_algorithms
     from lowbit.recipes import resolve_recipe
@@ -195,7 +203,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from lowbit.io.imatrix import linear_gguf_names
 
         linear_gguf_names(loaded.model)  # llama.cpp names its linears: before the work, not after it
-    to_gguf = args.out.suffix == ".gguf"
+    layout = _output_layout(args)
+    to_gguf = layout == "gguf"
     if not to_gguf and (recipe.gguf_mix or recipe.embedding or recipe.lm_head):
         raise LowbitError(f"{recipe.label()} is a GGUF type mix (it quantizes the token embedding): "
                           "write a GGUF file (--out FILE.gguf)")
@@ -203,6 +212,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from lowbit.io.gguf_writer import check_gguf_architecture
 
         check_gguf_architecture(loaded.model)  # before the work, not after it
+    else:
+        from lowbit.io.formats import check_layout
+
+        check_layout(layout, recipe, loaded.model)
     calib, resume = None, None
     if calibrating_algorithms(recipe, importance):
         from lowbit.calibration import calibration_set
@@ -226,12 +239,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if report.sequential is not None and not args.no_progress:
         print(report.sequential.summary(), file=sys.stderr)
-    if to_gguf:
-        from lowbit.io.gguf_writer import save_gguf
+    from lowbit.io.formats import save_model
 
-        save_gguf(loaded, args.out, overwrite=args.overwrite)
-    else:
-        save_quantized(loaded, args.out, overwrite=args.overwrite, source=args.model)
+    save_model(layout, loaded, args.out, overwrite=args.overwrite, source=args.model)
     if args.save_imatrix is not None:
         from lowbit.io.imatrix import write_imatrix
 
@@ -250,6 +260,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{(args.out.stat().st_size if to_gguf else folder_bytes(args.out)) / 1e6:.1f} MB on disk -> {args.out}"
     )
     return 0
+
+
+def _output_layout(args: argparse.Namespace) -> str:
+    to_gguf = args.out.suffix == ".gguf"
+    layout = args.format or ("gguf" if to_gguf else "native")
+    if (layout == "gguf") != to_gguf:
+        raise LowbitError("a GGUF output is one file: pass --out FILE.gguf" if layout == "gguf"
+                          else f"--out {args.out} names a GGUF file, but --format is {layout} (a folder)")
+    return layout
 
 
 def _calibration_overrides(args: argparse.Namespace) -> bool:

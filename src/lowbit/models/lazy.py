@@ -103,6 +103,10 @@ def lazy_source(spec: str) -> Path | None:
     p = Path(spec).expanduser()
     if not p.is_dir() or (p / LOWBIT_MARKER).exists() or not (p / "config.json").is_file():
         return None
+    from lowbit.io.formats import folder_loader
+
+    if folder_loader(p) is not None:  # a quantized checkpoint (GPTQ, AWQ, compressed-tensors)
+        return None
     if (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file():
         return p
     return None

@@ -33,9 +33,10 @@ class LoadedModel:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
-    """Load ``spec``: a built-in name (``smollm2-135m``), a lowbit folder, an HF folder, a
-    ``.gguf`` file, or a hub id. Weights are in ``dtype`` (a lowbit folder's quantized weights
-    stay packed; a ``.gguf`` file's too with ``keep_quantized``, else it is dequantized)."""
+    """Load ``spec``: a built-in name (``smollm2-135m``), a lowbit folder, a GPTQ / AWQ /
+    compressed-tensors checkpoint folder, an HF folder, a ``.gguf`` file, or a hub id. Weights
+    are in ``dtype`` (a quantized folder's linears stay packed; a ``.gguf`` file's too with
+    ``keep_quantized``, else it is dequantized)."""
     from lowbit.models.builtin import BUILTIN_MODELS, builtin_model_path
 
     if spec in BUILTIN_MODELS:
@@ -43,10 +44,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, keep_quantized: bo
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
-            if (path / LOWBIT_MARKER).exists():
-                from lowbit.io.lowbit_format import load_quantized
+            from lowbit.io.formats import folder_loader
 
-                return load_quantized(path, dtype)
+            load = folder_loader(path)  # lowbit's own, GPTQ, AWQ or compressed-tensors
+            if load is not None:
+                return load(path, dtype)
             return _load_hf_folder(path, dtype, source=spec)
         if path.suffix == ".gguf":
             return load_gguf(path, dtype, keep_quantized=keep_quantized)
