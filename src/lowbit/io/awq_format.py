@@ -36,12 +36,12 @@ import torch
 
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
+from lowbit.io.hf_checkpoint import hf_quantization_config, read_json, write_folder
 from lowbit.io.int32_packing import AWQ_ORDER, pack_int32, unpack_int32
 from lowbit.io.int_checkpoint import (
     IntTables,
     dense_linear_names,
     exportable_linears,
-    hf_quantization_config,
     int_codec_reason,
     int_tables,
     load_folder,
@@ -49,9 +49,7 @@ from lowbit.io.int_checkpoint import (
     naming_alternatives,
     packed_parts,
     natural_g_idx,
-    read_json,
     tables_to_quantized,
-    write_folder,
 )
 
 if TYPE_CHECKING:

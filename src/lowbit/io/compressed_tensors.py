@@ -62,8 +62,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import lowbit
@@ -73,15 +71,23 @@ from lowbit.codecs.fp8 import FP8Codec
 from lowbit.codecs.ggml_legacy import GGMLBlockCodec
 from lowbit.codecs.integer import IntCodec
 from lowbit.errors import LowbitError
-from lowbit.io.folder import atomic_folder
-from lowbit.modules import QuantEmbedding, QuantLinear, dense_tensors
+from lowbit.io.hf_checkpoint import (
+    RECIPE,
+    assemble,
+    empty_model,
+    hf_quantization_config,
+    meta_model,
+    read_tensors,
+    write_folder,
+)
+from lowbit.io.int32_packing import pack_int32, unpack_int32
+from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
 
 QUANT_METHOD = "compressed-tensors"
 LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose reader this layout was checked against
-WEIGHTS = "model.safetensors"
 MARKER = "lowbit_export.json"
 _FORMATS = {"int": "pack-quantized", "fp8": "float-quantized"}
 _READABLE_FORMATS = ("pack-quantized", "float-quantized", "naive-quantized", "int-quantized")
@@ -149,28 +155,23 @@ def _trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes ``(rows, n)`` -> int32 ``(rows, ceil(n * bits / 32))``: each row one bit
-    stream (:func:`lowbit.codecs.pack_codes`), read as little-endian 32-bit words."""
-    rows, n = codes.shape
+    stream (:func:`lowbit.io.int32_packing.pack_int32`), its last word padded with zero bits."""
+    n = codes.shape[1]
     padded = F.pad(codes.to(torch.uint8), (0, (-n) % 32))  # a row of 32k codes fills whole words
-    b = pack_codes(padded, bits).view(rows, -1, 4).to(torch.int64)
-    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words[:, : -(-n * bits // 32)].to(torch.int32).contiguous()
+    return pack_int32(padded, bits)[:, : packed_width(n, bits)].contiguous()
 
 
 def unpack_rows(words: torch.Tensor, bits: int, n: int, legacy: bool = False) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: uint8 codes ``(rows, n)``; with ``legacy``, words holding
     ``32 // bits`` codes each (compressed-tensors up to 0.17)."""
     rows, width = words.shape
-    w = words.to(torch.int64) & 0xFFFFFFFF
     if legacy:
         per = 32 // bits
+        w = words.to(torch.int64) & 0xFFFFFFFF
         codes = (w.unsqueeze(-1) >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
         return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
-    w = F.pad(w, (0, (-width) % bits))  # rows of a multiple of `bits` words hold whole codes
-    per_row = w.shape[1] * 32 // bits
-    b = torch.stack([(w >> s) & 0xFF for s in (0, 8, 16, 24)], dim=-1).to(torch.uint8).reshape(-1)
-    return unpack_codes(b, bits, rows * per_row).view(rows, per_row)[:, :n]
+    padded = F.pad(words.to(torch.int32), (0, (-width) % bits))  # `bits` words hold whole codes
+    return unpack_int32(padded, bits)[:, :n]
 
 
 def packed_width(n: int, bits: int, legacy: bool = False) -> int:
@@ -223,15 +224,6 @@ def ct_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def _meta_twin(config: Any) -> nn.Module:
-    """The transformers model of ``config`` with no memory behind its parameters."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def quantization_config(quantized: dict[str, QuantizedTensor], dense_linears: list[str]) -> dict[str, Any]:
     """``config.json``'s ``quantization_config``: one config group per distinct codec; a single
     group targets every ``Linear`` but the dense ones (llm-compressor's way), several name their
@@ -277,7 +269,7 @@ def save_compressed_tensors(
     quantized = {n: m.qweight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quantized:
         raise LowbitError("the model is not quantized (no quantized linears)")
-    twin = _meta_twin(model.config)
+    twin = meta_model(model.config)
     twins = dict(twin.named_modules())
     problems = [p for n, qt in quantized.items() if (p := _export_problem(n, qt, twins.get(n))) is not None]
     if problems:
@@ -285,36 +277,18 @@ def save_compressed_tensors(
         raise LowbitError(f"cannot write compressed-tensors: {problems[0]}{more}")
     dense_linears = [n for n, m in twin.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     recipe = getattr(model, "lowbit_recipe", None)
-    dense_dtype = getattr(torch, recipe.dense_dtype) if recipe is not None else None
-
-    out = Path(out)
-    with atomic_folder(out, overwrite) as tmp:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, qt in quantized.items():
-            tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt).items()})
-        for mod_name, _, attr, t in dense_tensors(model):
-            t = t.detach()
-            if dense_dtype is not None and t.dtype.is_floating_point:
-                t = t.to(dense_dtype)
-            tensors[f"{mod_name}.{attr}" if mod_name else attr] = t.contiguous()
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        config = json.loads((tmp / "config.json").read_text())
-        config["quantization_config"] = quantization_config(quantized, dense_linears)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            (tmp / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        marker = {
-            "format": QUANT_METHOD,
-            "lowbit_version": lowbit.__version__,
-            "source": source or loaded.source,
-            "recipe_digest": None if recipe is None else recipe.digest(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    return out
+    tensors: dict[str, torch.Tensor] = {}
+    for name, qt in quantized.items():
+        tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt).items()})
+    marker = {
+        "format": QUANT_METHOD,
+        "lowbit_version": lowbit.__version__,
+        "source": source or loaded.source,
+        "recipe_digest": None if recipe is None else recipe.digest(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return write_folder(loaded, out, overwrite, tensors, quantization_config(quantized, dense_linears),
+                        {MARKER: marker}, sort_config_keys=True)
 
 
 # -- compressed-tensors -> lowbit --------------------------------------------------------------
@@ -323,23 +297,15 @@ def save_compressed_tensors(
 def is_compressed_tensors_folder(path: Path) -> bool:
     """Whether ``path`` is a model folder whose config declares compressed-tensors quantization."""
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        qc = hf_quantization_config(Path(path))
+    except LowbitError:
         return False
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+    return qc is not None and qc.get("quant_method") == QUANT_METHOD
 
 
 def _read_quantization_config(path: Path) -> dict[str, Any]:
-    file = path / "config.json"
-    if not file.is_file():
-        raise LowbitError(f"{path}: no config.json, not a Hugging Face model folder")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"{file}: unreadable JSON ({e})") from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+    qc = hf_quantization_config(path)
+    if qc is None or qc.get("quant_method") != QUANT_METHOD:
         raise LowbitError(f"{path}: config.json declares no compressed-tensors quantization_config")
     return qc
 
@@ -528,29 +494,6 @@ class _Reader:
         return half.contiguous()
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors files (one file or an index of shards)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise LowbitError(f"{index}: corrupt safetensors index ({e})") from None
-    else:
-        files = [path / WEIGHTS]
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not file.is_file():
-            raise LowbitError(f"{path}: missing {file.name}")
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
-        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
-            first = str(e).splitlines()[0][:200]
-            raise LowbitError(f"{file}: corrupt or truncated safetensors file ({first})") from None
-    return tensors
-
-
 def _groups(path: Path, qc: dict[str, Any]) -> tuple[list[_Group], list[str]]:
     for key, what in (("kv_cache_scheme", "KV-cache quantization"), ("transform_config", "transforms (rotations)"),
                       ("sparsity_config", "sparsity"), ("moe_sparsity_config", "expert sparsity")):
@@ -574,27 +517,13 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "
     """Read a compressed-tensors folder (written by lowbit, llm-compressor or anyone else) into a
     lowbit model: its quantized linears become :class:`QuantLinear` with the equivalent codec and
     the same weights bit for bit, never materialized as floats; dense tensors are cast to ``dtype``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from lowbit.models.loading import LoadedModel
 
-    from lowbit.models.loading import LoadedModel, _quiet_transformers
-
-    _quiet_transformers()
     path = Path(path)
     qc = _read_quantization_config(path)
     groups, ignore = _groups(path, qc)
-    tensors = _read_tensors(path)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the model in memory is lowbit's, not compressed-tensors'
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises many types for broken folders
-        raise LowbitError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0][:200]}") from None
-
+    tensors = read_tensors(path)
+    model, tokenizer = empty_model(path, dtype)
     reader = _Reader(path, tensors, _version(qc))
     quantized: dict[str, QuantizedTensor] = {}
     for name, module in list(model.named_modules()):
@@ -605,23 +534,11 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "
             raise LowbitError(f"{path}: {name} is a quantized {type(module).__name__}; lowbit reads quantized "
                               "nn.Linear layers only")
         assert group.codec is not None
-        qt = reader.quantized(name, group.codec, (module.out_features, module.in_features))
-        bias = reader.take(f"{name}.bias", required=module.bias is not None)
-        model.set_submodule(name, QuantLinear(qt, None if bias is None else bias.to(dtype)))
-        quantized[name] = qt
+        quantized[name] = reader.quantized(name, group.codec, (module.out_features, module.in_features))
     if not quantized:
         raise LowbitError(f"{path}: no linear of the model matches the quantization_config's targets")
-
-    rest = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items() if k not in reader.consumed}
-    result = model.load_state_dict(rest, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise LowbitError(f"{path}: unexpected tensors {sorted(result.unexpected_keys)[:5]}")
-    model.tie_weights()
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if missing:
-        raise LowbitError(f"{path}: missing tensors {missing[:5]}")
+    assemble(model, path, quantized, tensors, reader.consumed, dtype)
     source = _attach_recipe(path, model, quantized)
-    model.eval()
     return LoadedModel(model, tokenizer, source or str(path), path)
 
 
@@ -633,7 +550,7 @@ def _attach_recipe(path: Path, model: nn.Module, quantized: dict[str, QuantizedT
 
     try:
         marker = json.loads((path / MARKER).read_text())
-        recipe = Recipe.from_file(path / "recipe.json")
+        recipe = Recipe.from_file(path / RECIPE)
     except (OSError, ValueError, LowbitError):
         return None
     if not isinstance(marker, dict) or marker.get("format") != QUANT_METHOD or not marker.get("source"):

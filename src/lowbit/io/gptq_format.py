@@ -44,12 +44,12 @@ import torch
 
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
+from lowbit.io.hf_checkpoint import hf_quantization_config, read_json, write_folder
 from lowbit.io.int32_packing import fills_words, pack_int32, unpack_int32
 from lowbit.io.int_checkpoint import (
     IntTables,
     dense_linear_names,
     exportable_linears,
-    hf_quantization_config,
     int_codec_reason,
     int_tables,
     load_folder,
@@ -58,9 +58,7 @@ from lowbit.io.int_checkpoint import (
     natural_g_idx,
     output_head_quantized,
     packed_parts,
-    read_json,
     tables_to_quantized,
-    write_folder,
 )
 
 if TYPE_CHECKING:

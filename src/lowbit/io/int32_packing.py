@@ -1,6 +1,6 @@
-"""Codes packed into int32 words, as the GPTQ and AWQ checkpoint layouts store them.
+"""Codes packed into int32 words, as the GPTQ, AWQ and compressed-tensors layouts store them.
 
-Both layouts pack a run of ``n`` unsigned codes of ``bits`` bits into ``n * bits / 32`` int32
+All three pack a run of ``n`` unsigned codes of ``bits`` bits into ``n * bits / 32`` int32
 words as one little-endian bit stream: code ``k`` occupies stream bits ``[k*bits, (k+1)*bits)``
 and stream bit ``i`` is bit ``i % 32`` of word ``i // 32``. That is lowbit's own dense packing
 (:mod:`lowbit.codecs.packing`) read four bytes at a time, so it is done through it.
@@ -18,7 +18,9 @@ and stream bit ``i`` is bit ``i % 32`` of word ``i // 32``. That is lowbit's own
 AWQ's GEMM layout (4 bits) additionally interleaves each word: nibble ``j`` holds code
 ``AWQ_ORDER[j]`` of its eight, i.e. the eight codes go in as ``c0 c2 c4 c6 c1 c3 c5 c7``.
 
-A run must fill whole words (``n * bits`` a multiple of 32); the callers check that first.
+A run must fill whole words (``n * bits`` a multiple of 32); the callers check that first
+(compressed-tensors' rows, which end mid-word, are padded to whole words and cut back:
+:func:`lowbit.io.compressed_tensors.pack_rows`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from lowbit.codecs.packing import pack_codes, unpack_codes
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds code AWQ_ORDER[j] of its eight
 
 if sys.byteorder != "little":  # the int32 views below reinterpret little-endian bytes
-    raise ImportError("lowbit's GPTQ/AWQ packing assumes a little-endian machine")
+    raise ImportError("lowbit's int32 packing (GPTQ, AWQ, compressed-tensors) assumes a little-endian machine")
 
 
 def fills_words(n: int, bits: int) -> bool:

@@ -8,43 +8,30 @@ codes ``(out, in)``, one fp16 scale and one integer zero point per group and out
 :class:`~lowbit.codecs.IntCodec` decodes (a symmetric codec's implied zero is ``2**(bits-1)``;
 a per-tensor scale is repeated per output feature, one group of every column).
 
-Writing: the checks every export makes before anything is written, then one folder:
-``model.safetensors`` (packed linears and dense tensors), ``config.json`` with its
-``quantization_config``, optional extra JSON files, the tokenizer and lowbit's ``recipe.json``.
-
-Reading: a folder's safetensors (``model.safetensors``, a sharded index, or a single
-``*.safetensors`` of another name as AutoGPTQ writes), the model built with its parameters on
-``meta``, the quantized linears set in as :class:`~lowbit.modules.QuantLinear` and every other
-tensor assigned, so that no float copy of a quantized weight is ever made.
+Writing: the checks every export makes before anything is written, then one folder
+(:func:`lowbit.io.hf_checkpoint.write_folder`). Reading: every ``NAME.qweight`` owner read as a
+quantized linear, the rest of the folder as :mod:`lowbit.io.hf_checkpoint` reads any folder.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.codecs import IntCodec, QuantizedTensor, codec_from_dict, unpack_codes
 from lowbit.codecs.base import group_order
 from lowbit.errors import LowbitError
-from lowbit.io.folder import atomic_folder
-from lowbit.modules import QuantEmbedding, QuantLinear, dense_tensors
+from lowbit.io.hf_checkpoint import RECIPE, assemble, empty_model, read_tensors
+from lowbit.modules import QuantEmbedding, QuantLinear
 from lowbit.modules.experts import UnfusedExperts
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
-
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-CONFIG = "config.json"
-RECIPE = "recipe.json"
 
 
 # -- integer tables ----------------------------------------------------------------------------
@@ -232,19 +219,6 @@ def output_head_quantized(model: nn.Module) -> bool:
     return isinstance(head, QuantLinear)
 
 
-def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every dense tensor (biases of quantized linears included) by name, tied ones once, floats
-    in the recipe's ``dense_dtype`` (as they are without a recipe)."""
-    recipe = getattr(model, "lowbit_recipe", None)
-    dtype = None if recipe is None else getattr(torch, recipe.dense_dtype)
-    out = {}
-    for mod_name, _, name, t in dense_tensors(model):
-        t = t.detach()
-        cast = dtype is not None and t.dtype.is_floating_point
-        out[f"{mod_name}.{name}" if mod_name else name] = (t.to(dtype) if cast else t).contiguous()
-    return out
-
-
 def lowbit_meta(loaded: "LoadedModel", source: str | None) -> dict[str, Any]:
     """The ``meta`` entry of a quantization config: who wrote it, from what."""
     import lowbit
@@ -252,101 +226,7 @@ def lowbit_meta(loaded: "LoadedModel", source: str | None) -> dict[str, Any]:
     return {"quantizer": [f"lowbit:{lowbit.__version__}"], "lowbit_source": source or loaded.source}
 
 
-def write_folder(
-    loaded: "LoadedModel", out: Path, overwrite: bool, tensors: dict[str, torch.Tensor],
-    quantization_config: dict[str, Any], extra_json: dict[str, dict[str, Any]] | None = None,
-) -> Path:
-    """Write the folder ``out`` atomically: ``tensors`` plus the dense state, ``config.json``
-    with ``quantization_config``, ``extra_json`` files, tokenizer and recipe."""
-    model = loaded.model
-    out = Path(out)
-    with atomic_folder(out, overwrite) as tmp:
-        save_file({**tensors, **dense_state(model)}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        config = json.loads((tmp / CONFIG).read_text())
-        config["quantization_config"] = quantization_config
-        _write_json(tmp / CONFIG, config)
-        for name, data in (extra_json or {}).items():
-            _write_json(tmp / name, data)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        recipe = getattr(model, "lowbit_recipe", None)
-        if recipe is not None:
-            _write_json(tmp / RECIPE, recipe.to_dict())
-    return out
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 # -- reading -------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, None if absent; LowbitError if unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise LowbitError(f"{path}: not a JSON object")
-    return data
-
-
-def hf_quantization_config(path: Path) -> dict[str, Any] | None:
-    """``config.json``'s ``quantization_config`` (None without one)."""
-    config = read_json(path / CONFIG)
-    if config is None:
-        raise LowbitError(f"{path}: no {CONFIG}, not a Hugging Face model folder")
-    qc = config.get("quantization_config")
-    return qc if isinstance(qc, dict) else None
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors weights."""
-    index = read_json(path / WEIGHTS_INDEX)
-    if index is not None:
-        files = sorted({path / f for f in index.get("weight_map", {}).values()})
-    elif (path / WEIGHTS).is_file():
-        files = [path / WEIGHTS]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise LowbitError(f"{path}: missing {WEIGHTS}" + (" (and several other .safetensors files)" if files else ""))
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not file.is_file():
-            raise LowbitError(f"{path}: missing {file.name} (named in {WEIGHTS_INDEX})")
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
-        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
-            raise LowbitError(f"{file}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
-    return tensors
-
-
-def empty_model(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
-    """The folder's model with parameters on ``meta`` (buffers real) and no quantization config
-    (transformers would otherwise look for GPTQ/AWQ kernels), and its tokenizer."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lowbit.models.loading import _first_line, _quiet_transformers
-
-    _quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises many types for corrupt or partial folders
-        raise LowbitError(f"cannot rebuild the model of {path}: {_first_line(e)}") from None
-    return model, tokenizer
-
-
 def linear_shape(model: nn.Module, name: str, path: Path) -> tuple[int, int]:
     """``(out, in)`` of the linear ``name`` of the (meta) model."""
     from lowbit.modules import linear_weight
@@ -356,33 +236,6 @@ def linear_shape(model: nn.Module, name: str, path: Path) -> tuple[int, int]:
     except (AttributeError, LowbitError):
         raise LowbitError(f"{path}: quantized tensors for {name}, which is not a linear of the model") from None
     return int(weight.shape[0]), int(weight.shape[1])
-
-
-def assemble(
-    model: nn.Module, path: Path, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],
-    consumed: set[str], dtype: torch.dtype,
-) -> None:
-    """Set each of ``quantized`` in as a QuantLinear (with its ``NAME.bias``), assign every other
-    tensor not in ``consumed`` (floats cast to ``dtype``), tie weights; LowbitError for a tensor
-    the model lacks or a tensor of the model missing from the folder."""
-    for name, qt in quantized.items():
-        old = model.get_submodule(name)
-        bias = tensors.get(f"{name}.bias")
-        if getattr(old, "bias", None) is not None and bias is None:
-            raise LowbitError(f"{path}: missing {name}.bias")
-        consumed.add(f"{name}.bias")
-        model.set_submodule(name, QuantLinear(qt, None if bias is None else bias.to(dtype)))
-    rest = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items() if k not in consumed}
-    result = model.load_state_dict(rest, strict=False, assign=True)
-    # rotary inv_freq: a buffer older checkpoints stored and transformers now derives from the config
-    unexpected = [k for k in result.unexpected_keys if not k.endswith(".inv_freq")]
-    if unexpected:
-        raise LowbitError(f"{path}: unexpected tensors {unexpected[:5]}")
-    model.tie_weights()
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if missing:
-        raise LowbitError(f"{path}: missing tensors {missing[:5]}")
-    model.eval()
 
 
 def load_folder(

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -31,13 +30,13 @@ import lowbit
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
 from lowbit.io.folder import atomic_folder
-from lowbit.modules import QuantEmbedding, QuantLinear, dense_tensors
+from lowbit.io.hf_checkpoint import RECIPE, WEIGHTS, assemble, dense_state, empty_model, read_safetensors
+from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
 
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
 MARKER = "lowbit.json"
 QUANT_KEY = "lowbit.quantized"
 
@@ -52,10 +51,7 @@ def quantized_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict[st
             headers[mod_name] = qt.header()
             prefix = f"{mod_name}." if mod_name else ""
             tensors.update({k: v.contiguous() for k, v in qt.state_dict(f"{prefix}weight").items()})
-    for mod_name, _, name, t in dense_tensors(model):
-        t = t.detach()
-        key = f"{mod_name}.{name}" if mod_name else name
-        tensors[key] = (t.to(dense_dtype) if t.dtype.is_floating_point else t).contiguous()
+    tensors.update(dense_state(model, dense_dtype))
     return tensors, headers
 
 
@@ -75,7 +71,7 @@ def save_quantized(loaded: "LoadedModel", out: Path, overwrite: bool = False, so
         model.config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        (tmp / RECIPE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
         marker = {
             "format": "lowbit",
             "format_version": FORMAT_VERSION,
@@ -104,12 +100,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     file = path / WEIGHTS
     if not file.is_file():
         raise LowbitError(f"{path}: missing {WEIGHTS}")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
-        raise LowbitError(f"{file}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
+    tensors, meta = read_safetensors(file)
     try:
         headers = json.loads(meta.get(QUANT_KEY, "{}"))
     except json.JSONDecodeError:
@@ -119,27 +110,16 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
     """Rebuild a quantized model from a lowbit folder; dense tensors are cast to ``dtype``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
-
-    from lowbit.models.loading import LoadedModel, _quiet_transformers
+    from lowbit.models.loading import LoadedModel
     from lowbit.recipes import Recipe
 
-    _quiet_transformers()
     path = Path(path)
     marker = read_marker(path)
-    recipe = Recipe.from_file(path / "recipe.json")
+    recipe = Recipe.from_file(path / RECIPE)
     tensors, headers = read_weights(path)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        # parameters on the meta device: the float weights of the quantized linears are never
-        # allocated; buffers (rotary tables) are real, as the checkpoint does not hold them
-        with no_init_weights(), init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:
-        raise LowbitError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0][:200]}") from None
+    # parameters on the meta device: the float weights of the quantized linears are never
+    # allocated; buffers (rotary tables) are real, as the checkpoint does not hold them
+    model, tokenizer = empty_model(path, dtype, keep_quantization_config=True)
 
     from lowbit.models import architecture_of
     from lowbit.modules.experts import unfuse_experts
@@ -151,32 +131,22 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
     if arch is not None and arch.experts is not None:
         for block in arch.block_list(model):  # quantized experts are stored one module per expert
             unfuse_experts(block, arch.experts)
+    quantized: dict[str, QuantizedTensor] = {}
     consumed: set[str] = set()
     for name, header in headers.items():
         try:
-            qt = QuantizedTensor.from_state_dict(header, tensors, f"{name}.weight")
-            old = model.get_submodule(name)
+            quantized[name] = qt = QuantizedTensor.from_state_dict(header, tensors, f"{name}.weight")
+            model.get_submodule(name)
         except (ValueError, KeyError, AttributeError) as e:
             raise LowbitError(f"{path}: bad quantized tensor {name}: {e}") from None
-        bias = tensors.get(f"{name}.bias")
-        if bias is not None:
-            consumed.add(f"{name}.bias")
-        if getattr(old, "bias", None) is not None and bias is None:
-            raise LowbitError(f"{path}: missing {name}.bias")
-        model.set_submodule(name, QuantLinear(qt, None if bias is None else bias.to(dtype)))
         consumed.update(qt.state_dict(f"{name}.weight"))
-
-    rest = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in tensors.items() if k not in consumed}
-    result = model.load_state_dict(rest, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise LowbitError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
-    model.tie_weights()
+    result = assemble(model, path, quantized, tensors, consumed, dtype)
+    # lowbit writes every persistent tensor: one the folder lacks is missing even when the
+    # model could build it (a buffer), unless it is tied or a quantized linear's own
     missing = [k for k in result.missing_keys if not _is_tied_or_quantized(model, k)]
-    missing += [n for n, p in model.named_parameters() if p.is_meta and n not in missing]
     if missing:
         raise LowbitError(f"{path}: missing tensors {missing[:5]}")
     model.lowbit_recipe = recipe
-    model.eval()
     return LoadedModel(model, tokenizer, str(marker.get("source", path)), path)
 
 
