@@ -411,51 +411,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _load_for_running(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The model with fast kernels built (unless --no-kernels), the remaining quantized layers
-    dequantized once, in the chosen dtype; what ran where; the MB of tensors the model holds and
-    the process's resident MB after loading."""
-    from lowbit.evaluation.speed import held_bytes, resident_bytes
-    from lowbit.models import load_model
-    from lowbit.modules import enable_fast_kernels, keep_dequantized_weights
-    from lowbit.modules.kernels import build_kernel
+    from lowbit.evaluation.speed import load_for_running
 
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "float32"
-        if not args.no_kernels and _first_kernel_codec(args.model, build_kernel):
-            dtype = "bfloat16"
-    loaded = load_model(args.model, _dtype(dtype), keep_quantized=True)
-    counts = {} if args.no_kernels else enable_fast_kernels(loaded.model)
-    counts.pop("reference", None)
-    dequantized = keep_dequantized_weights(loaded.model, _dtype(dtype))  # once, not per call
-    if dequantized:
-        counts["dequantized once"] = dequantized
-    rss = resident_bytes()
-    return loaded, dtype, counts, {"model_mb": held_bytes(loaded.model) / 1e6,
-                                   "rss_after_load_mb": None if rss is None else rss / 1e6}
-
-
-def _first_kernel_codec(spec: str, build_kernel) -> bool:  # type: ignore[no-untyped-def]
-    """Whether a lowbit folder's first quantized linear has a fast kernel (read from its header
-    alone, before loading)."""
-    from lowbit.io.lowbit_format import MARKER, WEIGHTS, QUANT_KEY
-
-    path = Path(spec).expanduser()
-    if not (path / MARKER).is_file():
-        return False
-    from safetensors import safe_open
-
-    from lowbit.codecs import QuantizedTensor
-
-    with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        headers = json.loads((f.metadata() or {}).get(QUANT_KEY, "{}"))
-        for name, header in headers.items():
-            prefix = f"{name}.weight"
-            parts = json.loads(header)["parts"]
-            qt = QuantizedTensor.from_state_dict(header, {f"{prefix}.{p}": f.get_tensor(f"{prefix}.{p}") for p in parts},
-                                                 prefix)
-            return build_kernel(qt) is not None
-    return False
+    return load_for_running(args.model, args.dtype, kernels=not args.no_kernels)
 
 
 def _describe_run(dtype: str, counts: dict[str, int], memory: dict[str, float | None]) -> str:

@@ -112,3 +112,53 @@ def held_bytes(model: nn.Module) -> int:
             total += kernel.nbytes
         add(getattr(m, "_dense", None))
     return total
+
+
+def load_for_running(spec: str, dtype: str = "auto", kernels: bool = True):  # type: ignore[no-untyped-def]
+    """Load ``spec`` to run it: fast kernels built once (unless ``kernels`` is False), the other
+    quantized layers dequantized once, dense weights in ``dtype`` (``auto``: bfloat16 when a fast
+    kernel runs the quantized linears, as their operators compute in bf16; else float32).
+
+    Returns ``(LoadedModel, dtype name, {path: linears}, {"model_mb", "rss_after_load_mb"})``."""
+    from lowbit.models import load_model
+    from lowbit.modules import enable_fast_kernels, keep_dequantized_weights
+
+    auto = dtype == "auto"
+    if auto:  # a lowbit folder says so in its header; other layouts are cast after loading
+        dtype = "bfloat16" if kernels and _first_linear_has_kernel(spec) else "float32"
+    loaded = load_model(spec, getattr(torch, dtype), keep_quantized=True)
+    counts = enable_fast_kernels(loaded.model) if kernels else {}
+    counts.pop("reference", None)
+    if auto and dtype == "float32" and counts:
+        dtype = "bfloat16"
+        loaded.model.to(torch.bfloat16)  # packed parts keep their storage dtypes
+    torch_dtype = getattr(torch, dtype)
+    dequantized = keep_dequantized_weights(loaded.model, torch_dtype)  # once, not per call
+    if dequantized:
+        counts["dequantized once"] = dequantized
+    rss = resident_bytes()
+    return loaded, dtype, counts, {"model_mb": held_bytes(loaded.model) / 1e6,
+                                   "rss_after_load_mb": None if rss is None else rss / 1e6}
+
+
+def _first_linear_has_kernel(spec: str) -> bool:
+    """Whether a lowbit folder's first quantized linear has a fast kernel, read from the file
+    before loading (other sources: False)."""
+    import json
+
+    from safetensors import safe_open
+
+    from lowbit.codecs import QuantizedTensor
+    from lowbit.io.lowbit_format import MARKER, QUANT_KEY, WEIGHTS
+    from lowbit.modules.kernels import build_kernel
+
+    path = Path(spec).expanduser()
+    if not (path / MARKER).is_file():
+        return False
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        headers = json.loads((f.metadata() or {}).get(QUANT_KEY, "{}"))
+        for name, header in headers.items():
+            prefix = f"{name}.weight"
+            parts = {f"{prefix}.{p}": f.get_tensor(f"{prefix}.{p}") for p in json.loads(header)["parts"]}
+            return build_kernel(QuantizedTensor.from_state_dict(header, parts, prefix)) is not None
+    return False
