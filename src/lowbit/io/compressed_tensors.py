@@ -41,10 +41,10 @@ means in transformers 5.23 with compressed-tensors 0.20:
   reads them, decoding in the stored fp16 scale dtype (each weight rounded once to fp16), but it
   applies one scheme to every module, so it cannot load a mix of int and fp8 schemes.
 
-What the layout cannot hold is refused before anything is written: other codecs
-(:func:`unsupported_reason`), groups that do not divide a row (compressed-tensors raises "tensor
-column shape must be divisible" on them, after allocating ``ceil(in / group_size)`` scales),
-act-order with a ``g_idx`` (``actorder: group`` was dropped after compressed-tensors 0.18),
+Groups that do not divide a row (compressed-tensors raises "tensor column shape must be
+divisible" on them) are written as finer whole groups repeating their scale data
+(:func:`whole_groups`: the same weights). What the layout cannot hold is refused before anything
+is written: other codecs (:func:`unsupported_reason`), act-order with a ``g_idx`` (``actorder: group`` was dropped after compressed-tensors 0.18),
 linears that transformers does not build as ``nn.Linear`` (GPT-2's Conv1D, fused experts) and
 quantized embeddings. The reader also takes ``weight_g_idx`` from older files and int8
 ``naive-quantized`` weights, and refuses activation or KV-cache quantization, transforms and
@@ -133,16 +133,27 @@ def _export_problem(name: str, qt: QuantizedTensor, module: nn.Module | None) ->
     rows, cols = qt.shape
     if codec.granularity == "group":
         assert codec.group_size is not None
-        if cols % codec.group_size:
-            return (f"{name}: its {cols} input columns are not a whole number of groups of {codec.group_size}; "
-                    "compressed-tensors refuses a shorter last group ('tensor column shape must be divisible'): "
-                    f"quantize with a group size that divides {cols} (e.g. {math.gcd(cols, codec.group_size)}), "
-                    "or write lowbit's own format")
         if "g_idx" in qt.data and not _trivial_g_idx(qt.data["g_idx"], codec.group_size):
             return (f"{name}: act-order with a g_idx (GPTQ act_order without static_groups) cannot be stored: "
                     "compressed-tensors no longer reads a g_idx (actorder='group', dropped after 0.18); quantize "
                     "with static_groups (act-order without g_idx), or write the GPTQ layout or lowbit's own format")
     return None
+
+
+def whole_groups(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` with groups that divide its rows: compressed-tensors refuses a shorter last group
+    ("tensor column shape must be divisible"), so groups of ``g`` on ``cols`` columns are stored
+    as groups of ``gcd(cols, g)`` that repeat their group's scale data (576 columns in groups of
+    128: groups of 64). The weights are the same values; the scale data grows accordingly."""
+    codec = qt.codec
+    rows, cols = qt.shape
+    if codec.get("granularity") != "group" or cols % int(codec["group_size"]) == 0 or "g_idx" in qt.data:
+        return qt
+    g = int(codec["group_size"])
+    finer = math.gcd(cols, g)
+    source_group = torch.arange(0, cols, finer) // g
+    data = {k: (v if k == "codes" else v[:, source_group].contiguous()) for k, v in qt.data.items()}
+    return QuantizedTensor({**codec, "group_size": finer}, qt.shape, data)
 
 
 def _trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
@@ -275,6 +286,7 @@ def save_compressed_tensors(
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LowbitError(f"cannot write compressed-tensors: {problems[0]}{more}")
+    quantized = {n: whole_groups(qt) for n, qt in quantized.items()}
     dense_linears = [n for n, m in twin.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     recipe = getattr(model, "lowbit_recipe", None)
     tensors: dict[str, torch.Tensor] = {}

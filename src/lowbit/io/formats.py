@@ -50,11 +50,7 @@ def _awq_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) 
 def _ct_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -> str | None:
     from lowbit.io.compressed_tensors import unsupported_reason
 
-    reason = unsupported_reason(codec)
-    if reason is None and codec.get("granularity") == "group" and shape[1] % int(codec["group_size"]):
-        reason = (f"{shape[1]} input columns are not a whole number of groups of {codec['group_size']} (compressed-"
-                  "tensors refuses a shorter last group); choose a group size that divides the rows, or write "
-                  "the GPTQ layout or lowbit's own format")
+    reason = unsupported_reason(codec)  # a shorter last group is stored as finer whole groups
     if reason is None and act_order:
         reason = ("act-order with a g_idx cannot be stored in compressed-tensors; use static_groups, or write the GPTQ "
                   "layout or lowbit's own format")
