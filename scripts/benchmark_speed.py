@@ -1,0 +1,198 @@
+"""Speed and memory of SmolLM2-135M on this CPU: BENCHMARKS.md, section "speed".
+
+Rows: FP32, BF16, int8 weight-only (per-channel, torch's ``_weight_int8pack_mm``) and int4 g128
+(torch's ``_weight_int4pack_mm_for_cpu``), the quantized ones made by ``lowbit quantize`` (RTN)
+and run by ``lowbit bench-speed`` with their fast kernels. Each row runs in its own process, so
+that its peak memory is its own; all rows in one invocation, so their ratios to FP32 compare.
+
+Columns: prefill and decode tokens/s at batch 1 and 8 (128-token prompt, 32 greedy decode steps,
+median of 3), the MB of tensors the model holds, the process's peak resident memory over load
+and run, and the mean KLD / top-1 of each row against FP32 on held-out text (its real runtime
+numerics: kernels included). A decode-step profile (time in the quantized linears, in the LM
+head, and in everything else) says where the time goes.
+
+Never run another benchmark or test suite beside it.
+
+    .venv/bin/python scripts/benchmark_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.bench.markdown import replace_section
+from lowbit.models import cache_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "`.venv/bin/python scripts/benchmark_speed.py`"
+MODEL = "smollm2-135m"
+# (label, recipe or None for the float model, dtype)
+ROWS = [
+    ("FP32", None, "float32"),
+    ("BF16", None, "bfloat16"),
+    ("int8 weight-only (per-channel)", "int8", "auto"),
+    ("int4 g128 (symmetric)", "w4a16", "auto"),
+]
+GOALS = {"int8 weight-only (per-channel)": 1.5, "int4 g128 (symmetric)": 2.0}
+LOWBIT = [sys.executable, "-m", "lowbit"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def quantized_folder(recipe: str) -> Path:
+    out = cache_dir() / "bench" / "speed-models" / recipe
+    if not out.exists():
+        log(f"quantizing {MODEL} with {recipe} -> {out}")
+        subprocess.run([*LOWBIT, "quantize", MODEL, "--recipe", recipe, "--out", str(out), "--no-progress"],
+                       check=True)
+    return out
+
+
+def bench_speed(spec: str, dtype: str, args: argparse.Namespace) -> dict:
+    cmd = [*LOWBIT, "bench-speed", spec, "--dtype", dtype, "--batch", "1,8", "--prompt-tokens",
+           str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def quality(rows: list[tuple[str, str, str]], windows: int) -> dict[str, tuple[float, float]]:
+    """Mean KLD and top-1 of each row against FP32, running as bench-speed runs it."""
+    from lowbit.calibration import load_text
+    from lowbit.evaluation import evaluate
+    from lowbit.evaluation.speed import load_for_running
+
+    text = load_text("pydoc")
+    ref = load_for_running(MODEL, "float32")[0]
+    out = {}
+    for label, spec, dtype in rows:
+        loaded, dt = load_for_running(spec, dtype)[:2]
+        r = evaluate(loaded.model, ref.tokenizer, text, ref=ref.model, max_windows=windows, dtype=getattr(torch, dt),
+                     progress=False)
+        out[label] = (r.kld, r.top1)
+        log(f"{label}: KLD {r.kld:.4f} top-1 {r.top1:.4f}")
+    return out
+
+
+def decode_profile(spec: str, dtype: str, steps: int = 16) -> dict[str, float]:
+    """Milliseconds per batch-1 decode step in the quantized / dense block linears, the LM head
+    and the rest (attention, norms, rotary, Python), from forward hooks."""
+    from lowbit.evaluation.speed import load_for_running
+    from lowbit.modules import QuantLinear
+
+    loaded = load_for_running(spec, dtype)[0]
+    model = loaded.model
+    head = model.get_output_embeddings()
+    spent = {"block linears": 0.0, "LM head": 0.0}
+    starts: dict[int, float] = {}
+
+    def pre(mod, _inp):  # type: ignore[no-untyped-def]
+        starts[id(mod)] = time.perf_counter()
+
+    def post(mod, _inp, _out):  # type: ignore[no-untyped-def]
+        spent["LM head" if mod is head else "block linears"] += time.perf_counter() - starts[id(mod)]
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear | torch.nn.Linear):
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post)
+    ids = torch.randint(0, head.out_features, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for k in spent:
+            spent[k] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        total = time.perf_counter() - t0
+    ms = {k: 1e3 * v / steps for k, v in spent.items()}
+    ms["rest"] = 1e3 * total / steps - sum(ms.values())
+    return ms
+
+
+def render(results: dict[str, dict], kld: dict[str, tuple[float, float]], prof: dict[str, dict], minutes: float,
+           threads: int) -> str:
+    base = results["FP32"]
+    b1 = {lab: next(r for r in res["runs"] if r["batch"] == 1) for lab, res in results.items()}
+    b8 = {lab: next(r for r in res["runs"] if r["batch"] == 8) for lab, res in results.items()}
+    lines = [
+        f"Printed by {COMMAND} ({minutes:.0f} min, {platform.processor() or platform.machine()}, {threads} torch "
+        f"threads). SmolLM2-135M; prompt {base['runs'][0]['prompt_tokens']} random tokens, then "
+        f"{base['runs'][0]['new_tokens']} greedy decode steps with the KV cache, median of the timed runs; each row "
+        "in its own process (`lowbit bench-speed`), all rows in this one invocation. Ratios are to FP32 in the same "
+        "run. `model MB`: bytes of the tensors the model holds (kernel layouts, dense weights, tied embedding "
+        "once); `peak MB`: the process's peak resident memory over load and the batch-1 and batch-8 runs (about "
+        f"{_baseline_mb():.0f} MB of it is Python, torch and transformers). KLD / top-1: against FP32 on the held-out "
+        "`pydoc` text (8 windows of 512), each row running as timed (kernels included).",
+        "",
+        "| model | activations | decode tok/s, batch 1 | × FP32 | prefill tok/s, batch 1 | × FP32 | decode tok/s, "
+        "batch 8 | prefill tok/s, batch 8 | model MB | peak MB | KLD | top-1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, res in results.items():
+        d1, p1 = b1[label]["decode_tokens_per_s"], b1[label]["prefill_tokens_per_s"]
+        peak = max(res.get("load_peak_mb") or 0, *(r["peak_mb"] or 0 for r in res["runs"]))
+        k, t = kld.get(label, (None, None))
+        lines.append(
+            f"| {label} | {res['dtype']} | {d1:.1f} | {d1 / b1['FP32']['decode_tokens_per_s']:.2f}x | {p1:.0f} | "
+            f"{p1 / b1['FP32']['prefill_tokens_per_s']:.2f}x | {b8[label]['decode_tokens_per_s']:.1f} | "
+            f"{b8[label]['prefill_tokens_per_s']:.0f} | {res['model_mb']:.0f} | {peak:.0f} | "
+            f"{'-' if k is None else f'{k:.4f}'} | {'-' if t is None else f'{100 * t:.2f}%'} |")
+    lines += ["", "Goals (batch-1 decode vs FP32):", ""]
+    for label, goal in GOALS.items():
+        ratio = b1[label]["decode_tokens_per_s"] / b1["FP32"]["decode_tokens_per_s"]
+        verdict = "met" if ratio >= goal else f"missed by {100 * (1 - ratio / goal):.0f}%"
+        lines.append(f"- {label}: {ratio:.2f}x against a goal of {goal}x: {verdict}.")
+    lines += ["", "Where a batch-1 decode step's time goes (ms per step, forward hooks):", "",
+              "| model | block linears | LM head | rest (attention, norms, rotary, Python) | step |",
+              "|---|---:|---:|---:|---:|"]
+    for label, ms in prof.items():
+        lines.append(f"| {label} | {ms['block linears']:.1f} | {ms['LM head']:.1f} | {ms['rest']:.1f} | "
+                     f"{sum(ms.values()):.1f} |")
+    return "\n".join(lines)
+
+
+def _baseline_mb() -> float:
+    code = ("import torch, transformers, transformers.models.llama.modeling_llama, lowbit.cli\n"
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0] / 1e3)")
+    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=8, help="evaluation windows for KLD (default 8)")
+    args = ap.parse_args()
+    t0 = time.time()
+    specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype) for label, recipe, dtype in ROWS]
+    results = {}
+    for label, spec, dtype in specs:
+        log(f"{label} ...")
+        results[label] = bench_speed(spec, dtype, args)
+        log(json.dumps(results[label]))
+    prof = {label: decode_profile(spec, dtype) for label, spec, dtype in specs}
+    log(json.dumps(prof))
+    kld = quality(specs[1:], args.windows)
+    table = render(results, kld, prof, (time.time() - t0) / 60, torch.get_num_threads())
+    print(table)
+    if not args.no_write:
+        replace_section(ROOT / "BENCHMARKS.md", "speed", "Speed and memory: SmolLM2-135M on this CPU", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

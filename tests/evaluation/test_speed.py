@@ -1,0 +1,41 @@
+"""Speed and memory measurement: the counts it reports follow the model it measures."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.evaluation.speed import held_bytes, measure_speed, peak_resident_bytes, reset_peak, resident_bytes
+from lowbit.modules import enable_fast_kernels
+from lowbit.pipeline import quantize_model
+from lowbit.recipes import resolve_recipe
+
+
+def test_held_bytes_counts_each_storage_once_and_kernels_instead_of_codes(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.tie_weights()
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied table once
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert held_bytes(model) == dense + buffers
+    quantize_model(model, resolve_recipe("w4a16", group_size=32), progress=False)
+    before = held_bytes(model)
+    enable_fast_kernels(model)
+    kernels = [m.kernel for m in model.modules() if getattr(m, "kernel", None) is not None]
+    codes = sum(k.codes().numel() for k in kernels) // 2  # 4-bit codes, as the layer held them
+    assert held_bytes(model) == before - codes + sum(k.nbytes for k in kernels)
+
+
+def test_measure_speed_counts_every_sequence(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama").eval()
+    r = measure_speed(model, vocab_size=200, batch=2, prompt_tokens=6, new_tokens=3, repeats=2)
+    assert (r.batch, r.prompt_tokens, r.new_tokens) == (2, 6, 3)
+    assert r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0
+
+
+def test_peak_memory_follows_an_allocation() -> None:
+    if resident_bytes() is None:
+        return  # no /proc here
+    assert reset_peak()
+    base = peak_resident_bytes()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    assert peak_resident_bytes() >= base + 60 * 2**20
+    del block
