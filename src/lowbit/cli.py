@@ -429,6 +429,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    from lowbit.evaluation.speed import peak_resident_bytes
+
     loaded, dtype, counts, memory = _load_for_running(args)
     tok = loaded.tokenizer
     if tok is None:
@@ -453,7 +455,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     seconds = time.perf_counter() - t0
     n = out.shape[1] - ids.shape[1]
-    print(f"{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s (prompt {ids.shape[1]} tokens)",
+    peak = peak_resident_bytes()
+    print(f"{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s (prompt {ids.shape[1]} tokens)"
+          + ("" if peak is None else f"; peak resident memory of load and generation {peak / 1e6:.0f} MB"),
           file=sys.stderr)
     return 0
 
