@@ -11,10 +11,10 @@ Both operators compute in bf16 on this CPU's fast path (their float32 paths are 
 :data:`SMALL_BATCH` rows (prefill) the packed operators lose to AMX's bf16 matmul: the kernel
 then dequantizes its weight to bf16 and calls ``F.linear``.
 
-Which codecs run here: lowbit's ``int`` codec, the weight ``w = scale * q + offset`` per group
-with 4-bit codes and 32/64/128/256-wide groups (ragged last groups and act-order ``g_idx``
-included: the input is padded / permuted), and with 8-bit codes per channel or per tensor.
-Everything else stays on the reference path.
+Which codecs run here: those whose weight is ``w = scale * q + offset`` per group (lowbit's
+``int`` codec, GGUF's Q4_0, Q4_1 and Q4_K), with 4-bit codes and 32/64/128/256-wide groups
+(ragged last groups and act-order ``g_idx`` included: the input is padded / permuted), or with
+8-bit codes per channel or per tensor. Everything else stays on the reference path.
 """
 
 from __future__ import annotations
@@ -50,22 +50,30 @@ class LinearKernel(Protocol):
 
 def affine_form(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(codes (N, K) uint8 in stored column order, scale (N, G), offset (N, G))`` float32 with
-    ``w = scale * q + offset`` per group, for the ``int`` codec; None for other codecs."""
+    ``w = scale * q + offset`` per group, for a codec whose decoding is affine in the code (the
+    ``int`` codec, GGUF's Q4_0/Q4_1/Q4_K, ...: found by decoding the codes 0, 1 and the largest
+    one); None for any other (code books, shared exponents, ...)."""
     codec = qt.get_codec()
-    if qt.codec.get("name") != "int":
+    grouping = getattr(codec, "grouping", None)
+    if grouping is None or codec.code_bits not in (4, 8):
         return None
     inner = QuantizedTensor(qt.codec, qt.shape, {k: v for k, v in qt.data.items() if k != "g_idx"})
-    codes, scale_data = codec.unpack(inner)
-    codes = codec.grouping.merge(codes, qt.shape)
-    scale = scale_data["scale"].to(torch.float32)
-    if qt.codec["symmetric"]:
-        offset = -float(1 << (qt.codec["bits"] - 1)) * scale
-    elif qt.codec["zero_point"] == "float":
-        offset = scale_data["zero"].to(torch.float32)
-    else:
-        offset = -scale_data["zero"].to(torch.float32) * scale
+    try:
+        codes, scale_data = codec.unpack(inner)
+    except (KeyError, ValueError, RuntimeError):
+        return None
+    R, G, _ = codes.shape
+    top = (1 << codec.code_bits) - 1
+
+    def value(code: int) -> torch.Tensor:
+        return codec.decode(torch.full((R, G, 1), code, dtype=torch.uint8), scale_data)[..., 0].to(torch.float64)
+
+    offset, scale = value(0), value(1) - value(0)
+    if not torch.allclose(value(top), offset + top * scale, rtol=1e-6, atol=1e-30):
+        return None
     rows = qt.shape[0]
-    return codes, scale.reshape(-1, scale.shape[-1]).expand(rows, -1), offset.reshape(-1, offset.shape[-1]).expand(rows, -1)
+    return (grouping.merge(codes, qt.shape), scale.to(torch.float32).expand(rows, -1),
+            offset.to(torch.float32).expand(rows, -1))
 
 
 class Int4PackedKernel:
@@ -191,19 +199,20 @@ def build_kernel(qt: QuantizedTensor) -> LinearKernel | None:
     if form is None:
         return None
     codes, scale, offset = form
-    bits, granularity = qt.codec["bits"], qt.codec["granularity"]
+    grouping = qt.get_codec().grouping
+    bits, granularity = qt.get_codec().code_bits, grouping.granularity
     rows, cols = qt.shape
     if bits == 8 and granularity in ("channel", "tensor") and "g_idx" not in qt.data:
         return Int8PackedKernel(codes, scale, offset)
     if bits != 4:
         return None
     if granularity == "group":
-        group_size = qt.codec["group_size"]
+        group_size = grouping.group_size
         if group_size not in _INT4_GROUPS:
             return None
         order = None
         if "g_idx" in qt.data:
-            order = group_order(qt.data["g_idx"], qt.get_codec().grouping, qt.shape)
+            order = group_order(qt.data["g_idx"], grouping, qt.shape)
             codes = codes[:, order]
         return Int4PackedKernel(codes, scale, offset, group_size, order)
     # one scale per row (or tensor): the operator's groups repeat it

@@ -46,9 +46,10 @@ class QuantLinear(nn.Module):
     @property
     def qweight(self) -> QuantizedTensor:
         data = {p: getattr(self, _PART_PREFIX + p) for p in self.parts}
+        qt = QuantizedTensor(codec=self.codec, shape=(self.out_features, self.in_features), data=data)
         if self.kernel is not None:
-            data["codes"] = pack_codes(self.kernel.codes(), self.codec["bits"])
-        return QuantizedTensor(codec=self.codec, shape=(self.out_features, self.in_features), data=data)
+            data["codes"] = pack_codes(self.kernel.codes(), qt.get_codec().code_bits)
+        return qt
 
     @property
     def weight(self) -> torch.Tensor:
