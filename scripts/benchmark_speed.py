@@ -121,8 +121,42 @@ def decode_profile(spec: str, dtype: str, steps: int = 16) -> dict[str, float]:
     return ms
 
 
-def render(results: dict[str, dict], kld: dict[str, tuple[float, float]], prof: dict[str, dict], minutes: float,
-           threads: int) -> str:
+def crossover(repeats: int = 20) -> list[tuple[str, int, float, float]]:
+    """For SmolLM2's widest int4 g128 and int8 linears (1536 x 576, 576 x 1536): milliseconds of
+    the packed operator and of dequantize + bf16 matmul, by input rows: where ``INT4_MAX_ROWS``
+    and ``INT8_MAX_ROWS`` (the switch between them in ``lowbit.modules.kernels``) come from."""
+    import torch.nn.functional as F
+
+    from lowbit.codecs import IntCodec
+    from lowbit.modules.kernels import build_kernel
+
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for label, codec in (("int4 g128", IntCodec(bits=4, group_size=128)), ("int8 channel", IntCodec(bits=8, granularity="channel"))):
+        for shape in ((1536, 576), (576, 1536)):
+            kernel = build_kernel(codec.quantize(torch.randn(*shape, generator=g)))
+            for rows in (1, 8, 32, 128, 256, 512):
+                x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
+
+                def packed() -> None:
+                    kernel.packed_matmul(x)
+
+                def dense() -> None:
+                    F.linear(x, kernel.dense(torch.bfloat16))
+
+                times = []
+                for f in (packed, dense):
+                    f()
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        f()
+                    times.append(1e3 * (time.perf_counter() - t0) / repeats)
+                out.append((f"{label} {shape[0]}x{shape[1]}", rows, times[0], times[1]))
+    return out
+
+
+def render(results: dict[str, dict], kld: dict[str, tuple[float, float]], prof: dict[str, dict],
+           cross: list[tuple[str, int, float, float]], minutes: float, threads: int) -> str:
     base = results["FP32"]
     b1 = {lab: next(r for r in res["runs"] if r["batch"] == 1) for lab, res in results.items()}
     b8 = {lab: next(r for r in res["runs"] if r["batch"] == 8) for lab, res in results.items()}
@@ -160,6 +194,13 @@ def render(results: dict[str, dict], kld: dict[str, tuple[float, float]], prof: 
     for label, ms in prof.items():
         lines.append(f"| {label} | {ms['block linears']:.1f} | {ms['LM head']:.1f} | {ms['rest']:.1f} | "
                      f"{sum(ms.values()):.1f} |")
+    rows = sorted({r for _, r, _, _ in cross})
+    lines += ["", "Packed operator vs dequantize + bf16 matmul (AMX), ms per call by input rows (the kernels switch "
+              "to the second above `INT4_MAX_ROWS` / `INT8_MAX_ROWS` rows):", "",
+              "| linear | " + " | ".join(f"{r} rows" for r in rows) + " |", "|---|" + "---:|" * len(rows)]
+    for name in dict.fromkeys(n for n, _, _, _ in cross):
+        cells = {r: (p, d) for n, r, p, d in cross if n == name}
+        lines.append(f"| {name} | " + " | ".join(f"{cells[r][0]:.2f} / {cells[r][1]:.2f}" for r in rows) + " |")
     return "\n".join(lines)
 
 
@@ -186,8 +227,10 @@ def main() -> int:
         log(json.dumps(results[label]))
     prof = {label: decode_profile(spec, dtype) for label, spec, dtype in specs}
     log(json.dumps(prof))
+    cross = crossover()
+    log(json.dumps(cross))
     kld = quality(specs[1:], args.windows)
-    table = render(results, kld, prof, (time.time() - t0) / 60, torch.get_num_threads())
+    table = render(results, kld, prof, cross, (time.time() - t0) / 60, torch.get_num_threads())
     print(table)
     if not args.no_write:
         replace_section(ROOT / "BENCHMARKS.md", "speed", "Speed and memory: SmolLM2-135M on this CPU", table)

@@ -15,7 +15,7 @@ from lowbit.algorithms import GPTQ, LayerStats
 from lowbit.codecs import IntCodec, QuantizedTensor
 from lowbit.codecs.registry import codec_from_dict
 from lowbit.modules import QuantLinear, enable_fast_kernels
-from lowbit.modules.kernels import SMALL_BATCH, build_kernel
+from lowbit.modules.kernels import INT4_MAX_ROWS, INT8_MAX_ROWS, build_kernel
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import resolve_recipe
 
@@ -65,7 +65,7 @@ def test_kernel_matches_reference(label: str, qt: QuantizedTensor) -> None:
     inner = QuantizedTensor(qt.codec, qt.shape, {k: v for k, v in qt.data.items() if k != "g_idx"})
     assert torch.equal(kernel.codes(), codec.grouping.merge(codec.unpack(inner)[0], qt.shape))
     g = torch.Generator().manual_seed(1)
-    for rows in (1, 3, SMALL_BATCH + 5):  # the operator, and the dequantize + matmul path
+    for rows in (1, 3, max(INT4_MAX_ROWS, INT8_MAX_ROWS) + 5):  # the operator, and dequantize + matmul
         x = torch.randn(2, rows, qt.shape[1], generator=g)
         y = kernel(x)
         assert y.shape == (2, rows, qt.shape[0]) and y.dtype == torch.float32

@@ -8,8 +8,8 @@ reference path keep working.
 
 Both operators compute in bf16 on this CPU's fast path (their float32 paths are scalar loops,
 20-30x slower), so activations are rounded to bf16 at each kernel-backed linear. With more than
-:data:`SMALL_BATCH` rows (prefill) the packed operators lose to AMX's bf16 matmul: the kernel
-then dequantizes its weight to bf16 and calls ``F.linear``.
+:data:`INT4_MAX_ROWS` / :data:`INT8_MAX_ROWS` rows (prefill) the packed operators lose to AMX's
+bf16 matmul: the kernel then dequantizes its weight to bf16 and calls ``F.linear``.
 
 Which codecs run here: those whose weight is ``w = scale * q + offset`` per group (lowbit's
 ``int`` codec, GGUF's Q4_0, Q4_1 and Q4_K), with 4-bit codes and 32/64/128/256-wide groups
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from lowbit.codecs import QuantizedTensor
 from lowbit.codecs.base import group_order
 
-#: rows of the input up to which the packed operators run; above it, dequantize + bf16 matmul
-#: (the crossover measured by ``scripts/benchmark_speed.py --crossover``)
-SMALL_BATCH = 16
+#: rows of the input up to which each packed operator runs; above it, dequantize + bf16 matmul
+#: (the crossover table of ``scripts/benchmark_speed.py``, BENCHMARKS.md "Speed and memory")
+INT4_MAX_ROWS = 256
+INT8_MAX_ROWS = 32
 KERNEL_DTYPE = torch.bfloat16
 _INT4_GROUPS = (32, 64, 128, 256)
 
@@ -39,6 +40,8 @@ class LinearKernel(Protocol):
     name: str
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def codes(self) -> torch.Tensor: ...
 
@@ -105,21 +108,33 @@ class Int4PackedKernel:
             x = x.index_select(-1, self.order)
         return F.pad(x.to(KERNEL_DTYPE), (0, self.padded - self.shape[1]))
 
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (M, K) @ W.T`` in bf16 through the packed operator."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(self._input(x), self.packed, self.group_size,
+                                                          self.scale_zero)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > SMALL_BATCH:
+        if flat.shape[0] > INT4_MAX_ROWS:
             y = F.linear(flat.to(KERNEL_DTYPE), self.dense(KERNEL_DTYPE))
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._input(flat), self.packed, self.group_size,
-                                                           self.scale_zero)
+            y = self.packed_matmul(flat)
         return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    def _padded_codes(self) -> torch.Tensor:
+        """``(N, padded K)`` codes in the operator's column order, from its packed layout."""
+        rows = self.shape[0]
+        if _blocked_layout(rows, self.padded):  # 64-row blocks, rows i and i + 32 share a byte
+            flat = self.packed.view(-1, 32)
+            nibbles = torch.stack([flat & 15, flat >> 4], dim=1)  # (N * K / 64, 2, 32)
+            return nibbles.view(rows // 64, self.padded, 2, 32).permute(0, 2, 3, 1).reshape(rows, self.padded)
+        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
+        return nibbles[_int4_gather_index(rows, self.padded)].view(rows, self.padded)
 
     def codes(self) -> torch.Tensor:
         """The ``(N, K)`` codes in the layer's column order (``g_idx`` order when permuted)."""
-        rows, _ = self.shape
-        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
-        codes = nibbles[_int4_gather_index(rows, self.padded)].view(rows, self.padded)[:, : self.shape[1]]
+        codes = self._padded_codes()[:, : self.shape[1]]
         if self.order is None:
             return codes
         out = torch.empty_like(codes)
@@ -130,12 +145,25 @@ class Int4PackedKernel:
         """The ``(N, K)`` weight as the operator sees it (scale and zero rounded to bf16), in
         ``dtype`` and the layer's column order."""
         rows, cols = self.shape
-        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
-        q = nibbles[_int4_gather_index(rows, self.padded)].view(rows, -1, self.group_size).to(dtype)
+        q = self._padded_codes().view(rows, -1, self.group_size).to(dtype)
         sz = self.scale_zero.transpose(0, 1).to(dtype)
         w = (q - 8) * sz[..., 0:1] + sz[..., 1:2]
         w = w.reshape(rows, self.padded)[:, :cols]
         return w if self.order is None else w.index_select(1, torch.argsort(self.order))
+
+
+@functools.lru_cache(maxsize=64)
+def _blocked_layout(rows: int, cols: int) -> bool:
+    """Whether this torch build packs a ``(rows, cols)`` weight in 64-row blocks, value ``(b * 64
+    + h * 32 + i, k)`` in nibble ``h`` of byte ``(b * cols + k) * 32 + i`` (checked against the
+    operator itself once per shape; else the general gather index is used)."""
+    if rows % 64:
+        return False
+    index = torch.arange(rows * cols, dtype=torch.int64).view(rows // 64, 2, 32, cols).permute(0, 3, 1, 2)
+    # nibble position of each value under that layout, against the one the operator reports
+    blocked = torch.empty(rows * cols, dtype=torch.int64)
+    blocked[index.reshape(-1)] = torch.arange(rows * cols, dtype=torch.int64).view(-1, 32, 2).transpose(1, 2).reshape(-1)
+    return torch.equal(blocked.to(_int4_gather_index(rows, cols).dtype), _int4_gather_index(rows, cols))
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,15 +201,19 @@ class Int8PackedKernel:
     def nbytes(self) -> int:
         return self.weight.numel() + self.scale.numel() * 2 + (0 if self.shift is None else self.shift.numel() * 2)
 
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (M, K) @ W.T`` in bf16 through the int8 operator."""
+        x = x.to(KERNEL_DTYPE)
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        return y if self.shift is None else y + x.sum(-1, keepdim=True) * self.shift
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-        if flat.shape[0] > SMALL_BATCH:
+        if flat.shape[0] > INT8_MAX_ROWS:
             y = F.linear(flat, self.dense(KERNEL_DTYPE))
         else:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
-            if self.shift is not None:
-                y = y + flat.sum(-1, keepdim=True) * self.shift
+            y = self.packed_matmul(flat)
         return y.to(x.dtype).reshape(*lead, self.shape[0])
 
     def codes(self) -> torch.Tensor:
