@@ -54,25 +54,20 @@ class LinearKernel(Protocol):
 def affine_form(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(codes (N, K) uint8 in stored column order, scale (N, G), offset (N, G))`` float32 with
     ``w = scale * q + offset`` per group, for a codec whose decoding is affine in the code (the
-    ``int`` codec, GGUF's Q4_0/Q4_1/Q4_K, ...: found by decoding the codes 0, 1 and the largest
-    one); None for any other (code books, shared exponents, ...)."""
+    ``int`` codec, GGUF's Q4_0/Q4_1/Q4_K, ...: found by decoding every code with each group's
+    scale data); None for any other (code books, shared exponents, ...)."""
     codec = qt.get_codec()
     grouping = getattr(codec, "grouping", None)
     if grouping is None or codec.code_bits not in (4, 8):
         return None
     inner = QuantizedTensor(qt.codec, qt.shape, {k: v for k, v in qt.data.items() if k != "g_idx"})
-    try:
-        codes, scale_data = codec.unpack(inner)
-    except (KeyError, ValueError, RuntimeError):
-        return None
+    codes, scale_data = codec.unpack(inner)
     R, G, _ = codes.shape
-    top = (1 << codec.code_bits) - 1
-
-    def value(code: int) -> torch.Tensor:
-        return codec.decode(torch.full((R, G, 1), code, dtype=torch.uint8), scale_data)[..., 0].to(torch.float64)
-
-    offset, scale = value(0), value(1) - value(0)
-    if not torch.allclose(value(top), offset + top * scale, rtol=1e-6, atol=1e-30):
+    every_code = torch.arange(1 << codec.code_bits, dtype=torch.uint8).expand(R, G, -1)
+    values = codec.decode(every_code, scale_data).to(torch.float64)  # (R, G, codes)
+    offset, scale = values[..., 0], values[..., 1] - values[..., 0]
+    line = offset.unsqueeze(-1) + every_code.to(torch.float64) * scale.unsqueeze(-1)
+    if not torch.allclose(values, line, rtol=1e-6, atol=1e-30):
         return None
     rows = qt.shape[0]
     return (grouping.merge(codes, qt.shape), scale.to(torch.float32).expand(rows, -1),
@@ -227,29 +222,34 @@ class Int8PackedKernel:
 def build_kernel(qt: QuantizedTensor) -> LinearKernel | None:
     """The fastest CPU kernel that computes ``x @ W.T`` for this stored weight, or None (the
     reference path) when no kernel holds its codec."""
+    codec = qt.get_codec()
+    grouping = getattr(codec, "grouping", None)
+    if grouping is None:
+        return None
+    rows, cols = qt.shape
+    bits, granularity = codec.code_bits, grouping.granularity
+    if bits == 8 and granularity in ("channel", "tensor") and "g_idx" not in qt.data:
+        group_size = None
+    elif bits == 4 and granularity == "group" and grouping.group_size in _INT4_GROUPS:
+        group_size = grouping.group_size
+    elif bits == 4 and granularity != "group":  # one scale per row or tensor: operator groups repeat it
+        group_size = next((g for g in reversed(_INT4_GROUPS) if cols % g == 0), None)
+        if group_size is None:
+            return None
+    else:
+        return None
     form = affine_form(qt)
     if form is None:
         return None
     codes, scale, offset = form
-    grouping = qt.get_codec().grouping
-    bits, granularity = qt.get_codec().code_bits, grouping.granularity
-    rows, cols = qt.shape
-    if bits == 8 and granularity in ("channel", "tensor") and "g_idx" not in qt.data:
+    if bits == 8:
         return Int8PackedKernel(codes, scale, offset)
-    if bits != 4:
-        return None
-    if granularity == "group":
-        group_size = grouping.group_size
-        if group_size not in _INT4_GROUPS:
-            return None
-        order = None
-        if "g_idx" in qt.data:
-            order = group_order(qt.data["g_idx"], grouping, qt.shape)
-            codes = codes[:, order]
-        return Int4PackedKernel(codes, scale, offset, group_size, order)
-    # one scale per row (or tensor): the operator's groups repeat it
-    group_size = next((g for g in reversed(_INT4_GROUPS) if cols % g == 0), None)
-    if group_size is None:
-        return None
-    groups = cols // group_size
-    return Int4PackedKernel(codes, scale.expand(rows, groups), offset.expand(rows, groups), group_size, None)
+    assert group_size is not None
+    if granularity != "group":
+        groups = cols // group_size
+        return Int4PackedKernel(codes, scale.expand(rows, groups), offset.expand(rows, groups), group_size, None)
+    order = None
+    if "g_idx" in qt.data:
+        order = group_order(qt.data["g_idx"], grouping, qt.shape)
+        codes = codes[:, order]
+    return Int4PackedKernel(codes, scale, offset, group_size, order)
