@@ -125,8 +125,6 @@ def crossover(repeats: int = 20) -> list[tuple[str, int, float, float]]:
     """For SmolLM2's widest int4 g128 and int8 linears (1536 x 576, 576 x 1536): milliseconds of
     the packed operator and of dequantize + bf16 matmul, by input rows: where ``INT4_MAX_ROWS``
     and ``INT8_MAX_ROWS`` (the switch between them in ``lowbit.modules.kernels``) come from."""
-    import torch.nn.functional as F
-
     from lowbit.codecs import IntCodec
     from lowbit.modules.kernels import build_kernel
 
@@ -142,7 +140,7 @@ def crossover(repeats: int = 20) -> list[tuple[str, int, float, float]]:
                     kernel.packed_matmul(x)
 
                 def dense() -> None:
-                    F.linear(x, kernel.dense(torch.bfloat16))
+                    kernel.dequantized_matmul(x)
 
                 times = []
                 for f in (packed, dense):

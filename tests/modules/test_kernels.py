@@ -42,14 +42,18 @@ def _act_order_qt() -> QuantizedTensor:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(512, 192, generator=g) @ torch.randn(192, 192, generator=g)
     codec = codec_from_dict({"name": "int", "bits": 4, "group_size": 64})
-    qt = GPTQ(act_order=True, static_groups=False).quantize(_weight(32, 192), codec, LayerStats(hessian=x.t() @ x))
+    qt = GPTQ(act_order=True, static_groups=False).quantize(_weight(128, 192), codec, LayerStats(hessian=x.t() @ x))
     assert "g_idx" in qt.data
     return qt
 
 
 def _cases() -> list[tuple[str, QuantizedTensor]]:
     ggml = [(name, codec_from_dict({"name": name}).quantize(_weight(cols=512))) for name in ("q4_0", "q4_1", "q4_k")]
-    return [(k, IntCodec(**v).quantize(_weight())) for k, v in CODECS.items()] + [("act-order", _act_order_qt())] + ggml
+    # 128 rows: whole 64-row blocks of the operator's layout, whose dequantized path is blocked too
+    blocked = [("int4 g128, 64-row blocks", IntCodec(bits=4, group_size=128).quantize(_weight(rows=128))),
+               ("int4 g32 asym, 64-row blocks", IntCodec(bits=4, group_size=32, symmetric=False).quantize(_weight(128)))]
+    return ([(k, IntCodec(**v).quantize(_weight())) for k, v in CODECS.items()] + [("act-order", _act_order_qt())]
+            + ggml + blocked)
 
 
 @pytest.mark.parametrize("label,qt", _cases(), ids=[c[0] for c in _cases()])

@@ -20,6 +20,7 @@ Which codecs run here: those whose weight is ``w = scale * q + offset`` per grou
 from __future__ import annotations
 
 import functools
+import math
 from typing import Protocol
 
 import torch
@@ -30,7 +31,7 @@ from lowbit.codecs.base import group_order
 
 #: rows of the input up to which each packed operator runs; above it, dequantize + bf16 matmul
 #: (the crossover table of ``scripts/benchmark_speed.py``, BENCHMARKS.md "Speed and memory")
-INT4_MAX_ROWS = 256
+INT4_MAX_ROWS = 96
 INT8_MAX_ROWS = 32
 KERNEL_DTYPE = torch.bfloat16
 _INT4_GROUPS = (32, 64, 128, 256)
@@ -42,6 +43,8 @@ class LinearKernel(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def codes(self) -> torch.Tensor: ...
 
@@ -92,30 +95,54 @@ class Int4PackedKernel:
         zero = offset + 8 * scale
         self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(KERNEL_DTYPE).contiguous()
         self.order = order
+        self._blocked_affine: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
-        order = 0 if self.order is None else self.order.numel() * self.order.element_size()
-        return self.packed.numel() + self.scale_zero.numel() * 2 + order
+        extra = [] if self.order is None else [self.order]
+        extra += [] if self._blocked_affine is None else list(self._blocked_affine)
+        return self.packed.numel() + self.scale_zero.numel() * 2 + sum(t.numel() * t.element_size() for t in extra)
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, K)`` input in bf16, the operator's column order and padded width."""
+        if x.dtype != KERNEL_DTYPE:
+            x = x.to(KERNEL_DTYPE)
         if self.order is not None:
             x = x.index_select(-1, self.order)
-        return F.pad(x.to(KERNEL_DTYPE), (0, self.padded - self.shape[1]))
+        if self.padded != self.shape[1]:
+            x = F.pad(x, (0, self.padded - self.shape[1]))
+        return x
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x (M, K) @ W.T`` in bf16 through the packed operator."""
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(self._input(x), self.packed, self.group_size,
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(self._prepare(x), self.packed, self.group_size,
                                                           self.scale_zero)
 
+    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (M, K) @ W.T`` in bf16 through a dequantized copy of the weight (AMX), made for this
+        call and dropped after it. In the operator's 64-row blocked layout the copy is made block
+        by block, ``(N / 64, K, 64)``, and multiplied as such: no transposing copy of the weight."""
+        rows = self.shape[0]
+        if not _blocked_layout(rows, self.padded):
+            return F.linear(x.to(KERNEL_DTYPE), self.dense(KERNEL_DTYPE))
+        if self._blocked_affine is None:
+            groups = self.padded // self.group_size
+            sz = self.scale_zero.view(groups, rows // 64, 64, 2).permute(1, 0, 2, 3).unsqueeze(2)
+            scale, zero = sz[..., 0].contiguous(), sz[..., 1].contiguous()
+            self._blocked_affine = (scale, (zero - 8 * scale).contiguous())  # w = q * scale + (zero - 8 scale)
+        scale, shift = self._blocked_affine
+        flat = self.packed.view(-1, 32)
+        q = torch.stack([flat & 15, flat >> 4], dim=1).view(rows // 64, -1, self.group_size, 64).to(KERNEL_DTYPE)
+        w = torch.addcmul(shift, q, scale).view(rows // 64, self.padded, 64)
+        return torch.matmul(self._prepare(x), w).permute(1, 0, 2).reshape(x.shape[0], rows)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > INT4_MAX_ROWS:
-            y = F.linear(flat.to(KERNEL_DTYPE), self.dense(KERNEL_DTYPE))
-        else:
-            y = self.packed_matmul(flat)
-        return y.to(x.dtype).reshape(*lead, self.shape[0])
+        # a decode step calls this ~200 times per token: every skipped no-op counts
+        flat = x.reshape(-1, self.shape[1])
+        y = self.dequantized_matmul(flat) if flat.shape[0] > INT4_MAX_ROWS else self.packed_matmul(flat)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.shape[0])
 
     def _padded_codes(self) -> torch.Tensor:
         """``(N, padded K)`` codes in the operator's column order, from its packed layout."""
@@ -205,11 +232,12 @@ class Int8PackedKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-        if flat.shape[0] > INT8_MAX_ROWS:
-            y = F.linear(flat, self.dense(KERNEL_DTYPE))
-        else:
-            y = self.packed_matmul(flat)
+        y = self.dequantized_matmul(flat) if flat.shape[0] > INT8_MAX_ROWS else self.packed_matmul(flat)
         return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (M, K) @ W.T`` in bf16 through a dequantized copy of the weight (AMX)."""
+        return F.linear(x.to(KERNEL_DTYPE), self.dense(KERNEL_DTYPE))
 
     def codes(self) -> torch.Tensor:
         return (self.weight.to(torch.int16) + 128).to(torch.uint8)
@@ -252,4 +280,9 @@ def build_kernel(qt: QuantizedTensor) -> LinearKernel | None:
     if "g_idx" in qt.data:
         order = group_order(qt.data["g_idx"], grouping, qt.shape)
         codes = codes[:, order]
+    finer = math.gcd(cols, group_size)
+    if finer != group_size and finer in _INT4_GROUPS:
+        # a shorter last group: finer whole groups repeating their scales spare padding each input
+        source = torch.arange(0, cols, finer) // group_size
+        scale, offset, group_size = scale[:, source], offset[:, source], finer
     return Int4PackedKernel(codes, scale, offset, group_size, order)

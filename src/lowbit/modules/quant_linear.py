@@ -99,10 +99,10 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.kernel is not None and self._dense is None:
             y = self.kernel(x)
-            return y if bias is None else y + bias
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
