@@ -171,3 +171,28 @@ def test_gptq_needs_a_hessian() -> None:
         GPTQ().quantize(torch.randn(4, 64), codec, LayerStats())
     with pytest.raises(ValueError, match="shape"):
         GPTQ().quantize(torch.randn(4, 64), codec, LayerStats(hessian=torch.eye(32)))
+
+
+@pytest.mark.parametrize("codec", [
+    {"name": "int", "bits": 4, "group_size": 64},
+    {"name": "int", "bits": 3, "group_size": 48, "symmetric": False},  # ragged last group
+    {"name": "int", "bits": 8, "granularity": "channel", "symmetric": False},
+])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int_column_fast_path_gives_the_codec_path_bit_for_bit(codec: dict, act_order: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit.algorithms.gptq as gptq
+
+    x = correlated_inputs(512, 200, seed=3)
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(4))
+    c = codec_from_dict(codec)
+    h = x.t() @ x / 512
+    taken = []
+    real = gptq._int_columns
+    monkeypatch.setattr(gptq, "_int_columns", lambda *a: taken.append(real(*a)) or taken[-1])
+    fast, _ = gptq_quantize(w, h, c, block_size=64, act_order=act_order, static_groups=True)
+    assert taken and taken[0] is not None  # the fast path ran
+    monkeypatch.setattr(gptq, "_int_columns", lambda *a: None)
+    slow, _ = gptq_quantize(w, h, c, block_size=64, act_order=act_order, static_groups=True)
+    assert fast.data.keys() == slow.data.keys()
+    assert all(torch.equal(fast.data[k], slow.data[k]) for k in fast.data)

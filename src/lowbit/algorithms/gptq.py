@@ -145,6 +145,7 @@ def gptq_quantize(
     dyn_scale: dict[str, torch.Tensor] = {}
     col_scale: ScaleData = {}
     view = (1, 1, rows) if grouping.granularity == "tensor" else (rows, 1, 1)
+    fast = None if dynamic else _int_columns(codec, static_scale, grouping, perm, cols)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wt[i1:i2].clone()
@@ -152,6 +153,15 @@ def gptq_quantize(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
+            if fast is not None:  # the int codec's encode and decode, with the column's scale ready
+                col = w1[i]
+                s_j, z_j, qmax = fast[0][j], fast[1][j], fast[2]
+                q = torch.round(col / s_j).add_(z_j).clamp_(0, qmax)
+                codes_t[j] = q.to(torch.uint8)
+                e = (col - (q - z_j) * s_j) / hinv1[i, i]
+                w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
+                err1[i] = e
+                continue
             if dynamic:
                 if j % gs == 0:
                     vals = w1[i : i + gs]
@@ -186,6 +196,26 @@ def gptq_quantize(
     if g_idx is not None:
         qt.data["g_idx"] = g_idx
     return qt, damp
+
+
+def _int_columns(codec: Codec, scale: ScaleData | None, grouping: Grouping, perm: torch.Tensor | None,
+                 cols: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """For the ``int`` codec with an integer (or implied) zero point and scales fixed before the
+    column loop: each column's ``(scale, zero)`` as ``(cols, rows)`` float32 tensors in the loop's
+    column order, and ``qmax``; None for any other codec (the loop then calls the codec)."""
+    if scale is None or codec.name != "int" or grouping.granularity == "tensor":
+        return None
+    bits, symmetric = codec.bits, codec.symmetric  # type: ignore[attr-defined]
+    if not symmetric and codec.zero_point != "integer":  # type: ignore[attr-defined]
+        return None
+    order = perm if perm is not None else torch.arange(cols, device=scale["scale"].device)
+    group = order // grouping.group_size if grouping.granularity == "group" else torch.zeros_like(order)
+    s = scale["scale"].to(torch.float32)[:, group].t().contiguous()
+    if symmetric:
+        z = torch.full_like(s, float(1 << (bits - 1)))
+    else:
+        z = scale["zero"].to(torch.float32)[:, group].t().contiguous()
+    return s, z, (1 << bits) - 1
 
 
 def _column_scale(scale: ScaleData | None, grouping: Grouping, column: int) -> ScaleData:
