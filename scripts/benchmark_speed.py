@@ -1,7 +1,8 @@
 """Speed and memory of SmolLM2-135M on this CPU: BENCHMARKS.md, section "speed".
 
-Rows: FP32, BF16, int8 weight-only (per-channel, torch's ``_weight_int8pack_mm``) and int4 g128
-(torch's ``_weight_int4pack_mm_for_cpu``), the quantized ones made by ``lowbit quantize`` (RTN)
+Rows: FP32, BF16, int8 weight-only (per-channel, torch's ``_weight_int8pack_mm``), int4 g128
+(torch's ``_weight_int4pack_mm_for_cpu``) and int8 W8A8 (the same int8 weights times int8
+activations, ``torch._int_mm``), the quantized ones made by ``lowbit quantize`` (RTN)
 and run by ``lowbit bench-speed`` with their fast kernels. Each row runs in its own process, so
 that its peak memory is its own; all rows in one invocation, so their ratios to FP32 compare.
 
@@ -35,14 +36,15 @@ from lowbit.models import cache_dir
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "`.venv/bin/python scripts/benchmark_speed.py`"
 MODEL = "smollm2-135m"
-# (label, recipe or None for the float model, dtype)
+# (label, recipe or None for the float model, dtype, W8A8)
 ROWS = [
-    ("FP32", None, "float32"),
-    ("BF16", None, "bfloat16"),
-    ("int8 weight-only (per-channel)", "int8", "auto"),
-    ("int4 g128 (symmetric)", "w4a16", "auto"),
+    ("FP32", None, "float32", False),
+    ("BF16", None, "bfloat16", False),
+    ("int8 weight-only (per-channel)", "int8", "auto", False),
+    ("int4 g128 (symmetric)", "w4a16", "auto", False),
+    ("int8 W8A8 (dynamic per-token int8 activations)", "int8", "auto", True),
 ]
-GOALS = {"int8 weight-only (per-channel)": 1.5, "int4 g128 (symmetric)": 2.0}
+GOALS = {"int8 weight-only (per-channel)": 1.5, "int4 g128 (symmetric)": 2.0}  # the issue's goals
 LOWBIT = [sys.executable, "-m", "lowbit"]
 
 
@@ -70,14 +72,15 @@ def quantized_folder(recipe: str) -> Path:
     return out
 
 
-def bench_speed(spec: str, dtype: str, args: argparse.Namespace) -> dict:
+def bench_speed(spec: str, dtype: str, w8a8: bool, args: argparse.Namespace) -> dict:
     cmd = [*LOWBIT, "bench-speed", spec, "--dtype", dtype, "--batch", "1,8", "--prompt-tokens",
-           str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
+           str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json",
+           *(["--w8a8"] if w8a8 else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
 
-def quality(rows: list[tuple[str, str, str]], windows: int) -> dict[str, tuple[float, float, float | None]]:
+def quality(rows: list[tuple[str, str, str, bool]], windows: int) -> dict[str, tuple[float, float, float | None]]:
     """Mean KLD and top-1 of each row against FP32, running as bench-speed runs it, and the KLD
     of its quantized weights on the float32 reference path (what the kernels' bf16 costs)."""
     from lowbit.calibration import load_text
@@ -87,28 +90,28 @@ def quality(rows: list[tuple[str, str, str]], windows: int) -> dict[str, tuple[f
     text = load_text("pydoc")
     ref = load_for_running(MODEL, "float32")[0]
 
-    def kld(spec: str, dtype: str, kernels: bool) -> tuple[float, float]:
-        loaded, dt = load_for_running(spec, dtype, kernels=kernels)[:2]
+    def kld(spec: str, dtype: str, kernels: bool, w8a8: bool = False) -> tuple[float, float]:
+        loaded, dt = load_for_running(spec, dtype, kernels=kernels, w8a8=w8a8)[:2]
         r = evaluate(loaded.model, ref.tokenizer, text, ref=ref.model, max_windows=windows, dtype=getattr(torch, dt),
                      progress=False)
         return r.kld, r.top1
 
     out = {}
-    for label, spec, dtype in rows:
-        k, t = kld(spec, dtype, True)
+    for label, spec, dtype, w8a8 in rows:
+        k, t = kld(spec, dtype, True, w8a8)
         reference = kld(spec, "float32", False)[0] if spec != MODEL else None
         out[label] = (k, t, reference)
         log(f"{label}: KLD {k:.4f} top-1 {t:.4f} reference path {reference}")
     return out
 
 
-def decode_profile(spec: str, dtype: str, steps: int = 16) -> dict[str, float]:
+def decode_profile(spec: str, dtype: str, w8a8: bool = False, steps: int = 16) -> dict[str, float]:
     """Milliseconds per batch-1 decode step in the quantized / dense block linears, the LM head
     and the rest (attention, norms, rotary, Python), from forward hooks."""
     from lowbit.evaluation.speed import load_for_running
     from lowbit.modules import QuantLinear
 
-    loaded = load_for_running(spec, dtype)[0]
+    loaded = load_for_running(spec, dtype, w8a8=w8a8)[0]
     model = loaded.model
     head = model.get_output_embeddings()
     spent = {"block linears": 0.0, "LM head": 0.0}
@@ -240,15 +243,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="runs of every row, alternating; best kept (default 2)")
     args = ap.parse_args()
     t0 = time.time()
-    specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype) for label, recipe, dtype in ROWS]
+    specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype, w8a8)
+             for label, recipe, dtype, w8a8 in ROWS]
     results: dict[str, dict] = {}
     for round_ in range(args.rounds):  # rows alternate, so no row is favoured by running first
-        for label, spec, dtype in specs:
+        for label, spec, dtype, w8a8 in specs:
             log(f"{label}, round {round_ + 1} ...")
-            r = bench_speed(spec, dtype, args)
+            r = bench_speed(spec, dtype, w8a8, args)
             log(json.dumps(r))
             results[label] = r if label not in results else best_of(results[label], r)
-    prof = {label: decode_profile(spec, dtype) for label, spec, dtype in specs}
+    prof = {label: decode_profile(spec, dtype, w8a8) for label, spec, dtype, w8a8 in specs}
     log(json.dumps(prof))
     cross = crossover()
     log(json.dumps(cross))

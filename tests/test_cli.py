@@ -451,3 +451,15 @@ def test_generate_and_bench_speed(capsys, model_dir, tmp_path) -> None:  # type:
     assert r["dtype"] == "float32" and r["linears"] == {"dequantized once": 14}
     code, _, err = run(capsys, "bench-speed", str(out), "--batch", "0")
     assert_one_line_error(code, err, "--batch")
+    code, _, err = run(capsys, "bench-speed", str(out), "--w8a8", "--no-kernels")
+    assert_one_line_error(code, err, "--w8a8", "--no-kernels")
+
+
+def test_bench_speed_w8a8(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "int8")
+    assert code == 0, err
+    code, stdout, err = run(capsys, "bench-speed", str(out), "--w8a8", "--batch", "1", "--prompt-tokens", "4",
+                            "--new-tokens", "2", "--repeats", "1", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["linears"] == {"w8a8-int8-cpu": 14}

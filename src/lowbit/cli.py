@@ -144,6 +144,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "runs the quantized linears, whose operators compute in bf16; else float32)")
     p.add_argument("--no-kernels", action="store_true",
                    help="run quantized linears on the reference path (dequantized once, then dense matmuls)")
+    p.add_argument("--w8a8", action="store_true",
+                   help="int8 linears also quantize their inputs to int8 (per token, dynamic) and multiply in "
+                        "int8 (torch._int_mm): faster, less exact")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -413,7 +416,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _load_for_running(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from lowbit.evaluation.speed import load_for_running
 
-    return load_for_running(args.model, args.dtype, kernels=not args.no_kernels)
+    if args.w8a8 and args.no_kernels:
+        raise LowbitError("--w8a8 runs on a kernel: drop --no-kernels")
+    return load_for_running(args.model, args.dtype, kernels=not args.no_kernels, w8a8=args.w8a8)
 
 
 def _describe_run(dtype: str, counts: dict[str, int], memory: dict[str, float | None]) -> str:

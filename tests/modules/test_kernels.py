@@ -15,7 +15,7 @@ from lowbit.algorithms import GPTQ, LayerStats
 from lowbit.codecs import IntCodec, QuantizedTensor
 from lowbit.codecs.registry import codec_from_dict
 from lowbit.modules import QuantLinear, enable_fast_kernels
-from lowbit.modules.kernels import INT4_MAX_ROWS, INT8_MAX_ROWS, build_kernel
+from lowbit.modules.kernels import INT4_MAX_ROWS, INT8_MAX_ROWS, affine_form, build_kernel
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import resolve_recipe
 
@@ -121,3 +121,25 @@ def test_tiny_model_logits_follow_the_reference(tiny_model) -> None:  # type: ig
         step = fast(ids[:, :1]).logits
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert (step - ref[:, :1]).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w8a8_is_int8_activations_times_the_stored_weight(symmetric: bool) -> None:
+    qt = IntCodec(bits=8, granularity="channel", symmetric=symmetric).quantize(_weight())
+    kernel = build_kernel(qt, w8a8=True)
+    assert kernel is not None and kernel.name == "w8a8-int8-cpu"
+    assert torch.equal(kernel.codes(), codec_from_dict(qt.codec).unpack(qt)[0].reshape(qt.shape))
+    x = torch.randn(2, 5, 576, generator=torch.Generator().manual_seed(2)) * 3
+    y = kernel(x)
+    assert y.shape == (2, 5, 96) and y.dtype == torch.float32
+    # float64: each token's row rounded to int8 steps of absmax / 127, times the stored weight; an
+    # asymmetric zero point's part, shift * sum(x), takes the exact inputs
+    xd = x.double().reshape(-1, 576)
+    sx = xd.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(xd / sx).clamp(-127, 127) * sx
+    _, scale, offset = affine_form(qt)
+    shift = (offset[:, 0] + 128 * scale[:, 0]).double()
+    expected = xq @ qt.dequantize().double().t() + (xd - xq).sum(-1, keepdim=True) * shift
+    assert torch.allclose(y.reshape(-1, 96).double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    exact = xd @ qt.dequantize().double().t()  # and close to the unquantized activations' product
+    assert ((y.reshape(-1, 96).double() - exact).norm() / exact.norm()) < 1e-2

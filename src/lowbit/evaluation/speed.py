@@ -114,10 +114,11 @@ def held_bytes(model: nn.Module) -> int:
     return total
 
 
-def load_for_running(spec: str, dtype: str = "auto", kernels: bool = True):  # type: ignore[no-untyped-def]
+def load_for_running(spec: str, dtype: str = "auto", kernels: bool = True, w8a8: bool = False):  # type: ignore[no-untyped-def]
     """Load ``spec`` to run it: fast kernels built once (unless ``kernels`` is False), the other
     quantized layers dequantized once, dense weights in ``dtype`` (``auto``: bfloat16 when a fast
-    kernel runs the quantized linears, as their operators compute in bf16; else float32).
+    kernel runs the quantized linears, as their operators compute in bf16; else float32);
+    ``w8a8``: int8 linears quantize their inputs too (dynamic per-token int8 activations).
 
     Returns ``(LoadedModel, dtype name, {path: linears}, {"model_mb", "rss_after_load_mb"})``."""
     from lowbit.models import load_model
@@ -127,7 +128,7 @@ def load_for_running(spec: str, dtype: str = "auto", kernels: bool = True):  # t
     if auto:  # a lowbit folder says so in its header; other layouts are cast after loading
         dtype = "bfloat16" if kernels and _first_linear_has_kernel(spec) else "float32"
     loaded = load_model(spec, getattr(torch, dtype), keep_quantized=True)
-    counts = enable_fast_kernels(loaded.model) if kernels else {}
+    counts = enable_fast_kernels(loaded.model, w8a8=w8a8) if kernels else {}
     counts.pop("reference", None)
     if auto and dtype == "float32" and counts:
         dtype = "bfloat16"

@@ -114,13 +114,14 @@ class QuantLinear(nn.Module):
         )
 
 
-def enable_fast_kernels(model: nn.Module) -> dict[str, int]:
+def enable_fast_kernels(model: nn.Module, w8a8: bool = False) -> dict[str, int]:
     """Give every CPU QuantLinear whose codec a kernel holds that kernel (its layout built now,
-    once); returns how many layers each kernel (and the reference path) took."""
+    once); ``w8a8``: int8 layers also quantize their inputs (dynamic, per token). Returns how
+    many layers each kernel (and the reference path) took."""
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel_capable:
-            kernel = build_kernel(m.qweight) if m.qweight_codes.device.type == "cpu" else None
+            kernel = build_kernel(m.qweight, w8a8) if m.qweight_codes.device.type == "cpu" else None
             m.use_kernel(kernel)
             name = "reference" if kernel is None else kernel.name
             counts[name] = counts.get(name, 0) + 1
