@@ -455,6 +455,16 @@ def test_generate_and_bench_speed(capsys, model_dir, tmp_path) -> None:  # type:
     assert_one_line_error(code, err, "--w8a8", "--no-kernels")
 
 
+def test_bench_speed_of_a_truncated_folder_is_one_line(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w4a16", "--group-size", "32")
+    assert code == 0, err
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run(capsys, "bench-speed", str(out), "--batch", "1")
+    assert_one_line_error(code, err, "corrupt or truncated safetensors file")
+
+
 def test_bench_speed_w8a8(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "q"
     code, _, err = quantize(capsys, model_dir, out, "--recipe", "int8")

@@ -147,7 +147,7 @@ def _first_linear_has_kernel(spec: str) -> bool:
     before loading (other sources: False)."""
     import json
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from lowbit.codecs import QuantizedTensor
     from lowbit.io.lowbit_format import MARKER, QUANT_KEY, WEIGHTS
@@ -156,10 +156,13 @@ def _first_linear_has_kernel(spec: str) -> bool:
     path = Path(spec).expanduser()
     if not (path / MARKER).is_file():
         return False
-    with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        headers = json.loads((f.metadata() or {}).get(QUANT_KEY, "{}"))
-        for name, header in headers.items():
-            prefix = f"{name}.weight"
-            parts = {f"{prefix}.{p}": f.get_tensor(f"{prefix}.{p}") for p in json.loads(header)["parts"]}
-            return build_kernel(QuantizedTensor.from_state_dict(header, parts, prefix)) is not None
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            headers = json.loads((f.metadata() or {}).get(QUANT_KEY, "{}"))
+            for name, header in headers.items():
+                prefix = f"{name}.weight"
+                parts = {f"{prefix}.{p}": f.get_tensor(f"{prefix}.{p}") for p in json.loads(header)["parts"]}
+                return build_kernel(QuantizedTensor.from_state_dict(header, parts, prefix)) is not None
+    except (OSError, SafetensorError, ValueError, KeyError):
+        return False  # a damaged folder: loading it reports what is wrong, in lowbit's words
     return False
