@@ -132,8 +132,7 @@ class Int4PackedKernel:
             scale, zero = sz[..., 0].contiguous(), sz[..., 1].contiguous()
             self._blocked_affine = (scale, (zero - 8 * scale).contiguous())  # w = q * scale + (zero - 8 scale)
         scale, shift = self._blocked_affine
-        flat = self.packed.view(-1, 32)
-        q = torch.stack([flat & 15, flat >> 4], dim=1).view(rows // 64, -1, self.group_size, 64).to(KERNEL_DTYPE)
+        q = self._blocked_nibbles().view(rows // 64, -1, self.group_size, 64).to(KERNEL_DTYPE)
         w = torch.addcmul(shift, q, scale).view(rows // 64, self.padded, 64)
         return torch.matmul(self._prepare(x), w).permute(1, 0, 2).reshape(x.shape[0], rows)
 
@@ -145,13 +144,17 @@ class Int4PackedKernel:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.shape[0])
 
+    def _blocked_nibbles(self) -> torch.Tensor:
+        """The codes of the 64-row blocked layout (rows i and i + 32 of a block share a byte) as
+        ``(N / 64, padded K, 2, 32)``: block, column, then the block's rows."""
+        flat = self.packed.view(-1, 32)
+        return torch.stack([flat & 15, flat >> 4], dim=1).view(self.shape[0] // 64, self.padded, 2, 32)
+
     def _padded_codes(self) -> torch.Tensor:
         """``(N, padded K)`` codes in the operator's column order, from its packed layout."""
         rows = self.shape[0]
-        if _blocked_layout(rows, self.padded):  # 64-row blocks, rows i and i + 32 share a byte
-            flat = self.packed.view(-1, 32)
-            nibbles = torch.stack([flat & 15, flat >> 4], dim=1)  # (N * K / 64, 2, 32)
-            return nibbles.view(rows // 64, self.padded, 2, 32).permute(0, 2, 3, 1).reshape(rows, self.padded)
+        if _blocked_layout(rows, self.padded):
+            return self._blocked_nibbles().permute(0, 2, 3, 1).reshape(rows, self.padded)
         nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1).reshape(-1)
         return nibbles[_int4_gather_index(rows, self.padded)].view(rows, self.padded)
 
@@ -212,13 +215,14 @@ class Int8PackedKernel:
     plus ``offset + 128 * scale`` times the input's row sum when the zero point is not 128."""
 
     name = "int8-cpu"
+    scale_dtype = KERNEL_DTYPE  # of the per-row scale and shift, as the operator takes them
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
         self.shape = tuple(codes.shape)
         self.weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
-        self.scale = scale[:, 0].to(KERNEL_DTYPE).contiguous()
+        self.scale = scale[:, 0].to(self.scale_dtype).contiguous()
         shift = offset[:, 0] + 128 * scale[:, 0]
-        self.shift = None if torch.all(shift == 0) else shift.to(KERNEL_DTYPE)
+        self.shift = None if torch.all(shift == 0) else shift.to(self.scale_dtype)
 
     @property
     def nbytes(self) -> int:
@@ -256,12 +260,7 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
     bf16 at every batch size on this CPU, and less exact: the activations lose precision."""
 
     name = "w8a8-int8-cpu"
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
-        super().__init__(codes, scale, offset)
-        self.scale = scale[:, 0].to(torch.float32).contiguous()
-        shift = offset[:, 0] + 128 * scale[:, 0]
-        self.shift = None if torch.all(shift == 0) else shift.to(torch.float32)
+    scale_dtype = torch.float32
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x (M, K) @ W.T`` in float32 from int8 activations and weights."""

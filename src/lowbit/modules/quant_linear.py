@@ -68,6 +68,7 @@ class QuantLinear(nn.Module):
             self._buffers[_PART_PREFIX + "codes"] = self.qweight.data["codes"]
             self.kernel = None
         if kernel is not None:
+            self._dense = None  # the kernel computes from now on
             self._buffers[_PART_PREFIX + "codes"] = torch.empty(0, dtype=torch.uint8)
             # own copies of the small parts: a part may be a view into a memory-mapped checkpoint,
             # whose pages would otherwise stay resident for the sake of a few scales
@@ -99,7 +100,7 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and self._dense is None:
+        if self.kernel is not None:
             y = self.kernel(x)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
