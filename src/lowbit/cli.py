@@ -207,18 +207,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         linear_gguf_names(loaded.model)  # llama.cpp names its linears: before the work, not after it
     layout = _output_layout(args)
-    to_gguf = layout == "gguf"
-    if not to_gguf and (recipe.gguf_mix or recipe.embedding or recipe.lm_head):
-        raise LowbitError(f"{recipe.label()} is a GGUF type mix (it quantizes the token embedding): "
-                          "write a GGUF file (--out FILE.gguf)")
-    if to_gguf:
+    from lowbit.io.formats import check_layout
+
+    check_layout(layout, recipe, loaded.model)  # before the work, not after it
+    if layout == "gguf":
         from lowbit.io.gguf_writer import check_gguf_architecture
 
-        check_gguf_architecture(loaded.model)  # before the work, not after it
-    else:
-        from lowbit.io.formats import check_layout
-
-        check_layout(layout, recipe, loaded.model)
+        check_gguf_architecture(loaded.model)
     calib, resume = None, None
     if calibrating_algorithms(recipe, importance):
         from lowbit.calibration import calibration_set
@@ -260,7 +255,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(
         f"quantized {len(report.quantized)} linears with {recipe.label()} ({recipe.codec.describe()}, "
         f"{recipe.algorithm.name}) in {report.seconds:.1f}s: {size.bits_per_weight:.3f} bits per weight, "
-        f"{(args.out.stat().st_size if to_gguf else folder_bytes(args.out)) / 1e6:.1f} MB on disk -> {args.out}"
+        f"{(args.out.stat().st_size if layout == 'gguf' else folder_bytes(args.out)) / 1e6:.1f} MB on disk -> {args.out}"
     )
     return 0
 

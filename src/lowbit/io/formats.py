@@ -6,6 +6,7 @@ will produce, so that a long GPTQ run never ends in a refusal.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,28 +24,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Layout:
-    name: str
     help: str
+    save: Callable[..., Path]  # (loaded, out, overwrite=..., source=...)
     #: why a weight of ``codec`` (``Codec.model_dump()``) and shape ``(out, in)`` cannot be held
-    #: (``act_order``: GPTQ act-order with a stored g_idx), or None
-    reason: Callable[[dict[str, Any], tuple[int, int], bool], str | None]
-    save: Callable[..., Path]
+    #: (``act_order``: GPTQ act-order with a stored g_idx), or None; no function: every weight
+    reason: Callable[[dict[str, Any], tuple[int, int], bool], str | None] | None = None
 
 
-def _native_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -> str | None:
-    return None
+def _lazy(module: str, name: str, **fixed: Any) -> Callable[..., Any]:
+    """``module.name``, imported when first called (a layout's libraries load only when it is
+    used), with ``fixed`` keyword arguments."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **fixed, **kwargs)
 
-
-def _gptq_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -> str | None:
-    from lowbit.io.gptq_format import unsupported_reason
-
-    return unsupported_reason(codec, shape, act_order)
-
-
-def _awq_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -> str | None:
-    from lowbit.io.awq_format import unsupported_reason
-
-    return unsupported_reason(codec, shape, act_order)
+    return call
 
 
 def _ct_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -> str | None:
@@ -57,62 +50,28 @@ def _ct_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -
     return reason
 
 
-def _save_native(loaded: "LoadedModel", out: Path, overwrite: bool, source: str | None) -> Path:
-    from lowbit.io.lowbit_format import save_quantized
-
-    return save_quantized(loaded, out, overwrite=overwrite, source=source)
-
-
-def _save_ct(loaded: "LoadedModel", out: Path, overwrite: bool, source: str | None) -> Path:
-    from lowbit.io.compressed_tensors import save_compressed_tensors
-
-    return save_compressed_tensors(loaded, out, overwrite=overwrite, source=source)
-
-
-def _save_gptq(loaded: "LoadedModel", out: Path, overwrite: bool, source: str | None) -> Path:
-    from lowbit.io.gptq_format import save_gptq
-
-    return save_gptq(loaded, out, overwrite=overwrite, source=source)
-
-
-def _save_gptq_v2(loaded: "LoadedModel", out: Path, overwrite: bool, source: str | None) -> Path:
-    from lowbit.io.gptq_format import save_gptq
-
-    return save_gptq(loaded, out, overwrite=overwrite, source=source, checkpoint_format="gptq_v2")
-
-
-def _save_awq(loaded: "LoadedModel", out: Path, overwrite: bool, source: str | None) -> Path:
-    from lowbit.io.awq_format import save_awq
-
-    return save_awq(loaded, out, overwrite=overwrite, source=source)
-
-
 def _save_gguf(loaded: "LoadedModel", out: Path, overwrite: bool, source: str | None) -> Path:
     from lowbit.io.gguf_writer import save_gguf
 
-    return save_gguf(loaded, out, overwrite=overwrite)
+    return save_gguf(loaded, out, overwrite=overwrite)  # a GGUF file records no source path
 
 
-def _gguf_reason(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -> str | None:
-    return None  # the GGUF writer checks its codecs and architecture itself, before the work
-
-
+_GPTQ_REASON = _lazy("lowbit.io.gptq_format", "unsupported_reason")
 LAYOUTS: dict[str, Layout] = {
-    "native": Layout("native", "lowbit's own folder: every codec, read back by lowbit", _native_reason, _save_native),
+    "native": Layout("lowbit's own folder: every codec, read back by lowbit",
+                     _lazy("lowbit.io.lowbit_format", "save_quantized")),
     "compressed-tensors": Layout(
-        "compressed-tensors", "HF folder that transformers (with compressed-tensors) and vLLM load: int 2..8 bit "
-        "pack-quantized, FP8 E4M3 float-quantized", _ct_reason, _save_ct),
-    "gptq": Layout("gptq", "GPTQ checkpoint (v1, AutoGPTQ's zero-point offset) for transformers/vLLM/GPTQModel: "
-                   "int 2/3/4/8 bit, act-order g_idx", _gptq_reason, _save_gptq),
-    "gptq_v2": Layout("gptq_v2", "GPTQModel's v2 layout (zero points stored as they are)", _gptq_reason,
-                      _save_gptq_v2),
-    "awq": Layout("awq", "AWQ GEMM checkpoint: int4 groups, no act-order", _awq_reason, _save_awq),
-    "gguf": Layout("gguf", "one llama.cpp file (--out FILE.gguf)", _gguf_reason, _save_gguf),
+        "HF folder that transformers (with compressed-tensors) and vLLM load: int 2..8 bit pack-quantized, FP8 E4M3 "
+        "float-quantized", _lazy("lowbit.io.compressed_tensors", "save_compressed_tensors"), _ct_reason),
+    "gptq": Layout("GPTQ checkpoint (v1, AutoGPTQ's zero-point offset) for transformers/vLLM/GPTQModel: int 2/3/4/8 "
+                   "bit, act-order g_idx", _lazy("lowbit.io.gptq_format", "save_gptq"), _GPTQ_REASON),
+    "gptq_v2": Layout("GPTQModel's v2 layout (zero points stored as they are)",
+                      _lazy("lowbit.io.gptq_format", "save_gptq", checkpoint_format="gptq_v2"), _GPTQ_REASON),
+    "awq": Layout("AWQ GEMM checkpoint: int4 groups, no act-order", _lazy("lowbit.io.awq_format", "save_awq"),
+                  _lazy("lowbit.io.awq_format", "unsupported_reason")),
+    # the GGUF writer checks its codecs and the architecture itself, before the work
+    "gguf": Layout("one llama.cpp file (--out FILE.gguf)", _save_gguf),
 }
-
-
-def layouts_holding(codec: dict[str, Any], shape: tuple[int, int], act_order: bool) -> list[str]:
-    return [n for n, lay in LAYOUTS.items() if n != "gguf" and lay.reason(codec, shape, act_order) is None]
 
 
 def check_layout(layout: str, recipe: "Recipe", model: nn.Module) -> None:
@@ -121,10 +80,11 @@ def check_layout(layout: str, recipe: "Recipe", model: nn.Module) -> None:
     from lowbit.modules import linear_weight
 
     lay = LAYOUTS[layout]
-    if layout in ("native", "gguf"):
+    if layout != "gguf" and (recipe.gguf_mix or recipe.embedding or recipe.lm_head):
+        raise LowbitError(f"{recipe.label()} is a GGUF type mix (it quantizes the token embedding): "
+                          "write a GGUF file (--out FILE.gguf)")
+    if lay.reason is None:
         return
-    if recipe.gguf_mix or recipe.embedding or recipe.lm_head:
-        raise LowbitError(f"{recipe.label()} quantizes the token embedding (a GGUF type mix): write a GGUF file")
     for name, module in model.named_modules():
         if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
             continue
@@ -143,7 +103,7 @@ def check_layout(layout: str, recipe: "Recipe", model: nn.Module) -> None:
 def save_model(layout: str, loaded: "LoadedModel", out: Path, overwrite: bool = False,
                source: str | None = None) -> Path:
     """Write ``loaded`` (quantized in place) as ``layout``."""
-    return LAYOUTS[layout].save(loaded, Path(out), overwrite, source)
+    return LAYOUTS[layout].save(loaded, Path(out), overwrite=overwrite, source=source)
 
 
 def folder_loader(path: Path) -> Callable[[Path, torch.dtype], "LoadedModel"] | None:
