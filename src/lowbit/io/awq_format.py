@@ -36,7 +36,7 @@ import torch
 
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
-from lowbit.io.hf_checkpoint import hf_quantization_config, read_json, write_folder
+from lowbit.io.hf_checkpoint import hf_quantization_config, holds_checkpoint, read_json, write_folder
 from lowbit.io.int32_packing import AWQ_ORDER, pack_int32, unpack_int32
 from lowbit.io.int_checkpoint import (
     IntTables,
@@ -149,10 +149,7 @@ def awq_config(path: Path) -> dict[str, Any] | None:
 
 def is_awq_folder(path: Path) -> bool:
     """Whether ``path`` is a folder holding an AWQ checkpoint (by its quantization config)."""
-    try:
-        return Path(path).is_dir() and awq_config(path) is not None
-    except LowbitError:
-        return False
+    return holds_checkpoint(path, awq_config)
 
 
 def read_awq_linear(

@@ -76,6 +76,7 @@ from lowbit.io.hf_checkpoint import (
     assemble,
     empty_model,
     hf_quantization_config,
+    holds_checkpoint,
     meta_model,
     read_tensors,
     write_folder,
@@ -306,18 +307,20 @@ def save_compressed_tensors(
 # -- compressed-tensors -> lowbit --------------------------------------------------------------
 
 
+def ct_config(path: Path) -> dict[str, Any] | None:
+    """``config.json``'s compressed-tensors ``quantization_config``, or None (another or none)."""
+    qc = hf_quantization_config(path)
+    return qc if qc is not None and qc.get("quant_method") == QUANT_METHOD else None
+
+
 def is_compressed_tensors_folder(path: Path) -> bool:
     """Whether ``path`` is a model folder whose config declares compressed-tensors quantization."""
-    try:
-        qc = hf_quantization_config(Path(path))
-    except LowbitError:
-        return False
-    return qc is not None and qc.get("quant_method") == QUANT_METHOD
+    return holds_checkpoint(path, ct_config)
 
 
 def _read_quantization_config(path: Path) -> dict[str, Any]:
-    qc = hf_quantization_config(path)
-    if qc is None or qc.get("quant_method") != QUANT_METHOD:
+    qc = ct_config(path)
+    if qc is None:
         raise LowbitError(f"{path}: config.json declares no compressed-tensors quantization_config")
     return qc
 

@@ -44,7 +44,7 @@ import torch
 
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
-from lowbit.io.hf_checkpoint import hf_quantization_config, read_json, write_folder
+from lowbit.io.hf_checkpoint import hf_quantization_config, holds_checkpoint, read_json, write_folder
 from lowbit.io.int32_packing import fills_words, pack_int32, unpack_int32
 from lowbit.io.int_checkpoint import (
     IntTables,
@@ -186,10 +186,7 @@ def gptq_config(path: Path) -> dict[str, Any] | None:
 
 def is_gptq_folder(path: Path) -> bool:
     """Whether ``path`` is a folder holding a GPTQ checkpoint (by its quantization config)."""
-    try:
-        return Path(path).is_dir() and gptq_config(path) is not None
-    except LowbitError:
-        return False
+    return holds_checkpoint(path, gptq_config)
 
 
 def module_settings(config: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ optional extra JSON files, the tokenizer and lowbit's ``recipe.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,15 @@ def hf_quantization_config(path: Path) -> dict[str, Any] | None:
         raise LowbitError(f"{path}: no {CONFIG}, not a Hugging Face model folder")
     qc = config.get("quantization_config")
     return qc if isinstance(qc, dict) else None
+
+
+def holds_checkpoint(path: Path, config_of: Callable[[Path], dict[str, Any] | None]) -> bool:
+    """Whether ``path`` is a folder in which ``config_of`` finds a layout's quantization config
+    (an unreadable config: no)."""
+    try:
+        return Path(path).is_dir() and config_of(Path(path)) is not None
+    except LowbitError:
+        return False
 
 
 # -- reading -------------------------------------------------------------------------------------
