@@ -40,8 +40,12 @@ def tiny_config(family: str = "llama", **overrides: Any):  # type: ignore[no-unt
         cfg = tf.Qwen2Config(**llama_like)
     elif family == "phi3":
         cfg = tf.Phi3Config(**llama_like)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**llama_like, head_dim=16)
     elif family == "gemma":
         cfg = tf.GemmaConfig(**llama_like, head_dim=16)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(**llama_like, head_dim=16)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=256, **ids)
     elif family == "opt":

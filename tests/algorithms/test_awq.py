@@ -16,7 +16,7 @@ from lowbit.models import architecture_of
 from lowbit.pipeline.sequential import capture_block_inputs, collect_step_statistics, run_block
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "phi3", "gpt2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "opt", "phi3", "gpt2", "mistral"])
 def test_fold_leaves_the_unquantized_model_unchanged(tiny_model, family: str) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model(family)
     arch = architecture_of(model)

@@ -40,7 +40,7 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gemma", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "opt", "gpt2"])
 def test_gptq_runs_on_every_family_and_beats_rtn(tiny_model, family: str) -> None:  # type: ignore[no-untyped-def]
     base = tiny_model(family)
     cal = calib()

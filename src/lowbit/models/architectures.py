@@ -84,16 +84,21 @@ _LLAMA_STEPS = (
 _LLAMA_SOURCES = ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj")
 
 
-def _llama_like(family: str, norm_plus_one: bool = False) -> Architecture:
+def _llama_like(family: str, norm_plus_one: bool = False, sources: tuple[str | None, ...] = _LLAMA_SOURCES,
+                ) -> Architecture:
     return Architecture(
-        family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head", _LLAMA_SOURCES, norm_plus_one,
+        family, "model.layers", _LLAMA_STEPS, "model.embed_tokens", "lm_head", sources, norm_plus_one,
         replayed=("self_attn", "mlp"),
     )
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     **{f: _llama_like(f) for f in ("llama", "mistral", "qwen2", "qwen3")},
-    **{f: _llama_like(f, norm_plus_one=True) for f in ("gemma", "gemma2")},
+    "gemma": _llama_like("gemma", norm_plus_one=True),
+    # Gemma 2 normalizes the attention's output (post_attention_layernorm) and then the MLP's
+    # input (pre_feedforward_layernorm): the latter is what gate/up read.
+    "gemma2": _llama_like("gemma2", norm_plus_one=True, sources=(
+        "input_layernorm", "self_attn.v_proj", "pre_feedforward_layernorm", "mlp.up_proj")),
     "phi3": Architecture(
         "phi3",
         "model.layers",
