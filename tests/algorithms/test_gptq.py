@@ -196,3 +196,28 @@ def test_int_column_fast_path_gives_the_codec_path_bit_for_bit(codec: dict, act_
     slow, _ = gptq_quantize(w, h, c, block_size=64, act_order=act_order, static_groups=True)
     assert fast.data.keys() == slow.data.keys()
     assert all(torch.equal(fast.data[k], slow.data[k]) for k in fast.data)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", CODECS, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_gptq_and_rtn_on_cuda_match_the_cpu(spec: dict) -> None:
+    """Every codec quantizes on the GPU: RTN gives the CPU's weights (up to a rare rounding tie),
+    GPTQ the CPU's output error, and the result stays on the device it was computed on."""
+    cols = 200 if spec.get("group_size") == 128 else 256
+    x = correlated_inputs(2048, cols)
+    w = torch.randn(96, cols, generator=torch.Generator().manual_seed(1)) * 0.05
+    codec = codec_from_dict(spec)
+    h = x.t() @ x / x.shape[0]
+    rtn_cpu = RTN().quantize(w, codec).dequantize()
+    rtn_gpu = RTN().quantize(w.cuda(), codec)
+    assert all(t.device.type == "cuda" for t in rtn_gpu.data.values())
+    differs = (rtn_gpu.dequantize().cpu() != rtn_cpu).float().mean()
+    assert differs < 1e-3, float(differs)
+    gptq_cpu = output_error(x, w, GPTQ(block_size=64).quantize(w, codec, LayerStats(hessian=h)).dequantize())
+    qt = GPTQ(block_size=64).quantize(w.cuda(), codec, LayerStats(hessian=h.cuda()))
+    assert all(t.device.type == "cuda" for t in qt.data.values())
+    gptq_gpu = output_error(x, w, qt.dequantize().cpu())
+    assert gptq_gpu < 1.05 * gptq_cpu + 1e-6, (gptq_gpu, gptq_cpu)

@@ -117,3 +117,21 @@ def test_deepcopy_is_independent() -> None:
     assert torch.equal(layer.weight, w)
     assert not torch.equal(other.weight, w)
     assert isinstance(other, nn.Module)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_layer_moved_to_cuda_computes_there_and_comes_back_unchanged() -> None:
+    from lowbit.modules import enable_fast_kernels
+
+    layer, w, b = _layer(symmetric=True)
+    holder = nn.Sequential(layer)
+    assert enable_fast_kernels(holder) == {"int4-packed-cpu": 1}
+    codes = layer.qweight.data["codes"].clone()
+    holder.cuda()  # the kernel is a CPU operator: it is dropped and the codes restored
+    assert layer.kernel is None and layer.qweight_codes.device.type == "cuda"
+    x = torch.randn(3, 80, generator=torch.Generator().manual_seed(1))
+    y = layer(x.cuda())
+    assert y.device.type == "cuda"
+    torch.testing.assert_close(y.cpu(), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    holder.cpu()
+    assert torch.equal(layer.qweight_codes, codes)

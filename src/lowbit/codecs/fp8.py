@@ -47,7 +47,10 @@ class FP8Codec(GroupedCodec):
 
     def fit(self, groups: torch.Tensor, shrink: float | torch.Tensor = 1.0) -> ScaleData:
         absmax = groups.to(torch.float32).abs().amax(dim=-1) * shrink
-        return {"scale": (absmax / FP8_MAX[self.fmt]).clamp(min=_MIN_SCALE)}
+        # A one-element tensor, not a Python number: CUDA divides by a scalar through its
+        # reciprocal, one ulp off the exact quotient (which the CPU gives) for about half the rows.
+        fmax = absmax.new_full((1,), FP8_MAX[self.fmt])
+        return {"scale": (absmax / fmax).clamp(min=_MIN_SCALE)}
 
     def encode(self, values: torch.Tensor, scale: ScaleData) -> torch.Tensor:
         s = scale["scale"].to(torch.float32).unsqueeze(-1)

@@ -176,7 +176,7 @@ class NF4Codec(Codec):
         """Float32 absmax ``(R, G)`` that encodes and decodes each block."""
         if not self.double_quant:
             return scale["absmax"].to(torch.float32)
-        q = DYNAMIC_MAP[scale["absmax_q"].to(torch.long)]
+        q = DYNAMIC_MAP.to(scale["absmax_q"].device)[scale["absmax_q"].to(torch.long)]
         return q * scale["absmax_scale"].to(torch.float32) + scale["absmax_offset"].to(torch.float32)
 
     # -- codes --------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def double_quantize(absmax: torch.Tensor) -> ScaleData:
     scale2 = padded.abs().amax(dim=1)
     per_block = scale2.repeat_interleave(DQ_BLOCK)[:n]
     normed = torch.where(per_block > 0, v / torch.where(per_block > 0, per_block, 1.0), 0.0)
-    q = torch.bucketize(normed.to(torch.float64), _DYN_BOUNDS64, right=False).to(torch.uint8)
+    q = torch.bucketize(normed.to(torch.float64), _DYN_BOUNDS64.to(normed.device), right=False).to(torch.uint8)
     return {
         "absmax_q": q.view(shape),
         "absmax_scale": per_block.view(shape),
