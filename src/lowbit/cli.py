@@ -157,8 +157,8 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-samples", type=_positive, metavar="N", help="calibration sequences (default 128)")
     g.add_argument("--calib-seq-len", type=_positive, metavar="L", help="tokens per sequence (default 512)")
     g.add_argument("--calib-seed", type=int, metavar="S", help="seed of the sample offsets (default 0)")
-    g.add_argument("--calib-batch", type=_positive, default=8, metavar="B",
-                   help="sequences per forward pass (default 8)")
+    g.add_argument("--calib-batch", type=_positive, metavar="B",
+                   help="sequences per forward pass (default 8 on the CPU, 32 with --calib-device cuda)")
     g.add_argument("--calib-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the calibration forward passes (default float32; bfloat16 uses AMX/tensor cores: "
                    "1.8x faster on SmolLM2 here, but GPTQ's KLD came out ~5%% higher, see BENCHMARKS.md; "

@@ -198,6 +198,37 @@ def test_int_column_fast_path_gives_the_codec_path_bit_for_bit(codec: dict, act_
     assert all(torch.equal(fast.data[k], slow.data[k]) for k in fast.data)
 
 
+@pytest.mark.parametrize("spec", CODECS + [{"name": "int", "bits": 4, "granularity": "tensor"}],
+                         ids=lambda s: "-".join(str(v) for v in s.values()))
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_weights_get_the_codes_each_would_get_alone(spec: dict, act_order: bool) -> None:
+    """q/k/v (or gate/up) share a Hessian and go through one column loop: each weight's codes and
+    scale data are those of its own run, up to float summation order in the lazy updates."""
+    cols = 200 if spec.get("group_size") == 128 else 256
+    x = correlated_inputs(1024, cols)
+    h = x.t() @ x / x.shape[0]
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(rows, cols, generator=gen) * 0.05 for rows in (64, 32, 32)]
+    codec = codec_from_dict(spec)
+    gptq = GPTQ(act_order=act_order, static_groups=not act_order, block_size=64)
+    together = gptq.quantize_stacked(weights, codec, LayerStats(hessian=h))
+    for w, qt in zip(weights, together):
+        alone = gptq.quantize(w, codec, LayerStats(hessian=h))
+        assert qt.shape == tuple(w.shape) and qt.data.keys() == alone.data.keys()
+        same = (qt.dequantize() == alone.dequantize()).float().mean()
+        assert same > 0.995, float(same)
+        assert abs(output_error(x, w, qt.dequantize()) - output_error(x, w, alone.dequantize())) < 1e-3 * output_error(
+            x, w, alone.dequantize()) + 1e-7
+
+
+def test_stacking_refuses_a_codec_whose_rows_share_scale_data() -> None:
+    from lowbit.algorithms.gptq import gptq_quantize_stacked
+
+    h = torch.eye(64)
+    with pytest.raises(ValueError, match="rows share scale data"):
+        gptq_quantize_stacked([torch.randn(8, 64)] * 2, h, codec_from_dict({"name": "nvfp4"}))
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -94,6 +94,13 @@ class Algorithm(BaseModel, ABC):
     def quantize(self, weight: torch.Tensor, codec: Codec, stats: LayerStats | None = None) -> QuantizedTensor:
         """Quantize a 2-D weight ``(out, in)`` with ``codec``."""
 
+    def quantize_stacked(
+        self, weights: list[torch.Tensor], codec: Codec, stats: LayerStats | None = None
+    ) -> list[QuantizedTensor]:
+        """Quantize weights ``(out_i, in)`` that read the same input (``stats`` is theirs, shared),
+        each as :meth:`quantize` would; an algorithm may do them together when that is faster."""
+        return [self.quantize(w, codec, stats) for w in weights]
+
 
 class ClipSearch(Algorithm):
     """An algorithm with a search over shrink factors of each group's range: ``clip_steps``

@@ -58,20 +58,21 @@ class GPTQ(ClipSearch):
         return StatsRequest(hessian=True, hessian_dtype=getattr(torch, self.hessian_dtype))
 
     def quantize(self, weight: torch.Tensor, codec: Codec, stats: LayerStats | None = None) -> QuantizedTensor:
+        return self.quantize_stacked([weight], codec, stats)[0]
+
+    def quantize_stacked(
+        self, weights: list[torch.Tensor], codec: Codec, stats: LayerStats | None = None
+    ) -> list[QuantizedTensor]:
+        """Linears that read one input (q/k/v, gate/up) share its Hessian: with a codec whose
+        rows are independent they go through one column loop, stacked row-wise (the same codes
+        as one loop each, in fewer and larger steps)."""
         if stats is None or stats.hessian is None:
             raise ValueError("GPTQ needs the Hessian of the layer's input (calibration statistics)")
-        qt, _ = gptq_quantize(
-            weight,
-            stats.hessian,
-            codec,
-            block_size=self.block_size,
-            dampening=self.dampening,
-            damp_retries=self.damp_retries,
-            act_order=self.act_order,
-            static_groups=self.static_groups,
-            shrink_grid=self.shrink_grid(),
-        )
-        return qt
+        options = dict(block_size=self.block_size, dampening=self.dampening, damp_retries=self.damp_retries,
+                       act_order=self.act_order, static_groups=self.static_groups, shrink_grid=self.shrink_grid())
+        if len(weights) > 1 and codec.rows_independent:
+            return gptq_quantize_stacked(weights, stats.hessian, codec, **options)[0]  # type: ignore[arg-type]
+        return [gptq_quantize(w, stats.hessian, codec, **options)[0] for w in weights]  # type: ignore[arg-type]
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, retries: int) -> tuple[torch.Tensor, float]:
@@ -108,7 +109,59 @@ def gptq_quantize(
 ) -> tuple[QuantizedTensor, float]:
     """GPTQ of a weight ``(out, in)`` given ``hessian`` ``(in, in)``; returns the quantized
     tensor and the dampening used."""
-    w = codec.check_weight(weight).clone()
+    codes, scale, g_idx, damp = _gptq_codes(codec.check_weight(weight), hessian, codec, block_size, dampening,
+                                            damp_retries, act_order, static_groups, shrink_grid)
+    return _packed(codec, codes, scale, g_idx), damp
+
+
+def gptq_quantize_stacked(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    codec: Codec,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    damp_retries: int = 4,
+    act_order: bool = False,
+    static_groups: bool = False,
+    shrink_grid: torch.Tensor | None = None,
+) -> tuple[list[QuantizedTensor], float]:
+    """GPTQ of weights ``(out_i, in)`` that share ``hessian``, as one ``(sum out_i, in)`` matrix:
+    needs ``codec.rows_independent``; returns one quantized tensor per weight and the dampening."""
+    if not codec.rows_independent:
+        raise ValueError(f"{codec.describe()}: rows share scale data, so stacked weights would change it")
+    stacked = torch.cat([codec.check_weight(w) for w in weights])
+    codes, scale, g_idx, damp = _gptq_codes(stacked, hessian, codec, block_size, dampening, damp_retries,
+                                            act_order, static_groups, shrink_grid)
+    out, r0 = [], 0
+    for w in weights:
+        r1 = r0 + w.shape[0]
+        part = {k: v[r0:r1] for k, v in scale.items()}
+        out.append(_packed(codec, codes[r0:r1], part, None if g_idx is None else g_idx.clone()))
+        r0 = r1
+    return out, damp
+
+
+def _packed(codec: Codec, codes: torch.Tensor, scale: ScaleData, g_idx: torch.Tensor | None) -> QuantizedTensor:
+    qt = codec.pack(codes, scale, tuple(codes.shape))  # type: ignore[arg-type]
+    if g_idx is not None:
+        qt.data["g_idx"] = g_idx
+    return qt
+
+
+def _gptq_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codec: Codec,
+    block_size: int,
+    dampening: float,
+    damp_retries: int,
+    act_order: bool,
+    static_groups: bool,
+    shrink_grid: torch.Tensor | None,
+) -> tuple[torch.Tensor, ScaleData, torch.Tensor | None, float]:
+    """GPTQ's codes ``(out, in)`` (original column order), scale data, ``g_idx`` (act-order with
+    groups formed in that order, else None) and the dampening used, for a checked weight."""
+    w = weight.clone()
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight with {cols} input columns")
@@ -192,10 +245,7 @@ def gptq_quantize(
             g_idx[perm] = (torch.arange(cols, device=codes.device) // gs).to(torch.int32)
     scale = dyn_scale if dynamic else static_scale
     assert scale is not None
-    qt = codec.pack(codes, scale, (rows, cols))
-    if g_idx is not None:
-        qt.data["g_idx"] = g_idx
-    return qt, damp
+    return codes, scale, g_idx, damp
 
 
 def _int_columns(codec: Codec, scale: ScaleData | None, grouping: Grouping, perm: torch.Tensor | None,

@@ -75,6 +75,13 @@ class Codec(BaseModel, ABC):
         encode slices with it) rather than independent per-group scales."""
         return False
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether each output row is fitted and encoded from that row alone (scale data per
+        row or per group, no whole-tensor state): weights stacked row-wise then quantize exactly
+        as each would alone, and the scale data's first dimension is the row."""
+        return self.grouping.granularity != "tensor" and not self.whole_tensor_fit
+
     @abstractmethod
     def scale_dtypes(self) -> dict[str, torch.dtype]:
         """Name -> storage dtype of each scale-data tensor (each of shape ``(R, G)``)."""

@@ -76,6 +76,10 @@ class GGMLKQuantCodec(GGMLBlockCodec):
         return True
 
     @property
+    def rows_independent(self) -> bool:
+        return True  # super-blocks lie inside a row
+
+    @property
     def per_super(self) -> int:
         return QK_K // self.sub
 

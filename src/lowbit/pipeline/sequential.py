@@ -233,41 +233,63 @@ def supplied_importance(importance: Mapping[str, torch.Tensor], name: str) -> to
     return v
 
 
-def quantize_linear(
-    module: nn.Module, name: str, codec: Codec, algorithm: Algorithm, stats: InputStatistics,
+def quantize_linears(
+    modules: list[nn.Module], names: list[str], codec: Codec, algorithm: Algorithm, stats: InputStatistics,
     importance: torch.Tensor | None = None,
-) -> tuple[QuantLinear, LinearResult]:
-    """Quantize one linear with its statistics (``importance``: a supplied ``(in,)`` importance
-    used instead of the collected one); falls back to RTN (with a note) when no calibration token
-    reached it or its Hessian is singular."""
+) -> list[tuple[QuantLinear, LinearResult]]:
+    """Quantize linears that read one input (``stats`` is theirs) with one codec and algorithm,
+    together (:meth:`Algorithm.quantize_stacked`); ``importance``: a supplied ``(in,)``
+    importance used instead of the collected one. Falls back to RTN (with a note) when no
+    calibration token reached them or their Hessian is singular. Each result's ``seconds`` is
+    its share of the time taken."""
     t0 = time.perf_counter()
-    weight, bias = linear_weight(module)
+    pairs = [linear_weight(m) for m in modules]
+    weights = [w for w, _ in pairs]
     hessian = stats.hessian
     collected = stats.mean_square if stats.n_tokens else None
     layer = LayerStats(
-        importance=collected if importance is None else importance.to(weight.device),
+        importance=collected if importance is None else importance.to(weights[0].device),
         hessian=hessian,
         rows=stats.rows,
         n_tokens=stats.n_tokens,
     )
     note = ""
+    label = ", ".join(names)
     try:
         if stats.n_tokens == 0 and algorithm.needs_calibration and importance is None:
             note = "no calibration token reached it: RTN"
-            qt = RTN().quantize(weight, codec, None)
+            qts = [RTN().quantize(w, codec, None) for w in weights]
         else:
-            qt = algorithm.quantize(weight, codec, layer)
+            qts = algorithm.quantize_stacked(weights, codec, layer)
     except SingularHessianError as e:
         note = f"{e}: RTN"
-        warnings.warn(f"{name}: {note}", stacklevel=2)
-        qt = RTN().quantize(weight, codec, layer)
+        warnings.warn(f"{label}: {note}", stacklevel=2)
+        qts = [RTN().quantize(w, codec, layer) for w in weights]
     except ValueError as e:
-        raise LowbitError(f"cannot quantize {name}: {e}") from None
-    q = QuantLinear(qt, bias)
-    dense = qt.dequantize()
-    q._dense = dense  # kept while the block is being processed; see release_dense_weights
-    err = relative_output_error(weight, dense, stats, hessian) if stats.n_tokens else float("nan")
-    return q, LinearResult(name, err, time.perf_counter() - t0, note, collected, stats.n_tokens)
+        raise LowbitError(f"cannot quantize {label}: {e}") from None
+    out = []
+    for name, weight, (_, bias), qt in zip(names, weights, pairs, qts):
+        q = QuantLinear(qt, bias)
+        dense = qt.dequantize()
+        q._dense = dense  # kept while the block is being processed; see release_dense_weights
+        err = relative_output_error(weight, dense, stats, hessian) if stats.n_tokens else float("nan")
+        out.append((q, LinearResult(name, err, 0.0, note, collected, stats.n_tokens)))
+    for _, r in out:
+        r.seconds = (time.perf_counter() - t0) / len(out)
+    return out
+
+
+def _shared_runs(
+    names: list[str], plan: dict[str, tuple[Codec, Algorithm]], stats: dict[str, InputStatistics], supplied: bool,
+) -> list[list[str]]:
+    """``names`` in runs that :func:`quantize_linears` can take together: the same input
+    statistics, codec and algorithm (each alone when a supplied importance is per linear)."""
+    runs: dict[tuple, list[str]] = {}
+    for n in names:
+        codec, algorithm = plan[n]
+        key = (n,) if supplied and takes_importance(algorithm) else (id(stats[n]), codec, algorithm)
+        runs.setdefault(key, []).append(n)
+    return list(runs.values())
 
 
 def quantize_block_sequential(
@@ -326,15 +348,16 @@ def quantize_block_sequential(
                 r.record()  # before the statistics hooks, which stop the pass at this linear
             request = _merge_requests(a.stats_request() for _, a in plan.values())
             stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
-            for n in names:
-                codec, algorithm = plan[n]
-                full = f"{prefix}.{n}"
+            for run in _shared_runs(names, plan, stats, importance is not None):
+                codec, algorithm = plan[run[0]]
+                full = [f"{prefix}.{n}" for n in run]
                 given = None
                 if importance is not None and takes_importance(algorithm):
-                    given = supplied_importance(importance, full)
-                q, result = quantize_linear(block.get_submodule(n), full, codec, algorithm, stats[n], given)
-                block.set_submodule(n, q)
-                results.append(result)
+                    given = supplied_importance(importance, full[0])
+                done = quantize_linears([block.get_submodule(n) for n in run], full, codec, algorithm, stats[run[0]], given)
+                for n, (q, result) in zip(run, done):
+                    block.set_submodule(n, q)
+                    results.append(result)
             for r in recording:
                 r.start()
         if isinstance(experts, UnfusedExperts):
@@ -354,34 +377,49 @@ def _plan_replays(
 ) -> list["LinearReplay"]:
     """A :class:`LinearReplay` per ``arch.replayed`` module whose last sub-step is a single
     linear quantized in this run (its input is final from that sub-step's pass on). Norms are
-    not replayed: recording their outputs cost more (fresh memory per batch) than it saved."""
+    not replayed: recording their outputs cost more (fresh memory per batch) than it saved. The
+    norm that feeds a replayed module (its first step's scale source, which feeds nothing else:
+    AWQ's folds rely on that too) is skipped while the module replays."""
     replays = []
     for module_name in arch.replayed:
-        own = [step for step in block_steps if any(n.startswith(f"{module_name}.") for n in step)]
-        if own and len(own[-1]) == 1 and own[-1][0] in quantized:
-            replays.append(LinearReplay(block.get_submodule(module_name), block, own[-1][0], REPLAY_LIMIT_BYTES))
+        inside = [i for i, step in enumerate(block_steps) if any(n.startswith(f"{module_name}.") for n in step)]
+        if not inside or len(block_steps[inside[-1]]) != 1 or block_steps[inside[-1]][0] not in quantized:
+            continue
+        source = arch.scale_sources[inside[0]] if arch.scale_sources else None
+        feeder = None if source is None or source.startswith(f"{module_name}.") else block.get_submodule(source)
+        replays.append(LinearReplay(block.get_submodule(module_name), block, block_steps[inside[-1]][0],
+                                    REPLAY_LIMIT_BYTES, feeder))
     return replays
+
+
+def _pass_through(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return x
 
 
 class LinearReplay:
     """Replays a module whose output is its last linear's output (attention -> o_proj, MLP ->
-    down_proj) as ``linear(x)`` from the inputs ``x`` that linear received, instead of
-    recomputing the module. Valid once everything before the linear inside the module is
-    quantized: the runner records in the pass that collects the linear's own statistics and
-    starts replaying once the linear is quantized. Saves, per block, one attention and two of
-    the MLP's three matrix products.
+    down_proj) from the inputs ``x`` that linear received, instead of recomputing the module.
+    Valid once everything before the linear inside the module is quantized: the runner records
+    in the pass that collects the linear's own statistics and starts replaying once the linear
+    is quantized. The first replaying pass computes ``linear(x)`` and keeps it, later passes
+    reuse it; ``feeder`` (the norm whose output only this module reads) then is skipped too.
+    Saves, per block, the attention, two of its three o_proj products, two of the MLP's three
+    matrix products and three norms.
 
     The first replayed batch is checked against the real forward, bit for bit, which also gives
     the output's structure (the tensor, or the tensor followed by ``None`` s); a module whose
-    output is anything else is simply recomputed. Inputs beyond ``limit_bytes`` are not kept
-    (the module is recomputed)."""
+    output is anything else is simply recomputed. Inputs and outputs beyond ``limit_bytes``
+    are not kept (the module is recomputed, or the linear's output recomputed)."""
 
-    def __init__(self, module: nn.Module, block: nn.Module, linear_name: str, limit_bytes: int) -> None:
+    def __init__(self, module: nn.Module, block: nn.Module, linear_name: str, limit_bytes: int,
+                 feeder: nn.Module | None = None) -> None:
         self.module = module
         self.block = block
         self.linear_name = linear_name
         self.limit_bytes = limit_bytes
+        self.feeder = feeder
         self.kept: list[torch.Tensor] | None = []
+        self.outputs: list[torch.Tensor] | None = []
         self._nbytes = 0
         self._next = 0
         self._arity: int | None = None  # None until checked; 0: a bare tensor, else a tuple's length
@@ -414,8 +452,18 @@ class LinearReplay:
 
     def _replayed(self, arity: int) -> object:
         assert self.kept
-        out = self.block.get_submodule(self.linear_name)(self.kept[self._next % len(self.kept)])
+        i = self._next % len(self.kept)
         self._next += 1
+        if self.outputs is not None and i < len(self.outputs):
+            out = self.outputs[i]
+        else:
+            out = self.block.get_submodule(self.linear_name)(self.kept[i])
+            if self.outputs is not None:
+                self._nbytes += out.numel() * out.element_size()
+                if self._nbytes > self.limit_bytes:
+                    self.outputs = None
+                else:
+                    self.outputs.append(out)
         return out if arity == 0 else (out, *([None] * (arity - 1)))
 
     def _replay(self, *args: object, **kwargs: object) -> object:
@@ -428,6 +476,8 @@ class LinearReplay:
         out = _first_tensor(self._replayed(self._arity))
         if not (isinstance(tensor, torch.Tensor) and rest_none and tensor.dtype == out.dtype and torch.equal(tensor, out)):
             self.close()  # not a plain function of its last linear's input: recompute it
+        elif self.feeder is not None:
+            self.feeder.forward = _pass_through  # type: ignore[method-assign]
         return real
 
     def close(self) -> None:
@@ -435,7 +485,10 @@ class LinearReplay:
             self._handle.remove()
             self._handle = None
         self.module.__dict__.pop("forward", None)
+        if self.feeder is not None:
+            self.feeder.__dict__.pop("forward", None)
         self.kept = []
+        self.outputs = []
 
 
 def _step_transformer(names: list[str], plan: dict[str, tuple[Codec, Algorithm]]) -> Algorithm | None:
@@ -454,15 +507,18 @@ def _merge_requests(requests: Iterable[StatsRequest]) -> StatsRequest:
     return merged
 
 
-def release_dense_weights(block: nn.Module) -> None:
-    """Drop the dequantized copies kept by :func:`quantize_linear` once a block is done, and give
-    the freed heap back to the OS (glibc keeps freed arena memory resident otherwise: without
-    this, resident memory creeps up block after block although live tensors do not)."""
+def release_dense_weights(block: nn.Module, trim_heap: bool = True) -> None:
+    """Drop the dequantized copies kept by :func:`quantize_linears` once a block is done; with
+    ``trim_heap``, give the freed heap back to the OS (glibc keeps freed arena memory resident
+    otherwise: resident memory creeps up block after block although live tensors do not). The
+    trim has a price: the next block's passes fault every page of their working set in again,
+    about a tenth of a SmolLM2 GPTQ run on 2 cores."""
     for m in block.modules():
         if isinstance(m, QuantLinear):
             m._dense = None
-    gc.collect()
-    _trim_heap()
+    if trim_heap:
+        gc.collect()
+        _trim_heap()
 
 
 def _trim_heap() -> None:
