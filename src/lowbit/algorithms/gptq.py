@@ -96,22 +96,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, retries: int
     raise SingularHessianError(f"Hessian not positive definite even with dampening {damp / 10:g}")
 
 
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    codec: Codec,
-    block_size: int = 128,
-    dampening: float = 0.01,
-    damp_retries: int = 4,
-    act_order: bool = False,
-    static_groups: bool = False,
-    shrink_grid: torch.Tensor | None = None,
-) -> tuple[QuantizedTensor, float]:
-    """GPTQ of a weight ``(out, in)`` given ``hessian`` ``(in, in)``; returns the quantized
-    tensor and the dampening used."""
-    codes, scale, g_idx, damp = _gptq_codes(codec.check_weight(weight), hessian, codec, block_size, dampening,
-                                            damp_retries, act_order, static_groups, shrink_grid)
-    return _packed(codec, codes, scale, g_idx), damp
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, codec: Codec, **options: object,
+                  ) -> tuple[QuantizedTensor, float]:
+    """GPTQ of a weight ``(out, in)`` given ``hessian`` ``(in, in)`` (``options``: those of
+    :func:`gptq_quantize_stacked`); returns the quantized tensor and the dampening used."""
+    qts, damp = gptq_quantize_stacked([weight], hessian, codec, **options)  # type: ignore[arg-type]
+    return qts[0], damp
 
 
 def gptq_quantize_stacked(
@@ -125,11 +115,13 @@ def gptq_quantize_stacked(
     static_groups: bool = False,
     shrink_grid: torch.Tensor | None = None,
 ) -> tuple[list[QuantizedTensor], float]:
-    """GPTQ of weights ``(out_i, in)`` that share ``hessian``, as one ``(sum out_i, in)`` matrix:
-    needs ``codec.rows_independent``; returns one quantized tensor per weight and the dampening."""
-    if not codec.rows_independent:
+    """GPTQ of weights ``(out_i, in)`` that share ``hessian``, as one ``(sum out_i, in)`` matrix
+    (more than one needs ``codec.rows_independent``); returns one quantized tensor per weight and
+    the dampening used."""
+    if len(weights) > 1 and not codec.rows_independent:
         raise ValueError(f"{codec.describe()}: rows share scale data, so stacked weights would change it")
-    stacked = torch.cat([codec.check_weight(w) for w in weights])
+    checked = [codec.check_weight(w) for w in weights]
+    stacked = checked[0] if len(checked) == 1 else torch.cat(checked)
     codes, scale, g_idx, damp = _gptq_codes(stacked, hessian, codec, block_size, dampening, damp_retries,
                                             act_order, static_groups, shrink_grid)
     out, r0 = [], 0
