@@ -9,6 +9,11 @@ Sections (``--sections``, default all):
   calibration tokens at the same settings (int4 g64 symmetric, no act-order, dampening 0.01,
   block 128, static group scales), evaluated by the same evaluator; its quantization time against
   lowbit's.
+* ``device`` (needs a CUDA GPU): GPTQ and AWQ with the calibration passes and the code search on
+  the GPU (``quantize_model(device="cuda")``, the model itself in CPU memory), and the same GPTQ
+  on that machine's CPU for a same-machine ratio. The rows are kept under labels starting with
+  ``device:``; ``--import-rows FILE`` copies them from that machine's ``calibration.json`` into
+  this one's store, so that BENCHMARKS.md can show them beside the CPU rows.
 * ``memory``: GPTQ on a random-weight Llama whose float weights do not fit the memory budget set
   for the run (a watchdog kills the subprocess when its RSS exceeds it), quantized from disk
   block by block; peak RSS.
@@ -75,6 +80,17 @@ QUALITY = [
 ]
 PEER_LOWBIT_ROW = "int4 g64 GPTQ"
 
+# (row label, recipe, dtype of the passes, device of the passes and the code search)
+DEVICE_ROWS = [
+    ("device: int4 g64 GPTQ", recipe(4, 64, "gptq"), "bfloat16", "cuda"),
+    ("device: int4 g64 GPTQ, fp32 passes", recipe(4, 64, "gptq"), "float32", "cuda"),
+    ("device: int4 g64 GPTQ, the GPU machine's CPU", recipe(4, 64, "gptq"), "bfloat16", "cpu"),
+    ("device: int4 g64 AWQ", recipe(4, 64, "awq"), "bfloat16", "cuda"),
+    ("device: int3 g64 GPTQ", recipe(3, 64, "gptq"), "bfloat16", "cuda"),
+    ("device: int2 g64 GPTQ", recipe(2, 64, "gptq"), "bfloat16", "cuda"),
+]
+DEVICE_PREFIX = "device: "
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -105,6 +121,40 @@ def run_quality(base, texts, ref_fp, calib, store: Store, rows: int | None = Non
             extra["fallbacks"] = [f"{r.name}: {r.note}" for r in report.sequential.linears if r.note]
         evaluate_rows(model, base, texts, ref_fp, label, extra, store)
         del model
+
+
+def run_device(base, texts, ref_fp, calib, store: Store) -> None:  # type: ignore[no-untyped-def]
+    if not torch.cuda.is_available():
+        raise SystemExit("--sections device needs a CUDA GPU, and this torch build sees none")
+    machine = {"gpu": torch.cuda.get_device_name(), "cpu_threads": torch.get_num_threads(),
+               "torch": torch.__version__}
+    # warm-up, not timed: CUDA's context, cuBLAS and cuSOLVER handles, the kernels' first loads
+    quantize_model(copy.deepcopy(base.model), DEVICE_ROWS[0][1], progress=False,
+                   calibration=type(calib)(calib.tokens[:8], calib.source), device="cuda")
+    for label, rec, dtype, device in DEVICE_ROWS:
+        if all(store.get(f"{label}|{t.name}") for t in texts):
+            continue
+        model = copy.deepcopy(base.model)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        report = quantize_model(model, rec, progress=False, calibration=calib, compute_dtype=getattr(torch, dtype),
+                                device=device)
+        extra = {"quant_seconds": report.seconds, "dtype": dtype, "device": device, "recipe": rec.to_dict(),
+                 "code_seconds": sum(r.seconds for r in report.sequential.linears),
+                 "pass_seconds": report.sequential.forward_seconds, **machine}
+        evaluate_rows(model, base, texts, ref_fp, label, extra, store)
+        del model
+
+
+def import_rows(path: Path, store: Store) -> None:
+    """Copy the ``device:`` rows of another machine's ``calibration.json`` into ``store``."""
+    rows = json.loads(path.read_text())
+    picked = {k: r for k, r in rows.items() if k.startswith(DEVICE_PREFIX)}
+    if not picked:
+        raise SystemExit(f"{path}: holds no rows labelled '{DEVICE_PREFIX}...'")
+    for k, r in picked.items():
+        store.put(k, r)
+    log(f"imported {len(picked)} rows from {path}")
 
 
 def run_peer(base, texts, ref_fp, calib, store: Store) -> None:  # type: ignore[no-untyped-def]
@@ -233,6 +283,35 @@ def fmt_quality(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_device(rows: dict[str, dict]) -> list[str]:
+    dev = [rows[f"{label}|{t}"] for t in TEXTS for label, *_ in DEVICE_ROWS if f"{label}|{t}" in rows]
+    if not dev:
+        return []
+    m = dev[0]
+    out = ["### On a CUDA GPU", "",
+           f"Printed by `.venv/bin/python scripts/benchmark_calibration.py --sections device` on a machine with "
+           f"an {m['gpu']} and {m['cpu_threads']} CPU threads (torch {m['torch']}), its rows brought here with "
+           "`--import-rows`. Same model, calibration tokens and evaluation as above (the evaluation on that "
+           "machine's CPU in float32). `quantize_model(device=\"cuda\")`: the model stays in CPU memory; each "
+           "block is moved to the GPU for its passes and its GPTQ/AWQ, then back. One row runs GPTQ on that "
+           "machine's CPU for a same-machine ratio; `KLD here` is the same recipe's row on this 2-core machine "
+           "(table above).", "",
+           "| text | recipe | device | passes dtype | mean KLD | KLD here | top-1 | PPL | quantize s | "
+           "of which passes s | vs its CPU |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in dev:
+        label = r["label"][len(DEVICE_PREFIX):]
+        base = label.replace(", the GPU machine's CPU", "")
+        here = rows.get(f"{base}|{r['text']}")
+        cpu = rows.get(f"{DEVICE_PREFIX}int4 g64 GPTQ, the GPU machine's CPU|{r['text']}")
+        ratio = "-" if cpu is None or r is cpu or "GPTQ" not in label else f"{cpu['quant_seconds'] / r['quant_seconds']:.1f}x"
+        kld_here = "-" if here is None else f"{here['kld']:.5f}"
+        out.append(f"| {r['text']} | {label} | {r['device']} | {r['dtype']} | {r['kld']:.5f} | {kld_here} | "
+                   f"{100 * r['top1']:.2f}% | {r['ppl']:.3f} | "
+                   f"{r['quant_seconds']:.1f} | {r['pass_seconds']:.1f} | {ratio} |")
+    return out + [""]
+
+
 def render(store: Store, minutes: float) -> str:
     rows = store.rows
     out = [
@@ -291,6 +370,7 @@ def render(store: Store, minutes: float) -> str:
                            f"{r['quant_seconds']:.1f} | {'1.00x' if r is p else f'{ratio:.2f}x faster'} |")
         out += ["", f"llm-compressor settings as it reported them: `{json.dumps(peer[0]['settings'], sort_keys=True)}`", ""]
 
+    out += render_device(rows)
     mem = rows.get("memory|random-llama")
     if mem:
         out += ["### Peak memory of a GPTQ run, model on disk", "", f"Printed by {COMMAND}.", "",
@@ -312,7 +392,11 @@ def render(store: Store, minutes: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="quality,peer,memory", help="comma-separated: quality, peer, memory")
+    ap.add_argument("--sections", default="quality,peer,memory",
+                    help="comma-separated: quality, peer, memory, device (device needs a CUDA GPU)")
+    ap.add_argument("--import-rows", type=Path, metavar="JSON",
+                    help="copy the device rows of another machine's calibration.json (as written by "
+                         "--sections device there) into this machine's store, then render")
     ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     ap.add_argument("--redo", default="", metavar="LABELS",
@@ -326,7 +410,9 @@ def main() -> int:
     except ValueError as e:
         ap.error(f"--redo: {e}")
     t0 = time.time()
-    if sections & {"quality", "peer"}:
+    if args.import_rows is not None:
+        import_rows(args.import_rows, store)
+    if sections & {"quality", "peer", "device"}:
         base = load_model("smollm2-135m")
         texts = [load_text(t) for t in TEXTS]
         ref_fp = model_fingerprint(base.model)
@@ -338,6 +424,8 @@ def main() -> int:
             run_peer(base, texts, ref_fp, calib, store)
         if "quality" in sections:
             run_quality(base, texts, ref_fp, calib, store)
+        if "device" in sections:
+            run_device(base, texts, ref_fp, calib, store)
     if "memory" in sections:
         run_memory(store)
     body = render(store, (time.time() - t0) / 60)

@@ -235,8 +235,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("spec", CODECS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_gptq_and_rtn_on_cuda_match_the_cpu(spec: dict) -> None:
-    """Every codec quantizes on the GPU: RTN gives the CPU's weights (up to a rare rounding tie),
-    GPTQ the CPU's output error, and the result stays on the device it was computed on."""
+    """Every codec quantizes on the GPU: RTN gives the CPU's codes (up to a rare rounding tie)
+    and its scale data up to the last bit of a reduction summed in another order (NF4's
+    double-quantization offset is a mean), GPTQ the CPU's output error, and the result stays on
+    the device it was computed on."""
     cols = 200 if spec.get("group_size") == 128 else 256
     x = correlated_inputs(2048, cols)
     w = torch.randn(96, cols, generator=torch.Generator().manual_seed(1)) * 0.05
@@ -245,7 +247,7 @@ def test_gptq_and_rtn_on_cuda_match_the_cpu(spec: dict) -> None:
     rtn_cpu = RTN().quantize(w, codec).dequantize()
     rtn_gpu = RTN().quantize(w.cuda(), codec)
     assert all(t.device.type == "cuda" for t in rtn_gpu.data.values())
-    differs = (rtn_gpu.dequantize().cpu() != rtn_cpu).float().mean()
+    differs = (~torch.isclose(rtn_gpu.dequantize().cpu(), rtn_cpu, rtol=1e-5, atol=0)).float().mean()
     assert differs < 1e-3, float(differs)
     gptq_cpu = output_error(x, w, GPTQ(block_size=64).quantize(w, codec, LayerStats(hessian=h)).dequantize())
     qt = GPTQ(block_size=64).quantize(w.cuda(), codec, LayerStats(hessian=h.cuda()))
