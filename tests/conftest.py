@@ -48,8 +48,8 @@ def tiny_config(family: str = "llama", **overrides: Any):  # type: ignore[no-unt
         cfg = tf.Gemma2Config(**llama_like, head_dim=16)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=256, **ids)
-    elif family == "opt":
-        cfg = tf.OPTConfig(
+    elif family in ("opt", "opt-post-ln"):  # post-LN: opt-350m's layout, each norm after its sub-layer
+        cfg = tf.OPTConfig(do_layer_norm_before=family == "opt",
             hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=VOCAB,
             max_position_embeddings=256, word_embed_proj_dim=HIDDEN, **ids,
         )

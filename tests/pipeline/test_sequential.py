@@ -225,7 +225,7 @@ def test_awq_through_the_pipeline(tiny_model) -> None:  # type: ignore[no-untype
     assert torch.isfinite(logits(model, cal.tokens)).all()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "opt", "opt-post-ln", "gpt2"])
 def test_replayed_modules_give_the_same_result_as_recomputing_them(tiny_model, family: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     base = tiny_model(family)
     cal = calib()
@@ -242,12 +242,13 @@ def test_replayed_modules_give_the_same_result_as_recomputing_them(tiny_model, f
     monkeypatch.setattr(seq, "_pass_through", lambda x, *a, **k: skipped_norms.append(1) or real_pass(x))
     replayed = copy.deepcopy(base)
     quantize_model(replayed, recipe("gptq"), calibration=cal, progress=False)
-    expected = {"opt": {"self_attn.out_proj"}, "gpt2": {"attn.c_proj", "mlp.c_proj"}}.get(
-        family, {"self_attn.o_proj", "mlp.down_proj"})
+    expected = {"opt": {"self_attn.out_proj"}, "opt-post-ln": {"self_attn.out_proj"},
+                "gpt2": {"attn.c_proj", "mlp.c_proj"}}.get(family, {"self_attn.o_proj", "mlp.down_proj"})
     assert set(started) == expected
     # the norm feeding a replayed module is not computed (Gemma 2's eager attention also returns
     # its weights, so its modules fail the replay check and are recomputed, norms included)
-    assert bool(skipped_norms) == (family != "gemma2")
+    # (post-LN OPT has no norm before its attention to skip)
+    assert bool(skipped_norms) == (family not in ("gemma2", "opt-post-ln"))
     monkeypatch.setattr(seq, "REPLAY_LIMIT_BYTES", 0)  # nothing recorded: every module recomputed
     recomputed = copy.deepcopy(base)
     quantize_model(recomputed, recipe("gptq"), calibration=cal, progress=False)

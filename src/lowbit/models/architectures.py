@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -145,10 +145,15 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def architecture_of(model: nn.Module) -> Architecture:
     """The table entry for a transformers model, by ``config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     arch = ARCHITECTURES.get(model_type or "")
     if arch is None:
         raise LowbitError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
+    if arch.family == "opt" and not getattr(config, "do_layer_norm_before", True):
+        # post-LN OPT (opt-350m) normalizes each sub-layer's output, not its input: no norm
+        # feeds q/k/v or fc1, so none can absorb their scales (or be skipped in a replay)
+        arch = replace(arch, scale_sources=tuple(None if s and "layer_norm" in s else s for s in arch.scale_sources))
     return arch
