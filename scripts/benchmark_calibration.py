@@ -126,8 +126,10 @@ def run_quality(base, texts, ref_fp, calib, store: Store, rows: int | None = Non
 def run_device(base, texts, ref_fp, calib, store: Store) -> None:  # type: ignore[no-untyped-def]
     if not torch.cuda.is_available():
         raise SystemExit("--sections device needs a CUDA GPU, and this torch build sees none")
+    # the built-in texts come from this Python's pydoc_data and standard library: another Python
+    # version draws other calibration tokens and evaluates other texts
     machine = {"gpu": torch.cuda.get_device_name(), "cpu_threads": torch.get_num_threads(),
-               "torch": torch.__version__}
+               "torch": torch.__version__, "python": platform.python_version(), "calibration_digest": calib.digest[:12]}
     # warm-up, not timed: CUDA's context, cuBLAS and cuSOLVER handles, the kernels' first loads
     quantize_model(copy.deepcopy(base.model), DEVICE_ROWS[0][1], progress=False,
                    calibration=type(calib)(calib.tokens[:8], calib.source), device="cuda")
@@ -288,27 +290,28 @@ def render_device(rows: dict[str, dict]) -> list[str]:
     if not dev:
         return []
     m = dev[0]
+    python = f"Python {m['python']}" if "python" in m else "its own Python"
     out = ["### On a CUDA GPU", "",
            f"Printed by `.venv/bin/python scripts/benchmark_calibration.py --sections device` on a machine with "
-           f"an {m['gpu']} and {m['cpu_threads']} CPU threads (torch {m['torch']}), its rows brought here with "
-           "`--import-rows`. Same model, calibration tokens and evaluation as above (the evaluation on that "
-           "machine's CPU in float32). `quantize_model(device=\"cuda\")`: the model stays in CPU memory; each "
-           "block is moved to the GPU for its passes and its GPTQ/AWQ, then back. One row runs GPTQ on that "
-           "machine's CPU for a same-machine ratio; `KLD here` is the same recipe's row on this 2-core machine "
-           "(table above).", "",
-           "| text | recipe | device | passes dtype | mean KLD | KLD here | top-1 | PPL | quantize s | "
-           "of which passes s | vs its CPU |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           f"an {m['gpu']} and {m['cpu_threads']} CPU threads (torch {m['torch']}, {python}), its rows brought here "
+           "with `--import-rows`. Same model, recipes and evaluation method as above, but the built-in texts come "
+           "from the running Python's `pydoc_data` and standard library, and that machine's Python differs from "
+           "this one's: its calibration tokens and evaluation texts are not the same as above, so its KLDs compare "
+           "with each other, not with the table above. `quantize_model(device=\"cuda\")`: the model stays in CPU "
+           "memory; each block is moved to the GPU for its passes (batches of 32 sequences) and its GPTQ/AWQ, then "
+           "back. One row runs the same GPTQ on that machine's CPU (batches of 8), for the KLD and the time on "
+           "the same machine.", "",
+           "| text | recipe | device | passes dtype | mean KLD | top-1 | PPL | quantize s | of which passes s | "
+           "time vs that machine's CPU |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in dev:
         label = r["label"][len(DEVICE_PREFIX):]
-        base = label.replace(", the GPU machine's CPU", "")
-        here = rows.get(f"{base}|{r['text']}")
         cpu = rows.get(f"{DEVICE_PREFIX}int4 g64 GPTQ, the GPU machine's CPU|{r['text']}")
-        ratio = "-" if cpu is None or r is cpu or "GPTQ" not in label else f"{cpu['quant_seconds'] / r['quant_seconds']:.1f}x"
-        kld_here = "-" if here is None else f"{here['kld']:.5f}"
-        out.append(f"| {r['text']} | {label} | {r['device']} | {r['dtype']} | {r['kld']:.5f} | {kld_here} | "
-                   f"{100 * r['top1']:.2f}% | {r['ppl']:.3f} | "
-                   f"{r['quant_seconds']:.1f} | {r['pass_seconds']:.1f} | {ratio} |")
+        ratio = "-" if cpu is None or r is cpu or "int4 g64 GPTQ" not in label else \
+            f"{cpu['quant_seconds'] / r['quant_seconds']:.1f}x faster"
+        out.append(f"| {r['text']} | {label} | {r['device']} | {r['dtype']} | {r['kld']:.5f} | "
+                   f"{100 * r['top1']:.2f}% | {r['ppl']:.3f} | {r['quant_seconds']:.1f} | {r['pass_seconds']:.1f} | "
+                   f"{ratio} |")
     return out + [""]
 
 
@@ -386,7 +389,8 @@ def render(store: Store, minutes: float) -> str:
                 f"| {mem['fp32_mb']:.0f} | {mem['budget_mb']} | {mem['peak_rss_mb']:.0f} | {mem['seconds']:.1f} | "
                 f"{mem['output_mb']:.0f} |", ""]
     out.append(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-               f"this invocation {minutes:.1f} min. Command: {COMMAND}.")
+               + (f"this invocation {minutes:.1f} min" if minutes >= 0.1 else "rendered from kept rows")
+               + f". Command: {COMMAND}.")
     return "\n".join(out)
 
 

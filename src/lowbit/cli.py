@@ -161,7 +161,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help="sequences per forward pass (default 8 on the CPU, 32 with --calib-device cuda)")
     g.add_argument("--calib-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the calibration forward passes (default float32; bfloat16 uses AMX/tensor cores: "
-                   "1.8x faster on SmolLM2 here, but GPTQ's KLD came out ~5%% higher, see BENCHMARKS.md; "
+                   "1.65x faster on SmolLM2 here, but GPTQ's KLD came out ~5%% higher, see BENCHMARKS.md; "
                    "statistics accumulate in float32 either way)")
     g.add_argument("--calib-device", metavar="DEVICE",
                    help="where the calibration passes and GPTQ/AWQ run, one block at a time: cpu (default) or "
