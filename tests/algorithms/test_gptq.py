@@ -221,6 +221,26 @@ def test_stacked_weights_get_the_codes_each_would_get_alone(spec: dict, act_orde
             x, w, alone.dequantize()) + 1e-7
 
 
+@pytest.mark.parametrize(("limit", "calls"), [(1 << 22, [3]), (100, [1, 1, 1])])
+def test_cpu_stacks_only_small_weights(monkeypatch, limit: int, calls: list[int]) -> None:  # type: ignore[no-untyped-def]
+    import lowbit.algorithms.gptq as gptq_module
+
+    seen: list[int] = []
+    real = gptq_module.gptq_quantize_stacked
+
+    def spy(weights, *a, **k):  # type: ignore[no-untyped-def]
+        seen.append(len(weights))
+        return real(weights, *a, **k)
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize_stacked", spy)
+    monkeypatch.setattr(gptq_module, "STACK_LIMIT", limit)
+    x = correlated_inputs(256, 64)
+    weights = [torch.randn(r, 64, generator=torch.Generator().manual_seed(r)) for r in (16, 8, 8)]
+    GPTQ().quantize_stacked(weights, codec_from_dict({"name": "int", "bits": 4, "group_size": 32}),
+                            LayerStats(hessian=x.t() @ x / 256))
+    assert seen == calls
+
+
 def test_stacking_refuses_a_codec_whose_rows_share_scale_data() -> None:
     from lowbit.algorithms.gptq import gptq_quantize_stacked
 

@@ -33,6 +33,9 @@ from lowbit.codecs.base import ScaleData
 from lowbit.codecs.grouping import Grouping
 
 
+STACK_LIMIT = 1 << 22  # weights (elements) up to which CPU GPTQ stacks linears that share an input
+
+
 class SingularHessianError(ValueError):
     """The Hessian stays not positive definite even after the largest dampening."""
 
@@ -65,12 +68,16 @@ class GPTQ(ClipSearch):
     ) -> list[QuantizedTensor]:
         """Linears that read one input (q/k/v, gate/up) share its Hessian: with a codec whose
         rows are independent they go through one column loop, stacked row-wise (the same codes
-        as one loop each, in fewer and larger steps)."""
+        as one loop each, in fewer and larger steps). On the CPU only while the stack is small
+        (``STACK_LIMIT`` weights): there each column's fixed cost dominates, while a large stack
+        gains little and doubles GPTQ's copies of the weight in memory; on a GPU, where each
+        column's kernel launches dominate at any size, always."""
         if stats is None or stats.hessian is None:
             raise ValueError("GPTQ needs the Hessian of the layer's input (calibration statistics)")
         options = dict(block_size=self.block_size, dampening=self.dampening, damp_retries=self.damp_retries,
                        act_order=self.act_order, static_groups=self.static_groups, shrink_grid=self.shrink_grid())
-        if len(weights) > 1 and codec.rows_independent:
+        small = sum(w.numel() for w in weights) <= STACK_LIMIT or weights[0].device.type == "cuda"
+        if len(weights) > 1 and codec.rows_independent and small:
             return gptq_quantize_stacked(weights, stats.hessian, codec, **options)[0]  # type: ignore[arg-type]
         return [gptq_quantize(w, stats.hessian, codec, **options)[0] for w in weights]  # type: ignore[arg-type]
 
