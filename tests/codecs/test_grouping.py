@@ -63,3 +63,13 @@ def test_bad_group_size(bad) -> None:  # type: ignore[no-untyped-def]
         Grouping("group", bad)
     with pytest.raises(ValueError):
         Grouping("rows")  # type: ignore[arg-type]
+
+
+def test_whole_groups_repeat_each_groups_scale_over_finer_whole_groups() -> None:
+    finer, index = Grouping("group", 128).whole_groups(576)
+    assert finer == 64
+    assert index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    # the per-column scale is the same under both groupings
+    scale = torch.arange(5.0).unsqueeze(0)
+    per_column = scale.repeat_interleave(128, dim=1)[:, :576]
+    assert torch.equal(scale[:, index].repeat_interleave(64, dim=1), per_column)

@@ -16,6 +16,7 @@ dimension.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,16 @@ class Grouping:
         g = self.group_size
         assert g is not None
         return rows, -(-cols // g), g
+
+    def whole_groups(self, cols: int) -> tuple[int, torch.Tensor]:
+        """For groups whose last one is shorter (``cols`` not a multiple of ``group_size``): the
+        size of the largest groups that divide the rows, ``gcd(cols, group_size)``, and for each
+        of those the index of the group it lies in (``(cols / size,)`` int64), so that scale data
+        ``(R, G)[:, index]`` describes the same weights in whole groups (576 columns in groups of
+        128: groups of 64, the fifth 128-group's scale repeated once)."""
+        assert self.granularity == "group" and self.group_size is not None
+        finer = math.gcd(cols, self.group_size)
+        return finer, torch.arange(0, cols, finer) // self.group_size
 
     def split(self, weight: torch.Tensor, zero_pad: bool = False) -> torch.Tensor:
         """``(rows, cols)`` -> ``(R, G, g)``; a short last group is padded with the row's last

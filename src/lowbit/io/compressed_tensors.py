@@ -54,7 +54,6 @@ sparsity, which lowbit's linears cannot run.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -150,9 +149,7 @@ def whole_groups(qt: QuantizedTensor) -> QuantizedTensor:
     rows, cols = qt.shape
     if codec.get("granularity") != "group" or cols % int(codec["group_size"]) == 0 or "g_idx" in qt.data:
         return qt
-    g = int(codec["group_size"])
-    finer = math.gcd(cols, g)
-    source_group = torch.arange(0, cols, finer) // g
+    finer, source_group = qt.get_codec().grouping.whole_groups(cols)
     data = {k: (v if k == "codes" else v[:, source_group].contiguous()) for k, v in qt.data.items()}
     return QuantizedTensor({**codec, "group_size": finer}, qt.shape, data)
 

@@ -21,7 +21,6 @@ Which codecs run here: those whose weight is ``w = scale * q + offset`` per grou
 from __future__ import annotations
 
 import functools
-import math
 from typing import Protocol
 
 import torch
@@ -309,9 +308,8 @@ def build_kernel(qt: QuantizedTensor, w8a8: bool = False) -> LinearKernel | None
     if "g_idx" in qt.data:
         order = group_order(qt.data["g_idx"], grouping, qt.shape)
         codes = codes[:, order]
-    finer = math.gcd(cols, group_size)
+    finer, source = grouping.whole_groups(cols)
     if finer != group_size and finer in _INT4_GROUPS:
         # a shorter last group: finer whole groups repeating their scales spare padding each input
-        source = torch.arange(0, cols, finer) // group_size
         scale, offset, group_size = scale[:, source], offset[:, source], finer
     return Int4PackedKernel(codes, scale, offset, group_size, order)

@@ -274,8 +274,9 @@ def quantize_linears(
         q._dense = dense  # kept while the block is being processed; see release_dense_weights
         err = relative_output_error(weight, dense, stats, hessian) if stats.n_tokens else float("nan")
         out.append((q, LinearResult(name, err, 0.0, note, collected, stats.n_tokens)))
+    share = (time.perf_counter() - t0) / len(out)
     for _, r in out:
-        r.seconds = (time.perf_counter() - t0) / len(out)
+        r.seconds = share
     return out
 
 
