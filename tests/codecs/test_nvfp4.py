@@ -153,10 +153,10 @@ def test_layout_and_serialization() -> None:
     back = QuantizedTensor.from_state_dict(qt.header(), load(blob), "p")
     assert codec_from_dict(back.codec) == codec
     assert torch.equal(back.dequantize(), qt.dequantize())
-    # a stored tensor with the tensor scale missing its single value is rejected by size
+    # a stored tensor whose tensor scale holds two values is rejected, naming the part
     bad = dict(load(blob))
     bad["p.global_scale"] = torch.ones(2)
-    with pytest.raises(ValueError, match="bytes"):
+    with pytest.raises(ValueError, match=r"p.global_scale is float32 \[2\], but nvfp4 .* stores float32 \[1\]"):
         QuantizedTensor.from_state_dict(qt.header(), bad, "p")
 
 

@@ -466,7 +466,7 @@ def test_missing_and_corrupt_files(saved: Path) -> None:
     st = saved / "model.safetensors"
     data = st.read_bytes()
     st.write_bytes(data[:-1000])
-    with pytest.raises(LowbitError, match="corrupt or truncated safetensors"):
+    with pytest.raises(LowbitError, match="corrupt safetensors"):
         load_compressed_tensors(saved)
     st.unlink()
     with pytest.raises(LowbitError, match="missing model.safetensors"):
@@ -476,7 +476,7 @@ def test_missing_and_corrupt_files(saved: Path) -> None:
     text = config.read_text()
     config.write_text("{broken")
     assert not is_compressed_tensors_folder(saved)
-    with pytest.raises(LowbitError, match="unreadable JSON"):
+    with pytest.raises(LowbitError, match="not valid JSON: line 1, column 2"):
         load_compressed_tensors(saved)
     cfg = json.loads(text)
     del cfg["quantization_config"]

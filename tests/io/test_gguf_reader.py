@@ -134,7 +134,7 @@ def test_truncated_file(tiny_model, tmp_path: Path, cut: int) -> None:  # type: 
     written(tiny_model, path, "q4_1")
     data = path.read_bytes()
     path.write_bytes(data[:cut])
-    with pytest.raises(LowbitError, match="corrupt or truncated GGUF"):
+    with pytest.raises(LowbitError, match="truncated"):
         read_gguf_model(path)
 
 

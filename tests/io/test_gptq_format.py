@@ -306,7 +306,7 @@ def _edit_tensors(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
 def test_missing_and_truncated_weights(saved: Path) -> None:
     st = saved / "model.safetensors"
     st.write_bytes(st.read_bytes()[:-1000])
-    with pytest.raises(LowbitError, match="corrupt or truncated safetensors"):
+    with pytest.raises(LowbitError, match="corrupt safetensors"):
         load_gptq(saved)
     st.unlink()
     with pytest.raises(LowbitError, match="missing model.safetensors"):
@@ -340,7 +340,7 @@ def test_broken_tensors(saved: Path, edit, match: str) -> None:  # type: ignore[
 
 def test_broken_configs(saved: Path) -> None:
     (saved / "quantize_config.json").write_text("{broken")
-    with pytest.raises(LowbitError, match="unreadable JSON"):
+    with pytest.raises(LowbitError, match="not valid JSON: line 1, column 2"):
         load_gptq(saved)
     assert not is_gptq_folder(saved)
     (saved / "quantize_config.json").unlink()

@@ -107,7 +107,7 @@ def test_bad_files_are_named(tiny_model, tiny_gguf, tmp_path: Path) -> None:  # 
     good = write_imatrix(tmp_path / "good.gguf", random_imatrix(model), model)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(LowbitError, match="cut.gguf: truncated or corrupt GGUF"):
+    with pytest.raises(LowbitError, match="cut.gguf: corrupt GGUF file: tensor .* run past the end of the file"):
         read_imatrix(cut, model)
 
     dat = legacy_dat({"blk.0.attn_q.weight": (1, np.ones(64, np.float32))}, (1, "x"))

@@ -165,7 +165,7 @@ def saved(tiny_model, char_tokenizer, tmp_path) -> Path:  # type: ignore[no-unty
 def test_truncated_safetensors(saved: Path) -> None:
     st = saved / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size - 1000])
-    with pytest.raises(LowbitError, match="corrupt or truncated safetensors") as ei:
+    with pytest.raises(LowbitError, match="corrupt safetensors") as ei:
         load_model(str(saved))
     assert "\n" not in str(ei.value)
 

@@ -95,14 +95,14 @@ def test_truncated_gguf(tiny_gguf, cut: int) -> None:  # type: ignore[no-untyped
     path = tiny_gguf(truncate_to=cut)
     with pytest.raises(LowbitError, match="GGUF") as ei:
         load_model(str(path))
-    assert "corrupt or truncated GGUF" in str(ei.value)
+    assert "corrupt GGUF file" in str(ei.value) and "truncated" in str(ei.value)
     assert "\n" not in str(ei.value)
 
 
 def test_random_bytes_gguf(tmp_path) -> None:  # type: ignore[no-untyped-def]
     p = tmp_path / "random.gguf"
     p.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(LowbitError, match="corrupt or truncated GGUF"):
+    with pytest.raises(LowbitError, match="not a GGUF file"):
         load_model(str(p))
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
@@ -166,5 +166,5 @@ def test_gguf_architecture_the_reader_does_not_know_is_dequantized(tiny_gguf, mo
 
 
 def test_truncated_gguf_kept_quantized(tiny_gguf) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(LowbitError, match="corrupt or truncated GGUF"):
+    with pytest.raises(LowbitError, match="corrupt GGUF file: tensor .* run past the end of the file"):
         load_model(str(tiny_gguf(truncate_to=-100)), keep_quantized=True)

@@ -208,13 +208,26 @@ class Codec(BaseModel, ABC):
         out[:, order] = values
         return out
 
-    def nbytes(self, shape: tuple[int, int]) -> int:
-        """Exact stored bytes of a weight of ``shape``: packed codes plus scale data."""
+    def stored_parts(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor a weight of ``shape`` is stored as: the packed
+        codes (1-D uint8) and the scale data (``(R, G)`` in :meth:`scale_dtypes`); exactly what
+        :meth:`pack` makes, so that a reader can check a file's tensors before decoding them."""
         from lowbit.codecs.packing import packed_nbytes
 
         R, G, _ = self.grouping.grid(shape)
-        scale_bytes = sum(R * G * torch.empty((), dtype=d).element_size() for d in self.scale_dtypes().values())
-        return packed_nbytes(shape[0] * shape[1], self.code_bits) + scale_bytes
+        parts = {"codes": ((packed_nbytes(shape[0] * shape[1], self.code_bits),), torch.uint8)}
+        parts.update({k: ((R, G), d) for k, d in self.scale_dtypes().items()})
+        return parts
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Exact stored bytes of a weight of ``shape``: packed codes plus scale data."""
+        total = 0
+        for dims, dtype in self.stored_parts(shape).values():
+            n = torch.empty((), dtype=dtype).element_size()
+            for d in dims:
+                n *= d
+            total += n
+        return total
 
     def describe(self) -> str:
         """Short human-readable name, e.g. ``int4 g128 sym``."""

@@ -302,9 +302,19 @@ class GGMLKQuantCodec(GGMLBlockCodec):
             scale["mn"] = unpack_codes(qt.data["mn"], self.scale_bits, rows * G).view(rows, G)
         return self.grouping.split(codes), scale
 
-    def nbytes(self, shape: tuple[int, int]) -> int:
+    def stored_parts(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Codes and sub-block scale codes packed, ``d``/``dmin`` per super-block: ggml's bytes."""
+        from lowbit.codecs.packing import packed_nbytes
+
         rows, cols = shape
-        return rows * -(-cols // QK_K) * KQUANT_BLOCK_BYTES[self.ggml_type]
+        G = -(-cols // self.sub)
+        parts = {"codes": ((packed_nbytes(rows * cols, self.code_bits),), torch.uint8),
+                 "d": ((rows, -(-G // self.per_super)), torch.float16),
+                 "sc": ((packed_nbytes(rows * G, self.scale_bits),), torch.uint8)}
+        if self.affine:
+            parts["dmin"] = parts["d"]
+            parts["mn"] = parts["sc"]
+        return parts
 
 
 def _codes_for(s: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -213,12 +213,13 @@ class NF4Codec(Codec):
         }
         return self.grouping.split(codes), scale
 
-    def nbytes(self, shape: tuple[int, int]) -> int:
+    def stored_parts(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         R, G, _ = self.grouping.grid(shape)
-        codes = (shape[0] * shape[1] + 1) // 2
+        parts = {"codes": (((shape[0] * shape[1] + 1) // 2,), torch.uint8)}
         if not self.double_quant:
-            return codes + 4 * R * G
-        return codes + R * G + 4 * -(-(R * G) // DQ_BLOCK) + 4
+            return {**parts, "absmax": ((R, G), torch.float32)}
+        return {**parts, "absmax_q": ((R, G), torch.uint8), "absmax_scale": ((-(-(R * G) // DQ_BLOCK),), torch.float32),
+                "absmax_offset": ((1,), torch.float32)}
 
     def describe(self) -> str:
         return f"nf4 b{self.block_size}{' dq' if self.double_quant else ''}"

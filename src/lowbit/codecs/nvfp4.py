@@ -113,9 +113,10 @@ class NVFP4Codec(Codec):
         scale = {"block_scale": b, "global_scale": g.expand(b.shape)}
         return self.grouping.split(codes), scale
 
-    def nbytes(self, shape: tuple[int, int]) -> int:
+    def stored_parts(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         R, G, _ = self.grouping.grid(shape)
-        return packed_nbytes(shape[0] * shape[1], 4) + R * G + 4
+        return {"codes": ((packed_nbytes(shape[0] * shape[1], 4),), torch.uint8),
+                "block_scale": ((R, G), torch.float8_e4m3fn), "global_scale": ((1,), torch.float32)}
 
     def describe(self) -> str:
         return "nvfp4 (e2m1, b16 e4m3, fp32 tensor scale)"

@@ -59,13 +59,45 @@ class QuantizedTensor:
 
     @classmethod
     def from_state_dict(cls, header: str, tensors: dict[str, torch.Tensor], prefix: str) -> "QuantizedTensor":
-        meta = json.loads(header)
-        missing = [p for p in meta["parts"] if f"{prefix}.{p}" not in tensors]
-        if missing:
-            raise ValueError(f"quantized tensor {prefix!r} is missing parts {missing}")
-        data = {p: tensors[f"{prefix}.{p}"] for p in meta["parts"]}
-        qt = cls(codec=meta["codec"], shape=(int(meta["shape"][0]), int(meta["shape"][1])), data=data)
-        expected = qt.get_codec().nbytes(qt.shape) + (4 * qt.shape[1] if "g_idx" in data else 0)
-        if qt.nbytes != expected:
-            raise ValueError(f"quantized tensor {prefix!r} holds {qt.nbytes} bytes, its codec needs {expected}")
-        return qt
+        """The tensor whose :meth:`header` is ``header`` and whose parts are ``{prefix}.{part}`` in
+        ``tensors``; ValueError saying what does not fit when the header is damaged or a part's
+        shape or dtype is not what its codec stores (:meth:`Codec.stored_parts`)."""
+        from pydantic import ValidationError
+
+        from lowbit.codecs.base import group_order
+        from lowbit.codecs.registry import codec_from_dict
+        from lowbit.errors import validation_message
+
+        try:
+            meta = json.loads(header)
+        except (TypeError, ValueError):
+            raise ValueError(f"{prefix}: its header is not JSON") from None
+        parts, dims, spec = (meta.get(k) for k in ("parts", "shape", "codec")) if isinstance(meta, dict) else (None,) * 3
+        if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts) or not isinstance(spec, dict):
+            raise ValueError(f"{prefix}: its header lacks the codec and the list of parts")
+        if not (isinstance(dims, list) and len(dims) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
+            raise ValueError(f"{prefix}: shape {str(dims)[:40]} is not two positive integers")
+        shape = (dims[0], dims[1])
+        try:
+            codec = codec_from_dict(spec)
+        except ValidationError as e:
+            raise ValueError(f"{prefix}: codec: {validation_message(e)}") from None
+        expected = codec.stored_parts(shape)
+        if "g_idx" in parts:
+            expected["g_idx"] = ((shape[1],), torch.int32)
+        if sorted(parts) != sorted(expected):
+            raise ValueError(f"{prefix}: parts {sorted(parts)}, but {codec.describe()} stores {sorted(expected)}")
+        data = {}
+        for part, (want, dtype) in expected.items():
+            t = tensors.get(f"{prefix}.{part}")
+            if t is None:
+                raise ValueError(f"{prefix}: missing tensor {prefix}.{part}")
+            if tuple(t.shape) != want or t.dtype != dtype:
+                raise ValueError(f"{prefix}.{part} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, but "
+                                 f"{codec.describe()} stores {str(dtype).removeprefix('torch.')} {list(want)} for a "
+                                 f"{shape[0]}x{shape[1]} weight")
+            data[part] = t
+        if "g_idx" in data:
+            group_order(data["g_idx"], codec.grouping, shape)
+        return cls(codec=codec.model_dump(), shape=shape, data=data)

@@ -39,6 +39,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.hf_checkpoint import hf_quantization_config, holds_checkpoint, read_json, write_folder
 from lowbit.io.int32_packing import AWQ_ORDER, pack_int32, unpack_int32
 from lowbit.io.int_checkpoint import (
+    typed_config,
     IntTables,
     dense_linear_names,
     exportable_linears,
@@ -177,13 +178,13 @@ def load_awq(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
     """An AWQ GEMM checkpoint folder (lowbit's or AutoAWQ's) as a lowbit model: each quantized
     linear a QuantLinear with the same dequantized weight, dense tensors in ``dtype``."""
     path = Path(path)
-    config = awq_config(path)
-    if config is None:
+    raw = awq_config(path)
+    if raw is None:
         raise LowbitError(f"{path}: not an AWQ checkpoint (no AWQ quantization_config)")
-    if config["version"] != "gemm":
-        raise LowbitError(f"{path}: AWQ version {config['version']!r} is not read by lowbit (it reads 'gemm')")
-    if int(config.get("bits", BITS)) != BITS:
-        raise LowbitError(f"{path}: {config.get('bits')}-bit AWQ is not read by lowbit (4-bit only)")
-    group_size = int(config.get("group_size", 128))
-    return load_folder(path, dtype, "AWQ", config, _PARTS,
-                       lambda tensors, name, shape: read_awq_linear(tensors, name, shape, group_size))
+    config = typed_config(path, raw)
+    if config.version != "gemm":
+        raise LowbitError(f"{path}: AWQ version {config.version!r} is not read by lowbit (it reads 'gemm')")
+    if config.bits != BITS:
+        raise LowbitError(f"{path}: {config.bits}-bit AWQ is not read by lowbit (4-bit only)")
+    return load_folder(path, dtype, "AWQ", raw, _PARTS,
+                       lambda tensors, name, shape: read_awq_linear(tensors, name, shape, config.group_size))

@@ -327,7 +327,7 @@ class _Group:
 
     def __init__(self, path: Path, name: str, group: Any, default_format: str) -> None:
         where = f"{path}: quantization_config.config_groups.{name}"
-        if not isinstance(group, dict) or not isinstance(group.get("targets"), list):
+        if not isinstance(group, dict) or not _strings(group.get("targets")):
             raise LowbitError(f"{where}: not a scheme with a list of targets")
         for side in ("input_activations", "output_activations"):
             if group.get(side):
@@ -343,6 +343,10 @@ class _Group:
     def matches(self, name: str, module: nn.Module, ignore: list[str]) -> bool:
         hit = any(_target_hit(t, name, module) for t in self.targets)
         return hit and not any(_target_hit(t, name, module) for t in ignore)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _target_hit(target: str, name: str, module: nn.Module) -> bool:
@@ -519,8 +523,8 @@ def _groups(path: Path, qc: dict[str, Any]) -> tuple[list[_Group], list[str]]:
     if not isinstance(groups, dict) or not groups:
         raise LowbitError(f"{path}: quantization_config has no config_groups")
     ignore = qc.get("ignore") or []
-    if not isinstance(ignore, list):
-        raise LowbitError(f"{path}: quantization_config.ignore is not a list")
+    if not _strings(ignore):
+        raise LowbitError(f"{path}: quantization_config.ignore is not a list of module names")
     default_format = qc.get("format") or "dense"
     return [_Group(path, name, g, default_format) for name, g in groups.items()], ignore
 
@@ -535,7 +539,7 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "
     qc = _read_quantization_config(path)
     groups, ignore = _groups(path, qc)
     tensors = read_tensors(path)
-    model, tokenizer = empty_model(path, dtype)
+    model, tokenizer = empty_model(path, dtype, tensors)
     reader = _Reader(path, tensors, _version(qc))
     quantized: dict[str, QuantizedTensor] = {}
     for name, module in list(model.named_modules()):

@@ -47,6 +47,8 @@ from lowbit.errors import LowbitError
 from lowbit.io.hf_checkpoint import hf_quantization_config, holds_checkpoint, read_json, write_folder
 from lowbit.io.int32_packing import fills_words, pack_int32, unpack_int32
 from lowbit.io.int_checkpoint import (
+    QuantConfig,
+    typed_config,
     IntTables,
     dense_linear_names,
     exportable_linears,
@@ -189,18 +191,20 @@ def is_gptq_folder(path: Path) -> bool:
     return holds_checkpoint(path, gptq_config)
 
 
-def module_settings(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+def module_settings(config: dict[str, Any] | QuantConfig, name: str) -> dict[str, Any] | None:
     """Bits, group size and ``sym`` of linear ``name`` after GPTQModel's ``dynamic`` overrides
     (first matching pattern wins; None for a negative ``-:`` match, a linear left dense)."""
-    settings = {k: config.get(k, d) for k, d in (("bits", 4), ("group_size", 128), ("sym", True))}
-    for pattern, override in (config.get("dynamic") or {}).items():
+    qc = config if isinstance(config, QuantConfig) else QuantConfig.model_validate(config)
+    settings = {"bits": qc.bits, "group_size": qc.group_size, "sym": qc.sym}
+    for pattern, override in (qc.dynamic or {}).items():
         negative = pattern.startswith("-:")
         try:
             hit = re.match(pattern[2:] if pattern.startswith(("+:", "-:")) else pattern, name)
         except re.error as e:
             raise ValueError(f"bad dynamic pattern {pattern!r} in the quantization config ({e})") from None
         if hit:
-            return None if negative else {**settings, **{k: v for k, v in override.items() if k in settings}}
+            changed = {k: v for k, v in override.model_dump(include=set(settings)).items() if v is not None}
+            return None if negative else {**settings, **changed}
     return settings
 
 
@@ -238,21 +242,22 @@ def load_gptq(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
     ``checkpoint_format`` says ``gptq_v2``) as a lowbit model: each quantized linear a
     QuantLinear with the same dequantized weight, dense tensors in ``dtype``."""
     path = Path(path)
-    config = gptq_config(path)
-    if config is None:
+    raw = gptq_config(path)
+    if raw is None:
         raise LowbitError(f"{path}: not a GPTQ checkpoint (no quantize_config.json, no GPTQ quantization_config)")
-    fmt = str(config.get("checkpoint_format") or config.get("format") or "gptq").lower()
-    if config.get("is_marlin_format") or fmt not in ("gptq", "gptq_v2"):
-        raise LowbitError(f"{path}: GPTQ checkpoint format {'marlin' if config.get('is_marlin_format') else fmt!r} "
+    config = typed_config(path, raw)
+    fmt = (config.checkpoint_format or config.format or "gptq").lower()
+    if config.is_marlin_format or fmt not in ("gptq", "gptq_v2"):
+        raise LowbitError(f"{path}: GPTQ checkpoint format {'marlin' if config.is_marlin_format else fmt!r} "
                           "is not read by lowbit (it reads 'gptq' and 'gptq_v2')")
-    if str(config.get("pack_dtype", "int32")) != "int32":
-        raise LowbitError(f"{path}: pack_dtype {config.get('pack_dtype')!r} is not read by lowbit (int32 only)")
+    if (config.pack_dtype or "int32") != "int32":
+        raise LowbitError(f"{path}: pack_dtype {config.pack_dtype!r} is not read by lowbit (int32 only)")
 
     def read(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> QuantizedTensor:
         settings = module_settings(config, name)
         if settings is None:
             raise ValueError("its quantization config (a negative dynamic entry) leaves it dense")
-        return read_gptq_linear(tensors, name, shape, int(settings["bits"]), int(settings["group_size"]),
-                                bool(settings["sym"]), fmt)  # type: ignore[arg-type]
+        return read_gptq_linear(tensors, name, shape, settings["bits"], settings["group_size"], settings["sym"],
+                                fmt)  # type: ignore[arg-type]
 
-    return load_folder(path, dtype, "GPTQ", config, _PARTS, read)
+    return load_folder(path, dtype, "GPTQ", raw, _PARTS, read)

@@ -15,6 +15,7 @@ optional extra JSON files, the tokenizer and lowbit's ``recipe.json``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from torch import nn
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
 from lowbit.io.folder import atomic_folder
-from lowbit.modules import QuantLinear, dense_tensors
+from lowbit.modules import QuantLinear, dense_tensors, linear_weight
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
@@ -44,9 +45,17 @@ def read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{path}: unreadable JSON ({e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LowbitError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+    except json.JSONDecodeError as e:
+        raise LowbitError(f"{path}: not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise LowbitError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise LowbitError(f"{path}: not a JSON object")
     return data
@@ -76,14 +85,18 @@ def holds_checkpoint(path: Path, config_of: Callable[[Path], dict[str, Any] | No
 
 # -- reading -------------------------------------------------------------------------------------
 def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of one safetensors file and its metadata; LowbitError if it is corrupt."""
+    """Every tensor of one safetensors file and its metadata; LowbitError if it is corrupt
+    (:func:`lowbit.io.safetensors_layout.check_safetensors` names the damaged tensor)."""
+    from lowbit.io.safetensors_layout import check_safetensors
+
+    check_safetensors(file)
     try:
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+    except Exception as e:  # the header walk found nothing wrong: what the library refuses is said as it says it
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise LowbitError(f"{file}: corrupt or truncated safetensors file ({first})") from None
+        raise LowbitError(f"{file}: corrupt safetensors file ({first})") from None
     return tensors, metadata
 
 
@@ -111,22 +124,29 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+def meta_model(config: Any, dtype: torch.dtype | None = None, buffers: bool = True) -> nn.Module:
     """The transformers model of ``config`` with its parameters on ``meta`` (no memory, no
-    initialization) and its buffers (rotary tables) real; in ``dtype``, else the config's."""
+    initialization) and its buffers (rotary tables) real, unless ``buffers`` is False; in
+    ``dtype``, else the config's."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     kwargs = {} if dtype is None else {"dtype": dtype}  # dtype=None would set config.dtype to None
-    with no_init_weights(), init_empty_weights(include_buffers=False):
+    with no_init_weights(), init_empty_weights(include_buffers=not buffers):
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def empty_model(path: Path, dtype: torch.dtype, keep_quantization_config: bool = False) -> tuple[nn.Module, object]:
+def empty_model(path: Path, dtype: torch.dtype, tensors: dict[str, torch.Tensor],
+                keep_quantization_config: bool = False) -> tuple[nn.Module, object]:
     """The folder's model (:func:`meta_model`) and its tokenizer. The config's
     ``quantization_config`` (the stored layout's: GPTQ, AWQ, compressed-tensors) is dropped,
-    as the model in memory is lowbit's, unless ``keep_quantization_config``."""
+    as the model in memory is lowbit's, unless ``keep_quantization_config``.
+
+    The config is checked against the folder's ``tensors`` before anything is allocated (a
+    damaged ``num_hidden_layers`` or ``hidden_size`` would otherwise build a model of that
+    size): its block count against the blocks the tensors name, then every tensor's shape
+    against a model built wholly on ``meta``."""
     from transformers import AutoConfig, AutoTokenizer
 
     from lowbit.models.loading import _first_line, _quiet_transformers
@@ -136,11 +156,81 @@ def empty_model(path: Path, dtype: torch.dtype, keep_quantization_config: bool =
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if not keep_quantization_config and hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = meta_model(config, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises many types for corrupt or partial folders
+        raise LowbitError(f"cannot rebuild the model of {path}: {config_problem(path) or _first_line(e)}") from None
+    _check_block_count(path, config, tensors)
+    try:
+        probe = meta_model(config, dtype, buffers=False)
+    except Exception as e:
+        raise LowbitError(f"cannot rebuild the model of {path}: {config_problem(path) or _first_line(e)}") from None
+    for k, t in probe.state_dict(keep_vars=True).items():
+        if k in tensors and tuple(tensors[k].shape) != tuple(t.shape):
+            raise LowbitError(f"{path}: tensor {k} has shape {list(tensors[k].shape)}, the model that {CONFIG} describes "
+                              f"has {list(t.shape)}")
+    del probe
+    try:
+        model = meta_model(config, dtype)
+    except Exception as e:
         raise LowbitError(f"cannot rebuild the model of {path}: {_first_line(e)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise LowbitError(f"cannot load the tokenizer of {path}: {_first_line(e)}") from None
     return model, tokenizer
+
+
+MAX_BLOCKS = 10_000
+_BLOCK_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _check_block_count(path: Path, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    n = getattr(config, "num_hidden_layers", None)
+    if n is None:
+        return
+    blocks = {int(m.group(1)) for k in tensors if (m := _BLOCK_INDEX.search(k))}
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise LowbitError(f"{path / CONFIG}: num_hidden_layers is {str(n)[:40]!r}, not a positive integer")
+    if blocks and n != max(blocks) + 1:
+        raise LowbitError(f"{path / CONFIG}: num_hidden_layers is {n}, but the weights hold blocks 0..{max(blocks)}")
+
+
+def config_problem(path: Path) -> str | None:
+    """Which field of the folder's ``config.json`` transformers refuses, for a config it cannot
+    build a model of: the first top-level field without which it can (None when there is no
+    such single field, or no readable config). Its errors name Python internals ("'float'
+    object has no attribute 'to_dict'"), not the field."""
+    from transformers import AutoConfig
+
+    try:
+        data = read_json(path / CONFIG)
+    except LowbitError as e:
+        return str(e)
+    if data is None:
+        return f"no {CONFIG}"
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str):
+        return f"{path / CONFIG}: model_type is {str(model_type)[:40]!r}, not the name of a transformers model type"
+
+    qc = data.get("quantization_config")
+    if qc is not None and not (isinstance(qc, dict) and isinstance(qc.get("quant_method"), str)):
+        return f"{path / CONFIG}: quantization_config is {json.dumps(qc)[:60]}, not a mapping with a quant_method"
+    layers = data.get("num_hidden_layers", data.get("n_layer"))
+    if isinstance(layers, int) and layers > MAX_BLOCKS:  # each try would build them all
+        return f"{path / CONFIG}: {layers} layers: more than any model has ({MAX_BLOCKS})"
+
+    def builds(d: dict[str, Any]) -> bool:
+        try:
+            meta_model(AutoConfig.for_model(**d), buffers=False)  # nothing allocated, whatever the sizes say
+            return True
+        except Exception:
+            return False
+
+    if builds(data):
+        return None
+    for key in data:
+        if key != "model_type" and builds({k: v for k, v in data.items() if k != key}):
+            return f"{path / CONFIG}: field {key!r} = {json.dumps(data[key])[:60]} is not what transformers accepts"
+    return None
 
 
 def assemble(
@@ -152,7 +242,14 @@ def assemble(
     the model lacks or a tensor of the model missing from the folder. Returns what
     ``load_state_dict`` returned (its ``missing_keys``, for a stricter check)."""
     for name, qt in quantized.items():
-        old = model.get_submodule(name)
+        try:
+            old = model.get_submodule(name)
+            weight, _ = linear_weight(old)
+        except (AttributeError, LowbitError):
+            raise LowbitError(f"{path}: quantized tensors for {name}, which is not a linear of the model") from None
+        if tuple(weight.shape) != qt.shape:
+            raise LowbitError(f"{path}: {name} is stored as a {qt.shape[0]}x{qt.shape[1]} weight, the model's linear "
+                              f"is {weight.shape[0]}x{weight.shape[1]}")
         bias = tensors.get(f"{name}.bias")
         if getattr(old, "bias", None) is not None and bias is None:
             raise LowbitError(f"{path}: missing {name}.bias")

@@ -193,36 +193,53 @@ def _gguf_arch_name(model: nn.Module) -> str:
 
 
 def _read_gguf(path: Path) -> ImportanceMatrix:
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGUFReader
 
+    from lowbit.io.gguf_layout import ARRAY, INTEGER_TYPES, STRING, read_gguf_layout, shown
+
+    layout = read_gguf_layout(path)  # every bound checked: what gguf-py reads next is whole
+    kind = layout.field("general.type")
+    infos = {t.name: t for t in layout.tensors}
+    sums = [n[: -len(_SUM)] for n in infos if n.endswith(_SUM)]
+    if (kind is not None and kind.value != "imatrix") or not sums:
+        raise LowbitError(f"{path} is a GGUF file but not an importance matrix "
+                          f"(general.type {kind.value if kind is not None else None!r}, {len(sums)} {_SUM} tensors)")
+    for key in ("imatrix.chunk_count", "imatrix.chunk_size"):
+        f = layout.field(key)
+        if f is not None and (f.type_id not in INTEGER_TYPES or int(f.value) < 0):  # type: ignore[call-overload]
+            raise LowbitError(f"{path}: field {key} at byte {f.at} is {f.value!r}, not a count")
+    ds = layout.field("imatrix.datasets")
+    if ds is not None and (ds.type_id != ARRAY or ds.elem_type != STRING):
+        raise LowbitError(f"{path}: field imatrix.datasets at byte {ds.at} is not an array of strings")
+    for name in sums:
+        total, count = infos[name + _SUM], infos.get(name + _COUNT)
+        if count is None:
+            raise LowbitError(f"{path}: entry {shown(name)} has {_SUM} but no {_COUNT}")
+        if total.type_name != "F32" or count.type_name != "F32":
+            raise LowbitError(f"{path}: entry {shown(name)} is not F32")
+        n_mat = total.dims[1] if len(total.dims) > 1 else 1
+        if len(total.dims) > 2 or count.dims[0] != 1 or (count.dims[1] if len(count.dims) > 1 else 1) != n_mat:
+            raise LowbitError(f"{path}: entry {shown(name)} has sums of shape {list(total.dims)} and counts of shape "
+                              f"{list(count.dims)} (ggml order); they should be (columns, matrices) and (1, matrices)")
     try:
         r = GGUFReader(str(path))
-        fields = {k: f.contents() for k, f in r.fields.items()}
+        fields = {k: f.contents() for k, f in r.fields.items() if k.startswith("imatrix.")}
         # only the imatrix's own tensors are copied: a model file given by mistake may be large
         tensors = {t.name: (t.tensor_type, np.array(t.data, copy=True)) for t in r.tensors
                    if t.name.endswith((_SUM, _COUNT))}
-    except Exception as e:  # gguf-py raises ValueError, IndexError, struct.error, ... on a bad file
-        raise LowbitError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
-    kind = fields.get("general.type")
+    except Exception as e:  # the walk above found nothing wrong: what gguf-py refuses is said as it says it
+        raise LowbitError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
     sums = {k[: -len(_SUM)]: v for k, v in tensors.items() if k.endswith(_SUM)}
-    if (kind is not None and kind != "imatrix") or not sums:
-        raise LowbitError(f"{path} is a GGUF file but not an importance matrix "
-                          f"(general.type {kind!r}, {len(sums)} .in_sum2 tensors)")
     values: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     merged = []
-    for name, (qtype, total) in sorted(sums.items()):
-        count = tensors.get(name + _COUNT)
-        if count is None:
-            raise LowbitError(f"{path}: entry {name} has {_SUM} but no {_COUNT}")
-        if qtype != GGMLQuantizationType.F32 or count[0] != GGMLQuantizationType.F32:
-            raise LowbitError(f"{path}: entry {name} is not F32")
-        total, n = total.astype(np.float64).reshape(-1, total.shape[-1]), count[1].reshape(-1)
-        if n.shape[0] != total.shape[0]:
-            raise LowbitError(f"{path}: entry {name} has {total.shape[0]} matrices but {n.shape[0]} counts")
+    for name, (_, total) in sorted(sums.items()):
+        total, n = total.astype(np.float64).reshape(-1, total.shape[-1]), tensors[name + _COUNT][1].reshape(-1)
         if total.shape[0] > 1:
             merged.append(name)
             continue
+        if not np.isfinite(n[0]) or not 0 <= n[0] < 2**53:
+            raise LowbitError(f"{path}: entry {shown(name)} has a token count of {n[0]}")
         tokens = int(round(float(n[0])))
         # llama-quantize's convention: an entry that saw no token weighs every column 1
         mean = total[0] / tokens if tokens > 0 else np.ones_like(total[0])
@@ -237,6 +254,8 @@ def _read_gguf(path: Path) -> ImportanceMatrix:
 
 
 def _read_legacy(path: Path) -> ImportanceMatrix:
+    from lowbit.io.gguf_layout import shown
+
     data = path.read_bytes()
     pos = 0
 
@@ -263,11 +282,12 @@ def _read_legacy(path: Path) -> ImportanceMatrix:
         except UnicodeDecodeError:
             raise LowbitError(f"{path}: truncated or corrupt importance matrix (.dat): "
                               f"entry {i} name is not text") from None
-        ncall = int32(f"{name} call count")
-        nval = int32(f"{name} value count")
+        label = f"entry {i} ({shown(name)})"
+        ncall = int32(f"{label} call count")
+        nval = int32(f"{label} value count")
         if nval < 1:
-            raise LowbitError(f"{path}: truncated or corrupt importance matrix (.dat): {name} has {nval} values")
-        v = np.frombuffer(take(4 * nval, f"{name} values"), dtype="<f4").astype(np.float64)
+            raise LowbitError(f"{path}: truncated or corrupt importance matrix (.dat): {label} has {nval} values")
+        v = np.frombuffer(take(4 * nval, f"{label} values"), dtype="<f4").astype(np.float64)
         values[name] = _checked(path, name, v / ncall if ncall > 0 else v)
     chunk_count, datasets = 0, []
     if pos < len(data):  # the trailer is optional
@@ -281,6 +301,8 @@ def _read_legacy(path: Path) -> ImportanceMatrix:
 
 
 def _checked(path: Path, name: str, mean: np.ndarray) -> torch.Tensor:
+    from lowbit.io.gguf_layout import shown
+
     if not np.isfinite(mean).all() or (mean < 0).any():
-        raise LowbitError(f"{path}: entry {name} holds NaN, Inf or negative values")
+        raise LowbitError(f"{path}: entry {shown(name)} holds NaN, Inf or negative values")
     return torch.from_numpy(mean.astype(np.float32))

@@ -21,17 +21,65 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
 from lowbit.codecs import IntCodec, QuantizedTensor, codec_from_dict, unpack_codes
 from lowbit.codecs.base import group_order
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, validation_message
 from lowbit.io.hf_checkpoint import RECIPE, assemble, empty_model, read_tensors
 from lowbit.modules import QuantEmbedding, QuantLinear
 from lowbit.modules.experts import UnfusedExperts
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
+
+
+# -- the quantization config -------------------------------------------------------------------
+def _group_size(v: int | None) -> int | None:
+    if v is not None and v != -1 and v < 1:
+        raise ValueError(f"{v} is neither a positive group size nor -1 (one group per row)")
+    return v
+
+
+class Override(BaseModel):
+    """One GPTQModel ``dynamic`` entry: the settings it changes for the linears it matches."""
+
+    model_config = ConfigDict(extra="allow")
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+
+    check_group_size = field_validator("group_size")(_group_size)
+
+
+class QuantConfig(BaseModel):
+    """The fields of a GPTQ or AWQ quantization config that lowbit reads, with their types
+    (other fields are kept, unread)."""
+
+    model_config = ConfigDict(extra="allow")
+    quant_method: str | None = None
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool | None = None
+    dynamic: dict[str, Override] | None = None
+    checkpoint_format: str | None = None
+    format: str | None = None
+    version: str | None = None
+    is_marlin_format: bool | None = None
+    pack_dtype: str | None = None
+    meta: dict[str, Any] | None = None
+
+    check_group_size = field_validator("group_size")(_group_size)
+
+
+def typed_config(path: Path, config: dict[str, Any]) -> QuantConfig:
+    """``config`` checked against :class:`QuantConfig`; LowbitError naming the field."""
+    try:
+        return QuantConfig.model_validate(config)
+    except ValidationError as e:
+        raise LowbitError(f"{path}: quantization config: {validation_message(e)}") from None
 
 
 # -- integer tables ----------------------------------------------------------------------------
@@ -249,7 +297,7 @@ def load_folder(
     from lowbit.models.loading import LoadedModel
 
     tensors = read_tensors(path)
-    model, tokenizer = empty_model(path, dtype)
+    model, tokenizer = empty_model(path, dtype, tensors)
     quantized: dict[str, QuantizedTensor] = {}
     consumed: set[str] = set()
     for name in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
@@ -266,5 +314,5 @@ def load_folder(
         from lowbit.recipes import Recipe
 
         model.lowbit_recipe = Recipe.from_file(path / RECIPE)
-    source = (config.get("meta") or {}).get("lowbit_source") or str(path)
+    source = (typed_config(path, config).meta or {}).get("lowbit_source") or str(path)
     return LoadedModel(model, tokenizer, str(source), path)

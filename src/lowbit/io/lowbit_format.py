@@ -30,7 +30,7 @@ import lowbit
 from lowbit.codecs import QuantizedTensor
 from lowbit.errors import LowbitError
 from lowbit.io.folder import atomic_folder
-from lowbit.io.hf_checkpoint import RECIPE, WEIGHTS, assemble, dense_state, empty_model, read_safetensors
+from lowbit.io.hf_checkpoint import RECIPE, WEIGHTS, assemble, dense_state, empty_model, read_json, read_safetensors
 from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
@@ -86,10 +86,9 @@ def save_quantized(loaded: "LoadedModel", out: Path, overwrite: bool = False, so
 
 
 def read_marker(path: Path) -> dict[str, Any]:
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{path}: unreadable {MARKER} ({e})") from None
+    marker = read_json(path / MARKER)
+    if marker is None:
+        raise LowbitError(f"{path}: missing {MARKER}")
     if marker.get("format") != "lowbit" or marker.get("format_version") != FORMAT_VERSION:
         raise LowbitError(f"{path}: not a lowbit folder of format version {FORMAT_VERSION}")
     return marker
@@ -104,7 +103,9 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         headers = json.loads(meta.get(QUANT_KEY, "{}"))
     except json.JSONDecodeError:
-        raise LowbitError(f"{file}: corrupt {QUANT_KEY} metadata") from None
+        raise LowbitError(f"{file}: corrupt {QUANT_KEY} metadata (not JSON)") from None
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise LowbitError(f"{file}: corrupt {QUANT_KEY} metadata (not a mapping of module names to headers)")
     return tensors, headers
 
 
@@ -119,7 +120,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
     tensors, headers = read_weights(path)
     # parameters on the meta device: the float weights of the quantized linears are never
     # allocated; buffers (rotary tables) are real, as the checkpoint does not hold them
-    model, tokenizer = empty_model(path, dtype, keep_quantization_config=True)
+    model, tokenizer = empty_model(path, dtype, tensors, keep_quantization_config=True)
 
     from lowbit.models import architecture_of
     from lowbit.modules.experts import unfuse_experts

@@ -27,21 +27,24 @@ class LazyWeights:
     def __init__(self, folder: Path, dtype: torch.dtype) -> None:
         self.folder = Path(folder)
         self.dtype = dtype
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        from lowbit.io.hf_checkpoint import WEIGHTS, WEIGHTS_INDEX, read_json
+        from lowbit.io.safetensors_layout import check_safetensors
+
+        index = read_json(self.folder / WEIGHTS_INDEX)
+        if index is not None:
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise LowbitError(f"{self.folder / WEIGHTS_INDEX}: corrupt safetensors index (no weight_map of file names)")
             self.files = {k: self.folder / v for k, v in weight_map.items()}
         else:
-            single = self.folder / "model.safetensors"
+            single = self.folder / WEIGHTS
             if not single.is_file():
                 raise LowbitError(f"{self.folder}: no safetensors weights (model.safetensors or its index)")
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(single), framework="pt") as f:
-                    self.files = {k: single for k in f.keys()}
-            except Exception as e:  # safetensors' own error type for truncated/corrupt files
-                raise LowbitError(f"{single}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+            self.files = {k: single for k in _tensor_names(single)}
+        for f in sorted(set(self.files.values())):
+            if not f.is_file():
+                raise LowbitError(f"{self.folder}: missing {f.name} (named in {WEIGHTS_INDEX})")
+            check_safetensors(f)  # every header, before any work
 
     def fingerprint(self) -> str:
         """Identity of the weights for resume checks: config, file names, sizes and mtimes."""
@@ -90,6 +93,16 @@ class LazyWeights:
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
                 owner._buffers[attr] = value
+
+
+def _tensor_names(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # the header walk found nothing wrong: what the library refuses is said as it says it
+        raise LowbitError(f"{file}: corrupt safetensors file ({_first_line(e)})") from None
 
 
 def lazy_source(spec: str) -> Path | None:

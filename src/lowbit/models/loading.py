@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +81,9 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises many types for corrupt or partial folders
-        raise LowbitError(f"cannot load model from {path}: {_first_line(e)}") from None
+        from lowbit.io.hf_checkpoint import config_problem
+
+        raise LowbitError(f"cannot load model from {path}: {config_problem(path) or _first_line(e)}") from None
     model.eval()
     return LoadedModel(model, tokenizer, source, path)
 
@@ -126,22 +127,17 @@ def _hub_resolves() -> bool:
 
 def check_gguf(path: Path) -> "GGUFReader":
     """Parse a GGUF file's header and tensor table (returned as gguf-py's reader, the tensors
-    memory-mapped); LowbitError if it is truncated or corrupt."""
+    memory-mapped); LowbitError naming the damaged field or tensor if it is truncated or corrupt
+    (:func:`lowbit.io.gguf_layout.read_gguf_layout` walks it, bounds checked, before gguf-py)."""
     from gguf import GGUFReader
 
+    from lowbit.io.gguf_layout import check_model_fields, read_gguf_layout
+
+    check_model_fields(read_gguf_layout(path))
     try:
-        reader = GGUFReader(path)
-        size = Path(path).stat().st_size
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ValueError(f"tensor {t.name} runs past the end of the file")
-        return reader
-    except Exception as e:
-        type_id = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
-        if type_id:  # gguf-py's enum refused it: a type newer than the installed gguf, or a corrupt file
-            raise LowbitError(f"{path}: unknown GGML tensor type id {type_id.group(1)} (corrupt GGUF file, "
-                              "or a type newer than the installed gguf package)") from None
-        raise LowbitError(f"{path}: corrupt or truncated GGUF file ({_first_line(e)})") from None
+        return GGUFReader(path)
+    except Exception as e:  # the walk above found nothing wrong: what gguf-py refuses is said as it says it
+        raise LowbitError(f"{path}: corrupt GGUF file ({_first_line(e)})") from None
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from lowbit.algorithms import Algorithm
 from lowbit.calibration.samples import CalibrationConfig
 from lowbit.codecs import Codec
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, validation_message
 
 DenseDType = Literal["float16", "bfloat16", "float32"]
 
@@ -165,22 +165,44 @@ class Recipe(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise LowbitError(f"invalid {source}: {_one_line(e)}") from None
+            raise LowbitError(f"invalid {source}: {validation_message(e)}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
         p = Path(path)
         try:
-            text = p.read_text()
+            raw = p.read_bytes()
         except OSError as e:
             raise LowbitError(f"cannot read recipe {p}: {e.strerror}") from None
         try:
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise LowbitError(f"recipe {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LowbitError(f"recipe {p} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}): "
+                              "a recipe is a YAML or JSON file") from None
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        try:
+            data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        except json.JSONDecodeError as e:
+            raise LowbitError(f"recipe {p} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except yaml.YAMLError as e:
+            raise LowbitError(f"recipe {p} is not valid YAML: {_yaml_problem(e)}") from None
+        except RecursionError:
+            raise LowbitError(f"recipe {p} nests too deeply to be a recipe") from None
         if not isinstance(data, dict):
-            raise LowbitError(f"recipe {p} must be a mapping of fields")
+            raise LowbitError(f"recipe {p} must be a mapping of fields, got {_kind(data)}")
         return cls.from_dict(data, source=f"recipe {p}")
+
+
+def _yaml_problem(e: "yaml.YAMLError") -> str:
+    """A YAML error in one line: where (line and column, 1-based) and what."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
 
 
 def _dispatch(v: Any, base: type[BaseModel], field: str) -> Any:
@@ -188,20 +210,9 @@ def _dispatch(v: Any, base: type[BaseModel], field: str) -> Any:
     if isinstance(v, base):
         return v
     if not isinstance(v, dict):
-        raise ValueError(f"must be a mapping with a 'name', got {type(v).__name__}")
+        raise ValueError(f"must be a mapping with a 'name', got {_kind(v)}")
     registry: dict[str, type[BaseModel]] = base.registry  # type: ignore[attr-defined]
     name = v.get("name")
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise ValueError(f"unknown {field} name {name!r}; known: {', '.join(sorted(registry))}")
     return registry[name].model_validate(v)
-
-
-def _one_line(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"]
-        if err["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
