@@ -30,7 +30,7 @@ def tiny_config(family: str = "llama", **overrides: Any):  # type: ignore[no-unt
     ids = {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
     llama_like = dict(
         hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, **ids,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024, **ids,
     )
     if family == "llama":
         cfg = tf.LlamaConfig(**llama_like)

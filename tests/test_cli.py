@@ -154,7 +154,7 @@ def test_missing_text_file(capsys, model_dir, tmp_path) -> None:  # type: ignore
 
 def test_inspect_not_a_folder(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run(capsys, "inspect", str(tmp_path / "nope"))
-    assert_one_line_error(code, err, "no such folder")
+    assert_one_line_error(code, err, "no such file or folder")
 
 
 def test_existing_out(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]

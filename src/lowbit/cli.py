@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from lowbit.errors import LowbitError
 
@@ -28,10 +32,27 @@ def _positive(text: str) -> int:
     return v
 
 
+def _temperature(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument said in one line (and where the help is) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit.recipes import PRESET_HELP
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lowbit",
         description="Quantize causal LMs and measure what each quantization costs.",
         epilog="MODEL is a built-in name (smollm2-135m), a Hugging Face folder or hub id, a .gguf file, "
@@ -96,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    i = sub.add_parser("inspect", help="per-layer codec, bits per weight and size of a lowbit folder")
-    i.add_argument("folder", metavar="DIR", type=Path)
+    i = sub.add_parser("inspect", help="per-layer codec, bits per weight and size of a quantized model",
+                       description="List every quantized layer of a lowbit, GPTQ, AWQ or compressed-tensors folder, "
+                       "or every tensor of a GGUF file, with its codec (ggml type), shape, bits per weight and bytes.")
+    i.add_argument("path", metavar="DIR|FILE.gguf", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON")
 
     b = sub.add_parser("bench", help="quantize with several recipes in memory, evaluate each, print a table")
@@ -116,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N", help="default 64")
-    gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    gen.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                      help="sampling temperature (default 0: greedy)")
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
 
@@ -184,6 +207,7 @@ def _with_calibration(recipe, args: argparse.Namespace):  # type: ignore[no-unty
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.io.folder import check_output
     from lowbit.pipeline import quantize_model
     from lowbit.pipeline.importance import calibrating_algorithms
     from lowbit.recipes import resolve_recipe
@@ -191,8 +215,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, codec=args.codec, algorithm=args.algorithm,
                             group_size=args.group_size, bits=args.bits)
     recipe = _with_calibration(recipe, args)
-    if args.out.exists() and not args.overwrite:
-        raise LowbitError(f"output {args.out} exists (pass --overwrite to replace it)")
+    layout = _output_layout(args)
+    check_output(args.out, args.overwrite)  # free and writable: before the model is even loaded
     _check_imatrix_args(recipe, args)
     loaded, weights = _load_for_quantization(args.model)
     importance = None
@@ -206,30 +230,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from lowbit.io.imatrix import linear_gguf_names
 
         linear_gguf_names(loaded.model)  # llama.cpp names its linears: before the work, not after it
-    layout = _output_layout(args)
-    from lowbit.io.formats import check_layout
-
-    check_layout(layout, recipe, loaded.model)  # before the work, not after it
-    if layout == "gguf":
-        from lowbit.io.gguf_writer import check_gguf_architecture
-
-        check_gguf_architecture(loaded.model)
+    calibrating = bool(calibrating_algorithms(recipe, importance))
+    _check_plan(args, layout, recipe, loaded.model, calibrating)
     calib, resume = None, None
-    if calibrating_algorithms(recipe, importance):
+    partial = args.out.with_name(args.out.name + ".partial")
+    if calibrating:
         from lowbit.calibration import calibration_set
         from lowbit.pipeline.resume import ResumeState, run_fingerprint
 
         calib = calibration_set(loaded.tokenizer, recipe.calibration_config())
         model_id = weights.fingerprint() if weights is not None else None
-        resume = ResumeState(
-            args.out.with_name(args.out.name + ".partial"),
-            run_fingerprint(loaded.model, model_id, recipe, calib, args.calib_dtype, importance),
-        )
+        resume = ResumeState(partial, run_fingerprint(loaded.model, model_id, recipe, calib, args.calib_dtype, importance))
         if args.restart:
             resume.discard()
         if args.save_imatrix is not None and resume.finished_blocks():
             raise LowbitError(f"{resume.folder} holds finished blocks whose statistics --save-imatrix would lack: "
                               "pass --restart to start over")
+    elif partial.exists():
+        warnings.warn(f"{partial} holds an interrupted calibrated run that this one ({recipe.label()}, no calibration) "
+                      "does not resume; it is left as it is: finish that run with its own command, or delete it",
+                      stacklevel=1)
     report = quantize_model(
         loaded.model, recipe, progress=not args.no_progress, calibration=calib, weights=weights, resume=resume,
         compute_dtype=_dtype(args.calib_dtype), batch_size=args.calib_batch, device=args.calib_device,
@@ -252,12 +272,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.evaluation import model_size
 
     size = model_size(loaded.model, block_linear_names(loaded.model))
+    resumed = "" if report.sequential is None or not report.sequential.resumed_blocks else \
+        f" ({report.sequential.resumed_blocks} blocks resumed from {partial.name})"
     print(
         f"quantized {len(report.quantized)} linears with {recipe.label()} ({recipe.codec.describe()}, "
-        f"{recipe.algorithm.name}) in {report.seconds:.1f}s: {size.bits_per_weight:.3f} bits per weight, "
+        f"{recipe.algorithm.name}) in {report.seconds:.1f}s{resumed}: {size.bits_per_weight:.3f} bits per weight, "
         f"{(args.out.stat().st_size if layout == 'gguf' else folder_bytes(args.out)) / 1e6:.1f} MB on disk -> {args.out}"
     )
     return 0
+
+
+def _check_plan(args: argparse.Namespace, layout: str, recipe, model, calibrating: bool) -> None:  # type: ignore[no-untyped-def]
+    """Everything about the run that can be known from the loaded (possibly lazy) model, checked
+    before any work: the layout holds what the recipe makes, the recipe quantizes something, the
+    calibration sequences fit the model's context, and the disk has room for the output (and,
+    for a calibrated run, its resume state)."""
+    from lowbit.io.folder import check_output
+    from lowbit.io.formats import check_layout
+    from lowbit.io.gguf_mixes import resolve_gguf_mix
+    from lowbit.models import architecture_of, check_context
+    from lowbit.pipeline.quantize import check_selection, planned_bytes
+
+    check_layout(layout, recipe, model)
+    if layout == "gguf":
+        from lowbit.io.gguf_writer import check_gguf_architecture
+
+        check_gguf_architecture(model)
+    resolved = resolve_gguf_mix(recipe, model)
+    check_selection(model, architecture_of(model), resolved, warn=False)  # the run itself warns
+    nbytes = planned_bytes(model, resolved)
+    if calibrating:
+        calib = recipe.calibration_config()
+        flag = "--calib-seq-len" if args.calib_seq_len is not None else "the recipe's calibration.seq_len"
+        check_context(model, calib.seq_len, f"{flag} {calib.seq_len}")
+        hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+        # the resume state: the blocks quantized so far, and the next block's inputs in float32
+        nbytes += nbytes + calib.samples * calib.seq_len * hidden * 4
+    check_output(args.out, args.overwrite, nbytes)
 
 
 def _output_layout(args: argparse.Namespace) -> str:
@@ -284,8 +335,9 @@ def _check_imatrix_args(recipe, args: argparse.Namespace) -> None:  # type: igno
         raise LowbitError("--save-imatrix writes what a run collects, and with --imatrix nothing is collected")
     if out.suffix == ".dat":
         raise LowbitError(f"--save-imatrix {out}: only llama.cpp's GGUF imatrix format is written; name it .gguf")
-    if out.exists() and not args.overwrite:
-        raise LowbitError(f"{out} exists (pass --overwrite to replace it)")
+    from lowbit.io.folder import check_output
+
+    check_output(out, args.overwrite, what="importance matrix")
     if not recipe.needs_calibration:
         raise LowbitError(f"--save-imatrix: {recipe.label()} collects no calibration statistics "
                           "(use a gguf-*-imatrix or a -gptq preset)")
@@ -315,10 +367,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.bench.compare import block_linear_names
     from lowbit.calibration import load_text
     from lowbit.evaluation import evaluate, model_size
-    from lowbit.models import cache_dir, load_model
+    from lowbit.models import cache_dir, check_context, load_model
 
     text = load_text(args.text)
     loaded = load_model(args.model, keep_quantized=True)  # a .gguf file's linears stay packed
+    check_context(loaded.model, args.seq_len, f"--seq-len {args.seq_len}")
     ref_spec = None if args.no_ref else args.ref
     if ref_spec is None and not args.no_ref and getattr(loaded.model, "lowbit_recipe", None) is not None:
         ref_spec = loaded.source
@@ -344,31 +397,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lowbit.codecs import QuantizedTensor
-    from lowbit.io.lowbit_format import read_marker, read_weights
-    from lowbit.recipes import Recipe
+    from lowbit.evaluation.inspect import inspect_checkpoint
 
-    folder: Path = args.folder
-    if not folder.is_dir():
-        raise LowbitError(f"no such folder: {folder}")
-    marker = read_marker(folder)
-    recipe = Recipe.from_file(folder / "recipe.json")
-    tensors, headers = read_weights(folder)
-    layers = []
-    for name in sorted(headers, key=_natural_key):
-        qt = QuantizedTensor.from_state_dict(headers[name], tensors, f"{name}.weight")
-        layers.append({"module": name, "codec": qt.get_codec().describe(), "shape": list(qt.shape),
-                       "bpw": qt.bits_per_weight, "bytes": qt.nbytes})
-    quant_bytes = sum(layer["bytes"] for layer in layers)
-    quant_params = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
-    consumed = {k for name in headers for k in tensors if k.startswith(f"{name}.weight.")}
-    dense_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in consumed)
-    summary = {
-        "folder": str(folder), "source": marker.get("source"), "recipe": recipe.label(),
-        "recipe_digest": marker.get("recipe_digest"), "quantized_layers": len(layers),
-        "quantized_bits_per_weight": 8 * quant_bytes / max(quant_params, 1),
-        "quantized_bytes": quant_bytes, "dense_bytes": dense_bytes, "model_bytes": quant_bytes + dense_bytes,
-    }
+    result = inspect_checkpoint(args.path)
+    layers, summary = result.layers, result.summary
     if args.json:
         print(json.dumps({**summary, "layers": layers}))
         return 0
@@ -383,21 +415,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _natural_key(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from lowbit.bench import compare_recipes, format_table
     from lowbit.calibration import load_text
-    from lowbit.models import load_model
+    from lowbit.models import check_context, load_model
     from lowbit.recipes import resolve_recipe
 
-    recipes = [resolve_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
+    recipes = [resolve_recipe(r) for r in _items(args.recipes, "--recipes", "presets or recipe files")]
     if any(v is not None for v in (args.calib, args.calib_samples, args.calib_seq_len, args.calib_seed)):
         recipes = [_with_calibration(r, args) if r.needs_calibration else r for r in recipes]
-    texts = [load_text(t.strip()) for t in args.text.split(",") if t.strip()]
+    texts = [load_text(t) for t in _items(args.text, "--text", "texts")]
     base = load_model(args.model)
+    check_context(base.model, args.seq_len, f"--seq-len {args.seq_len}")
+    for r in recipes:
+        if r.needs_calibration:
+            c = r.calibration_config()
+            check_context(base.model, c.seq_len, f"{r.label()}: calibration seq_len {c.seq_len}")
     rows = compare_recipes(base, recipes, texts, seq_len=args.seq_len, max_windows=args.max_windows,
                            dtype=_dtype(args.dtype), progress=not args.no_progress,
                            compute_dtype=_dtype(args.calib_dtype))
@@ -406,6 +439,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
     return 0
+
+
+def _items(text: str, flag: str, what: str) -> list[str]:
+    """The comma-separated entries of ``text``; LowbitError when there are none."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise LowbitError(f"{flag} {text!r} names no {what}")
+    return items
 
 
 def _load_for_running(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -430,7 +471,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from lowbit.evaluation.speed import peak_resident_bytes
+    from lowbit.models import check_context
 
+    if not args.prompt and not args.chat:
+        raise LowbitError("--prompt is empty: give the text to continue (or --chat, whose template adds its own tokens)")
     loaded, dtype, counts, memory = _load_for_running(args)
     tok = loaded.tokenizer
     if tok is None:
@@ -442,6 +486,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise LowbitError(f"--prompt {args.prompt!r} is no tokens at all for {args.model}'s tokenizer")
+    check_context(loaded.model, ids.shape[1] + args.max_new_tokens,
+                  f"a prompt of {ids.shape[1]} tokens and --max-new-tokens {args.max_new_tokens}")
     print(_describe_run(dtype, counts, memory), file=sys.stderr)
     sample = args.temperature > 0
     torch.manual_seed(args.seed)
@@ -467,6 +515,8 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
     from lowbit.evaluation.speed import measure_speed, peak_resident_bytes
 
+    from lowbit.models import check_context
+
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
@@ -476,6 +526,8 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded, dtype, counts, memory = _load_for_running(args)
+    check_context(loaded.model, args.prompt_tokens + args.new_tokens,
+                  f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens}")
     load_peak = peak_resident_bytes()
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     rows = [measure_speed(loaded.model, vocab, b, args.prompt_tokens, args.new_tokens, args.repeats)
@@ -500,8 +552,13 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, 
             "generate": cmd_generate, "bench-speed": cmd_bench_speed}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    print(f"lowbit: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning  # one line each, as errors are
     try:
         return COMMANDS[args.command](args)
     except LowbitError as e:
@@ -510,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`lowbit inspect ... | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ def test_measure_speed_counts_every_sequence(tiny_model) -> None:  # type: ignor
     assert r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0
 
 
+def test_prefill_computes_the_last_positions_logits_only(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama").eval()
+    shapes = []
+    model.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.logits.shape)))
+    measure_speed(model, vocab_size=200, batch=2, prompt_tokens=6, new_tokens=3, repeats=1)
+    assert shapes[0] == (2, 1, 256) and len(shapes) == 2 * (1 + 3)  # prefill, then 3 decode steps, twice
+
+
 def test_peak_memory_follows_an_allocation() -> None:
     if resident_bytes() is None:
         return  # no /proc here

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import json
 from pathlib import Path
 
@@ -133,10 +136,10 @@ def test_failed_save_leaves_nothing(tiny_model, char_tokenizer, tmp_path, monkey
     loaded = _quantized(tiny_model, char_tokenizer)
 
     def broken_save_file(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(fmt, "save_file", broken_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LowbitError, match=r"cannot write .*/q: No space left on device \(nothing was written\)$"):
         save_quantized(loaded, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a hidden temp folder
 
@@ -145,7 +148,7 @@ def test_failed_save_leaves_nothing(tiny_model, char_tokenizer, tmp_path, monkey
     save_quantized(loaded, tmp_path / "q")
     before = {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()}
     monkeypatch.setattr(fmt, "save_file", broken_save_file)
-    with pytest.raises(OSError):
+    with pytest.raises(LowbitError, match="No space left"):
         save_quantized(loaded, tmp_path / "q", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["q"]

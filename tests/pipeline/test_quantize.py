@@ -75,10 +75,26 @@ def test_targets_and_ignore(tiny_model) -> None:  # type: ignore[no-untyped-def]
     assert report.seconds > 0 and model.lowbit_recipe is recipe
 
 
-def test_no_target_matches(tiny_model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fields", [{"targets": ["nothing.*"]}, {"ignore": ["*"]}])
+def test_a_recipe_that_quantizes_nothing_is_refused(tiny_model, fields: dict) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model("llama")
-    report = quantize_model(model, _recipe(targets=["nothing.*"]), progress=False)
-    assert report.quantized == [] and len(report.skipped) == 14
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LowbitError, match="quantizes none of the model's 14 linears .*: nothing to do"):
+        quantize_model(model, _recipe(**fields), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_patterns_that_match_no_linear_warn(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    recipe = Recipe.from_dict({"codec": {"name": "int", "bits": 4, "group_size": 32}, "ignore": ["*.mlp.donw_proj"],
+                               "rules": [{"match": "*.self_attn.q_proj", "codec": {"name": "int", "bits": 8}},
+                                         {"match": "re:.*attn\\.qproj", "codec": {"name": "int", "bits": 8}}]})
+    with pytest.warns(UserWarning) as record:
+        report = quantize_model(tiny_model("llama"), recipe, progress=False)
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2
+    assert "ignore[0] '*.mlp.donw_proj' matches no linear of the model (they are named like model.layers.0." in messages[0]
+    assert "rules[1] 're:.*attn\\\\.qproj' matches no linear" in messages[1]
+    assert len(report.quantized) == 14
 
 
 @pytest.mark.parametrize("dense_dtype", ["float16", "bfloat16", "float32"])

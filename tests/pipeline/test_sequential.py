@@ -144,7 +144,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model, tmp_path:
     base = tiny_model("llama", num_hidden_layers=3)
     cal = calib()
     full = copy.deepcopy(base)
-    quantize_model(full, recipe("gptq"), calibration=cal, progress=False)
+    whole = quantize_model(full, recipe("gptq"), calibration=cal, progress=False)
 
     calls = {"n": 0}
     real = seq.quantize_block_sequential
@@ -166,6 +166,8 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model, tmp_path:
     resumed = copy.deepcopy(base)
     report = quantize_model(resumed, recipe("gptq"), calibration=cal, progress=False, resume=ResumeState(folder, "fp"))
     assert report.sequential.resumed_blocks == 2
+    # the report counts the restored blocks' linears too, in the same order as an uninterrupted run
+    assert report.quantized == whole.quantized and len(report.quantized) == 21
     a, b = state(full), state(resumed)
     assert a.keys() == b.keys()
     for k in a:

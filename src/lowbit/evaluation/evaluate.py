@@ -23,6 +23,7 @@ from lowbit.calibration import Text
 from lowbit.errors import LowbitError
 from lowbit.evaluation.reference import compute_reference, model_fingerprint, reference_key, window_logprobs
 from lowbit.evaluation.windows import make_windows
+from lowbit.models import check_context
 from lowbit.modules import cache_dequantized_weights
 
 
@@ -77,6 +78,7 @@ def evaluate(
     """
     if not text.text.strip():
         raise LowbitError(f"evaluation text {text.name!r} is empty")
+    check_context(model, seq_len, f"seq_len {seq_len}")
     ids = tokenize(tokenizer, text)
     windows = make_windows(ids.numel(), seq_len, stride, max_windows)
     vocab = _vocab_size(model)

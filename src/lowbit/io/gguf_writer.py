@@ -16,8 +16,9 @@ The file is written to ``PATH.tmp`` and renamed, so a failure never leaves a par
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from torch import nn
 from lowbit.codecs import QuantizedTensor, codec_from_dict
 from lowbit.codecs.ggml_legacy import GGMLBlockCodec
 from lowbit.errors import LowbitError
+from lowbit.io.folder import atomic_file
 from lowbit.io.ggml_blocks import to_ggml_blocks
 from lowbit.modules import QuantLinear
 
@@ -85,9 +87,7 @@ def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False, dense:
     if path.exists() and not overwrite:
         raise LowbitError(f"{path} exists (pass --overwrite to replace it)")
     tensors = list(_gguf_tensors(model, arch, dense == "f32"))  # all checks before anything is written
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        w = gguf.GGUFWriter(str(tmp), arch.name)
+    with gguf_file(path, arch.name, overwrite) as w:
         _add_hparams(w, arch, cfg)
         _add_tokenizer(w, loaded.tokenizer, int(cfg.vocab_size))
         mix = getattr(getattr(loaded.model, "lowbit_recipe", None), "gguf_mix", None)
@@ -95,19 +95,25 @@ def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False, dense:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, data, qtype in tensors:
             w.add_tensor(name, data, raw_dtype=qtype)
-        finish_gguf(w, tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
-def finish_gguf(w: "gguf.GGUFWriter", tmp: Path, path: Path) -> None:  # type: ignore[name-defined]
-    """Write out a GGUFWriter opened on ``tmp`` and move the finished file to ``path``."""
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def gguf_file(path: Path, arch: str, overwrite: bool = False) -> Iterator["gguf.GGUFWriter"]:  # type: ignore[name-defined]
+    """A GGUFWriter for ``arch`` on a temporary file beside ``path``: when the block ends without
+    an error, its header, fields and tensors are written and the file becomes ``path``; else the
+    writer is closed and the temporary removed (:func:`lowbit.io.folder.atomic_file`)."""
+    import gguf
+
+    with atomic_file(path, overwrite) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            yield w
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
 
 
 def _add_hparams(w: "gguf.GGUFWriter", arch: GGUFArch, cfg: object) -> None:  # type: ignore[name-defined]

@@ -121,7 +121,7 @@ def write_imatrix(path: Path | str, imatrix: ImportanceMatrix, model: nn.Module,
     GGUF name (MoE experts) are left out, with a warning."""
     import gguf
 
-    from lowbit.io.gguf_writer import finish_gguf
+    from lowbit.io.gguf_writer import gguf_file
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -137,9 +137,7 @@ def write_imatrix(path: Path | str, imatrix: ImportanceMatrix, model: nn.Module,
         count = imatrix.counts.get(hf, 1)
         total = (v.to(torch.float64) * count).to(torch.float32).numpy()
         tensors.append((names[hf][0], total.reshape(1, -1), np.array([[count]], dtype=np.float32)))
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        w = gguf.GGUFWriter(str(tmp), _gguf_arch_name(model))
+    with gguf_file(path, _gguf_arch_name(model), overwrite) as w:
         w.add_type(gguf.GGUFType.IMATRIX)
         # gguf-py cannot write an empty array, and llama-quantize needs the key
         w.add_array(gguf.Keys.IMatrix.DATASETS, imatrix.datasets or ["unknown"])
@@ -148,9 +146,6 @@ def write_imatrix(path: Path | str, imatrix: ImportanceMatrix, model: nn.Module,
         for name, total, count in tensors:
             w.add_tensor(name + _SUM, total)
             w.add_tensor(name + _COUNT, count)
-        finish_gguf(w, tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -157,3 +157,18 @@ def architecture_of(model: nn.Module) -> Architecture:
         # feeds q/k/v or fc1, so none can absorb their scales (or be skipped in a replay)
         arch = replace(arch, scale_sources=tuple(None if s and "layer_norm" in s else s for s in arch.scale_sources))
     return arch
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` was trained for, in tokens (its config's
+    ``max_position_embeddings``, GPT-2's ``n_positions``), or None where the config names none."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_context(model: nn.Module, tokens: int, what: str) -> None:
+    """LowbitError when ``what`` (e.g. ``--seq-len 100000``) asks for sequences of ``tokens``
+    tokens, more than ``model``'s context: positions it never saw make the numbers meaningless."""
+    n = context_length(model)
+    if n is not None and tokens > n:
+        raise LowbitError(f"{what}: sequences of {tokens} tokens, but the model's context is {n} tokens")

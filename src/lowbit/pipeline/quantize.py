@@ -10,6 +10,7 @@ first when the model is lazy).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from lowbit.calibration.samples import CalibrationSet
 from lowbit.errors import LowbitError
 from lowbit.io.gguf_mixes import resolve_gguf_mix
 from lowbit.io.imatrix import ImportanceMatrix
-from lowbit.models import Architecture, architecture_of
+from lowbit.models import Architecture, architecture_of, check_context
 from lowbit.models.lazy import LazyWeights
 from lowbit.modules import QuantLinear, dense_tensors, linear_weight, quantize_embeddings
 from lowbit.pipeline.importance import calibrating_algorithms, check_importance, empty_importance, record_importance
@@ -58,6 +59,53 @@ def check_finite(model: nn.Module, prefix: str = "") -> None:
     for name, p in model.named_parameters():
         if p.dtype.is_floating_point and not torch.isfinite(p).all():
             raise LowbitError(f"weight {prefix + '.' if prefix else ''}{name} contains NaN or Inf")
+
+
+def check_selection(model: nn.Module, arch: Architecture, recipe: Recipe, warn: bool = True) -> list[str]:
+    """Full names of the decoder-block linears ``recipe`` quantizes in ``model``; LowbitError
+    when it quantizes none (nothing to do), and with ``warn`` a warning for each ``targets``/
+    ``ignore`` pattern or ``rules`` entry that matches no linear at all (a typo: what was meant
+    to stay dense is quantized, or a rule never applies)."""
+    from lowbit.recipes.recipe import matches
+
+    names = [f"{arch.blocks}.{i}.{n}" for i, block in enumerate(arch.block_list(model))
+             for step in arch.block_steps(block) for n in step]
+    chosen = [n for n in names if recipe.selects(n)]
+    if not chosen:
+        raise LowbitError(f"{recipe.label()} quantizes none of the model's {len(names)} linears (targets "
+                          f"{recipe.targets}, ignore {recipe.ignore}): nothing to do")
+    for field_name, patterns in (("targets", recipe.targets), ("ignore", recipe.ignore),
+                                 ("rules", [r.match for r in recipe.rules])) if warn else ():
+        for i, p in enumerate(patterns):
+            if not any(matches(p, n) for n in names):
+                warnings.warn(f"{recipe.label()}: {field_name}[{i}] {p!r} matches no linear of the model "
+                              f"(they are named like {names[0]})", stacklevel=3)
+    return chosen
+
+
+def planned_bytes(model: nn.Module, recipe: Recipe) -> int:
+    """About how many bytes ``model`` takes once quantized by ``recipe`` (resolved against it, see
+    :func:`lowbit.io.gguf_mixes.resolve_gguf_mix`): each selected linear at its codec's exact
+    size, every other stored tensor dense in the recipe's ``dense_dtype``, the token embedding
+    and LM head at theirs. Works on a model whose parameters are on ``meta``."""
+    dense = torch.empty((), dtype=getattr(torch, recipe.dense_dtype)).element_size()
+    arch = architecture_of(model)
+    linears = {f"{arch.blocks}.{i}.{n}" for i, block in enumerate(arch.block_list(model))
+               for step in arch.block_steps(block) for n in step}
+    tables = {id(model.get_input_embeddings()): recipe.embedding}
+    head = model.get_output_embeddings()
+    if head is not None and id(head) not in tables:
+        tables[id(head)] = recipe.lm_head
+    total = 0
+    for mod_name, module, name, t in dense_tensors(model):
+        plan = recipe.assignment(mod_name) if mod_name in linears and name == "weight" else None
+        codec = plan[0] if plan is not None else tables.get(id(module)) if name == "weight" else None
+        if codec is not None:
+            weight, _ = linear_weight(module) if plan is not None else (t, None)
+            total += codec.nbytes((int(weight.shape[0]), int(weight.shape[1])))
+        else:
+            total += t.numel() * (dense if t.dtype.is_floating_point else t.element_size())
+    return total
 
 
 def quantize_model(
@@ -96,6 +144,9 @@ def quantize_model(
     if needs and calibration is None:
         names = ", ".join(sorted({a.name for a in calibrating}))
         raise LowbitError(f"algorithm {names} needs calibration data")
+    if needs:
+        check_context(model, int(calibration.tokens.shape[1]), "calibration seq_len")  # type: ignore[union-attr]
+    check_selection(model, arch, recipe)
     if importance is not None:
         check_importance(model, arch, recipe, importance)
     supplied = importance.values if importance is not None else None
@@ -147,6 +198,8 @@ def _run_sequential(
     done = resume.finished_blocks() if resume is not None else 0
     for i in range(done):
         resume.restore_block(blocks[i], i)  # type: ignore[union-attr]
+        # restored linears count among the quantized ones: the report speaks of the whole model
+        report.quantized.extend(f"{arch.blocks}.{i}.{n}" for n, m in blocks[i].named_modules() if isinstance(m, QuantLinear))
     seq.resumed_blocks = done
     if done == len(blocks):
         return
