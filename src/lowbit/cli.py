@@ -327,7 +327,8 @@ def _calibration_overrides(args: argparse.Namespace) -> bool:
 def _check_imatrix_args(recipe, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
     """LowbitError for --imatrix/--save-imatrix combinations that cannot work, before any work."""
     if args.imatrix is not None and not args.imatrix.is_file():
-        raise LowbitError(f"no such importance matrix file: {args.imatrix}")
+        raise LowbitError(f"--imatrix {args.imatrix} is a folder, not an importance matrix file" if args.imatrix.exists()
+                          else f"no such importance matrix file: {args.imatrix}")
     out = args.save_imatrix
     if out is None:
         return

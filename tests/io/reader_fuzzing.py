@@ -275,6 +275,7 @@ class Target:
     entry: str  # the file the reader is given, "" for the folder itself
     reader: Callable[[Path], object]
     mutators: list[tuple[str, Mutator]]  # (file in the folder, how to damage it)
+    about: str = ""  # the reader, in words
 
 
 def bytes_mutator(path: Path, landmarks: Callable[[Path], tuple[list[int], int]] | None = None) -> Mutator:
@@ -310,9 +311,11 @@ def safetensors_mutator(path: Path, nested: tuple[str, ...] = ()) -> Mutator:
 
 
 def run_target(target: Target, cases: int, rng_seed: int, work: Path, time_limit: float = 10.0,
-               budget_s: float | None = None) -> Tally:
+               budget_s: float | None = None, keep: Path | None = None,
+               progress: Callable[[int], None] | None = None) -> Tally:
     """``cases`` damaged copies of ``target``'s seed through its reader (at most ``budget_s``
-    seconds); each case damages one file of a copy of the seed folder, then restores it."""
+    seconds); each case damages one file of a copy of the seed folder, then restores it. With
+    ``keep``, the damaged file of each failing case is kept there (``TARGET-CASE-FILE``)."""
     import shutil
 
     rng = random.Random(rng_seed)
@@ -324,9 +327,16 @@ def run_target(target: Target, cases: int, rng_seed: int, work: Path, time_limit
     t0 = time.perf_counter()
     for i in range(cases):
         file, mutate = rng.choice(target.mutators)
-        (case_dir / file).write_bytes(mutate(originals[file], rng))
+        damaged = mutate(originals[file], rng)
+        (case_dir / file).write_bytes(damaged)
+        failures = len(tally.failures)
         tally.add(i, run_case(target.reader, case_dir / target.entry if target.entry else case_dir, time_limit))
+        if keep is not None and len(tally.failures) > failures:
+            keep.mkdir(parents=True, exist_ok=True)
+            (keep / f"{target.name}-{i}-{file}").write_bytes(damaged)
         (case_dir / file).write_bytes(originals[file])
+        if progress is not None:
+            progress(i)
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
             break
     tally.seconds = time.perf_counter() - t0
@@ -408,13 +418,16 @@ def build_targets(root: Path) -> dict[str, Target]:
     write_tiny_gguf(gguf_dir / "f32.gguf")
     for name, entry in (("q", "q.gguf"), ("f32", "f32.gguf")):
         mut = [(entry, bytes_mutator(gguf_dir / entry, gguf_landmarks))]
-        targets[f"gguf-{name}-structure"] = Target(f"gguf-{name}-structure", gguf_dir, entry, check_gguf, mut)
+        targets[f"gguf-{name}-structure"] = Target(f"gguf-{name}-structure", gguf_dir, entry, check_gguf, mut,
+                                                   "check_gguf: header, fields, tensor table")
     from lowbit.models import load_model
 
     targets["gguf-packed"] = Target("gguf-packed", gguf_dir, "q.gguf", load_and_run,
-                                    [("q.gguf", bytes_mutator(gguf_dir / "q.gguf", gguf_landmarks))])
+                                    [("q.gguf", bytes_mutator(gguf_dir / "q.gguf", gguf_landmarks))],
+                                    "load_model(keep_quantized), decode, forward (Q4_K/Q6_K/Q8_0/F16)")
     targets["gguf-dequantized"] = Target("gguf-dequantized", gguf_dir, "f32.gguf", lambda p: load_model(str(p)),
-                                         [("f32.gguf", bytes_mutator(gguf_dir / "f32.gguf", gguf_landmarks))])
+                                         [("f32.gguf", bytes_mutator(gguf_dir / "f32.gguf", gguf_landmarks))],
+                                         "load_model: transformers' GGUF loader")
 
     im_dir = root / "imatrix"
     im_dir.mkdir(exist_ok=True)
@@ -428,9 +441,11 @@ def build_targets(root: Path) -> dict[str, Target]:
         {g: (3, (values[hf].numpy() * 3).astype(np.float32)) for hf, (g, _) in names.items()}, (8, "pydoc-calib")))
     read = lambda p: read_imatrix(p, model)  # noqa: E731
     targets["imatrix-gguf"] = Target("imatrix-gguf", im_dir, "imatrix.gguf", read,
-                                     [("imatrix.gguf", bytes_mutator(im_dir / "imatrix.gguf", gguf_landmarks))])
+                                     [("imatrix.gguf", bytes_mutator(im_dir / "imatrix.gguf", gguf_landmarks))],
+                                     "read_imatrix (GGUF)")
     targets["imatrix-dat"] = Target("imatrix-dat", im_dir, "imatrix.dat", read,
-                                    [("imatrix.dat", bytes_mutator(im_dir / "imatrix.dat", _dat_landmarks))])
+                                    [("imatrix.dat", bytes_mutator(im_dir / "imatrix.dat", _dat_landmarks))],
+                                    "read_imatrix (legacy .dat)")
 
     st_dir = root / "safetensors"
     st_dir.mkdir(exist_ok=True)
@@ -438,7 +453,7 @@ def build_targets(root: Path) -> dict[str, Target]:
                "d": torch.randn(2, 2).to(torch.bfloat16)}, str(st_dir / "t.safetensors"), metadata={"format": "pt"})
     st = st_dir / "t.safetensors"
     targets["safetensors"] = Target("safetensors", st_dir, "t.safetensors", read_safetensors,
-                                    [("t.safetensors", safetensors_mutator(st))])
+                                    [("t.safetensors", safetensors_mutator(st))], "read_safetensors")
 
     writers = {"lowbit": (save_quantized, NATIVE_RECIPE),
                "gptq": (save_gptq, {"codec": {"name": "int", "bits": 4, "group_size": 32, "symmetric": False}}),
@@ -453,7 +468,8 @@ def build_targets(root: Path) -> dict[str, Target]:
         muts = [("model.safetensors", safetensors_mutator(weights, ("lowbit.quantized",))), ("config.json", json_mutator())]
         muts += [(f.name, json_mutator()) for f in sorted(folder.glob("*.json"))
                  if f.name in ("lowbit.json", "recipe.json", "quantize_config.json")]
-        targets[f"folder-{layout}"] = Target(f"folder-{layout}", folder, "", load_and_run, muts)
+        targets[f"folder-{layout}"] = Target(f"folder-{layout}", folder, "", load_and_run, muts,
+                                             f"load_model, decode, forward; damaged: {', '.join(f for f, _ in muts)}")
 
     r_dir = root / "recipes"
     r_dir.mkdir(exist_ok=True)
@@ -462,9 +478,10 @@ def build_targets(root: Path) -> dict[str, Target]:
     data = Recipe.from_dict({**NATIVE_RECIPE, "calibration": {"samples": 8}, "algorithm": {"name": "gptq"}}).to_dict()
     (r_dir / "r.json").write_text(json.dumps(data, indent=1))
     (r_dir / "r.yaml").write_text(yaml.safe_dump(resolve_recipe("gguf-q4_k_m").to_dict()))
-    targets["recipe-json"] = Target("recipe-json", r_dir, "r.json", Recipe.from_file, [("r.json", json_mutator())])
+    targets["recipe-json"] = Target("recipe-json", r_dir, "r.json", Recipe.from_file, [("r.json", json_mutator())],
+                                    "Recipe.from_file (JSON)")
     targets["recipe-yaml"] = Target("recipe-yaml", r_dir, "r.yaml", Recipe.from_file,
-                                    [("r.yaml", bytes_mutator(r_dir / "r.yaml"))])
+                                    [("r.yaml", bytes_mutator(r_dir / "r.yaml"))], "Recipe.from_file (YAML)")
     return targets
 
 

@@ -168,3 +168,20 @@ def test_gguf_architecture_the_reader_does_not_know_is_dequantized(tiny_gguf, mo
 def test_truncated_gguf_kept_quantized(tiny_gguf) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(LowbitError, match="corrupt GGUF file: tensor .* run past the end of the file"):
         load_model(str(tiny_gguf(truncate_to=-100)), keep_quantized=True)
+
+
+def test_gguf_tensor_of_another_shape_is_named_on_the_dequantized_path(tiny_gguf) -> None:  # type: ignore[no-untyped-def]
+    """transformers' own loader fails in numpy's words ("cannot reshape array of size 992 into
+    shape (2,7,2,32)"); lowbit names the tensor."""
+    import struct
+
+    from lowbit.io.gguf_layout import read_gguf_layout
+
+    path = tiny_gguf()
+    t = next(t for t in read_gguf_layout(path).tensors if t.name == "blk.0.attn_k.weight")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<Q", data, t.at + 8 + len(t.name) + 4 + 8, 31)  # ne[1]: 16 rows -> 31 (still inside the file)
+    path.write_bytes(bytes(data))
+    for keep in (False, True):
+        with pytest.raises(LowbitError, match=r"blk.0.attn_k.weight has 992 values, the model expects shape \(16, 32\)"):
+            load_model(str(path), keep_quantized=keep)

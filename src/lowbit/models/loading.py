@@ -161,7 +161,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, keep_quantized: bo
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
-        raise LowbitError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
+        raise LowbitError(f"cannot load GGUF file {path}: {_gguf_problem(path) or _first_line(e)}") from None
     # The weights are now plain dense tensors; drop the marker so that saving writes an HF model.
     model.config.quantization_config = None
     if hasattr(model.config, "_pre_quantization_dtype"):
@@ -169,6 +169,20 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, keep_quantized: bo
     model.hf_quantizer = None
     model.eval()
     return LoadedModel(model, tokenizer, str(path), path)
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """What lowbit's own reader finds wrong with a GGUF file transformers could not load (a
+    tensor of the wrong shape, named: transformers' message is numpy's reshape error), or None."""
+    from lowbit.io.gguf_reader import read_gguf_model
+
+    try:
+        read_gguf_model(path, torch.float16)
+    except LowbitError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - a diagnosis only: the caller reports transformers' own error
+        return None
+    return None
 
 
 def _first_line(e: BaseException) -> str:
