@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from lowbit.io.ggml_blocks import reencode_counts
-from lowbit.models.builtin import BUILTIN_MODELS, _find_gguf
+from lowbit.models.builtin import BUILTIN_MODELS, find_gguf
 
 
 def main() -> int:
@@ -22,7 +22,7 @@ def main() -> int:
     ap.add_argument("--per-tensor", action="store_true", help="one line per tensor")
     args = ap.parse_args()
     spec = BUILTIN_MODELS["smollm2-135m"]
-    counts = reencode_counts(str(_find_gguf(spec)))
+    counts = reencode_counts(str(find_gguf(spec)))
     if args.per_tensor:
         for name, n, same in counts:
             print(f"{name:40s} {same}/{n} blocks identical")

@@ -222,7 +222,7 @@ def test_quantize_inspect_eval(capsys, model_dir, text_file, tmp_path, lowbit_ca
     # the unquantized model against itself, and without a reference
     code, stdout, err = run(capsys, "eval", str(model_dir), "--ref", str(model_dir), *common)
     r3 = json.loads(stdout)
-    assert r3["kld"] == 0 and r3["top1"] == 1 and r3["bits_per_weight"] == 32
+    assert r3["kld"] < 1e-6 and r3["top1"] == 1 and r3["bits_per_weight"] == 32
     assert r3["ppl"] == pytest.approx(r["ref_ppl"], rel=1e-6)
     code, stdout, err = run(capsys, "eval", str(out), "--no-ref", *common)
     r4 = json.loads(stdout)

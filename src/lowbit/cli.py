@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lowbit",
         description="Quantize causal LMs and measure what each quantization costs.",
-        epilog="MODEL is a built-in name (smollm2-135m), a Hugging Face folder or hub id, a .gguf file, "
+        epilog="MODEL is a built-in name (smollm2-135m, qwen2.5-coder-0.5b), a Hugging Face folder or hub id, a .gguf file, "
         "or a folder written by `lowbit quantize`. Presets (see `lowbit quantize --help`): "
         + ", ".join(PRESET_HELP) + ".",
     )

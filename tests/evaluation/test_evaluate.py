@@ -90,7 +90,7 @@ def test_against_identical_reference(tiny_model, tokenizer_stub, text_factory, t
     model = tiny_model("llama")
     ref = copy.deepcopy(model)
     r = evaluate(model, tokenizer_stub, _text(text_factory), ref=ref, seq_len=SEQ, cache_dir=tmp_path, progress=False)
-    assert r.kld == 0.0 and r.kld_p99 == 0.0
+    assert r.kld < 1e-6 and r.kld_p99 < 1e-5  # the floor of the 16-bit reference rows
     assert r.top1 == 1.0
     assert r.ref_ppl == pytest.approx(r.ppl, rel=1e-6)
     assert abs(r.delta_ppl) < 1e-6 * r.ppl
@@ -166,7 +166,7 @@ def test_no_cache_dir_leaves_nothing(tiny_model, tokenizer_stub, text_factory, t
     ref = tiny_model("llama")
     r = evaluate(copy.deepcopy(ref), tokenizer_stub, _text(text_factory), ref=ref, seq_len=SEQ, cache_dir=None,
                  progress=False)
-    assert r.kld == 0.0
+    assert r.kld < 1e-6
     assert list(scratch.iterdir()) == []
 
 
@@ -180,7 +180,7 @@ def test_corrupt_cache_entry_is_recomputed(tiny_model, tokenizer_stub, text_fact
     calls = _count_forwards(ref)
     again = evaluate(model, tokenizer_stub, text, ref=ref, seq_len=SEQ, cache_dir=tmp_path, progress=False)
     assert calls[0] == first.windows
-    assert again.kld == 0.0 and again.ref_ppl == first.ref_ppl
+    assert again.kld == first.kld and again.ref_ppl == first.ref_ppl
 
 
 def test_bfloat16_evaluation(tiny_model, tokenizer_stub, text_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -38,9 +38,9 @@ def test_wrong_byte_count_is_refused(name: str) -> None:
 @pytest.mark.model
 def test_smollm2_q4_1_blocks_reencode_byte_for_byte() -> None:
     from lowbit.io.ggml_blocks import reencode_counts
-    from lowbit.models.builtin import BUILTIN_MODELS, _find_gguf
+    from lowbit.models.builtin import BUILTIN_MODELS, find_gguf
 
-    counts = reencode_counts(str(_find_gguf(BUILTIN_MODELS["smollm2-135m"])))
+    counts = reencode_counts(str(find_gguf(BUILTIN_MODELS["smollm2-135m"])))
     assert len(counts) > 100  # the file's linears (and embeddings) are Q4_1
     blocks, same = sum(n for _, n, _ in counts), sum(s for _, _, s in counts)
     assert same == blocks, (same, blocks)

@@ -200,9 +200,9 @@ def test_cli_eval_keeps_gguf_packed_and_quantize_reads_it_as_float(tiny_model, t
 
 @pytest.mark.model
 def test_smollm2_q4_1_file_reads_packed_with_the_float_models_logits() -> None:
-    from lowbit.models.builtin import BUILTIN_MODELS, _find_gguf
+    from lowbit.models.builtin import BUILTIN_MODELS, find_gguf
 
-    path = _find_gguf(BUILTIN_MODELS["smollm2-135m"])
+    path = find_gguf(BUILTIN_MODELS["smollm2-135m"])
     packed = load_gguf(path, keep_quantized=True)
     dense = load_gguf(path)
     layers = {n: q for n, q in quant_linears(packed.model).items() if n.startswith("model.layers.")}

@@ -102,7 +102,7 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
         if offline:
             raise LowbitError(
                 f"cannot load {repo_id!r}: not in the local Hugging Face cache and the hub is unreachable "
-                "(offline); pass a local folder, a .gguf file, or the built-in 'smollm2-135m'"
+                "(offline); pass a local folder, a .gguf file, or a built-in model (smollm2-135m, qwen2.5-coder-0.5b)"
             ) from None
         try:
             model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
