@@ -313,10 +313,10 @@ def test_gguf_output_with_a_tokenizer_it_cannot_write(capsys, model_dir, tmp_pat
     assert not out.exists() and not (tmp_path / "m.gguf.tmp").exists()
 
 
-def test_gguf_output_of_an_unknown_architecture_fails_before_quantizing(capsys, hf_folder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_gguf_output_of_an_architecture_llama_cpp_cannot_run_fails_before_quantizing(capsys, hf_folder, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "m.gguf"
-    code, stdout, err = quantize(capsys, hf_folder("gpt2"), out, "--recipe", "gguf-q4_0")
-    assert_one_line_error(code, err, "does not know architecture 'gpt2'")
+    code, stdout, err = quantize(capsys, hf_folder("opt"), out, "--recipe", "gguf-q4_0")
+    assert_one_line_error(code, err, "cannot write architecture 'opt' as GGUF: llama.cpp has no OPT architecture")
     assert "quantized" not in stdout and not out.exists()
 
 

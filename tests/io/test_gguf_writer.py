@@ -74,7 +74,33 @@ def test_codec_without_a_gguf_type_is_refused_and_nothing_written(tiny_model, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_architecture_is_refused(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(LowbitError, match="does not know architecture 'gpt2'"):
-        save_gguf(LoadedModel(tiny_model("gpt2"), make_byte_level_tokenizer(), "tiny", None), tmp_path / "m.gguf")
+def test_an_architecture_llama_cpp_cannot_run_is_refused(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LowbitError, match="cannot write architecture 'opt' as GGUF: llama.cpp has no OPT architecture"):
+        save_gguf(LoadedModel(tiny_model("opt"), make_byte_level_tokenizer(), "tiny", None), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset, dense", [("gguf-f32", "F32"), ("gguf-f16", "F16"), ("gguf-bf16", "BF16")])
+def test_unquantized_presets_write_what_llama_cpps_converter_writes(tiny_model, tmp_path: Path, preset: str,  # type: ignore[no-untyped-def]
+                                                                   dense: str) -> None:
+    """convert_hf_to_gguf.py --outtype f32/f16/bf16: every 2-D weight in that type; norms, biases
+    and other 1-D tensors F32; the values are the model's, rounded to the type."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from lowbit.recipes import get_preset
+
+    model = tiny_model("qwen2", vocab_size=VOCAB)  # biases too
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = quantize_model(model, get_preset(preset), progress=False)
+    assert report.quantized == []
+    path = save_gguf(LoadedModel(model, make_byte_level_tokenizer(), "tiny", None), tmp_path / "m.gguf")
+    r = GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == dense
+    assert types["blk.0.attn_q.bias"] == types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
+    q = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
+    values = torch.from_numpy(np.array(dequantize(q.data, q.tensor_type), dtype=np.float32)).reshape(64, 128)
+    torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dense]
+    assert torch.equal(values, weights["model.layers.1.mlp.down_proj.weight"].to(torch_dtype).float())
+    assert int(r.fields["general.file_type"].contents()) == {"F32": 0, "F16": 1, "BF16": 32}[dense]

@@ -81,3 +81,59 @@ def test_mix_has_llama_quantizes_types_and_runs(tiny_model, text_factory, tmp_pa
     ours = perplexity_like_llama_cpp(model, torch.tensor(ids), n_ctx=32, chunks=8)
     theirs = llama_cpp_perplexity(path, text, n_ctx=32, chunks=8, threads=1)
     assert abs(theirs - ours) / ours < 3e-2, (theirs, ours)
+
+
+def _family_model(family: str) -> torch.nn.Module:
+    """A tiny random model of ``family`` with the byte-level tokenizer's 260 tokens."""
+    import transformers as tf
+
+    from conftest import build_tiny_model
+
+    if family not in ("mixtral", "qwen3_moe", "olmoe"):
+        extra = {"gpt2": {"n_positions": 64}, "gemma2": {"query_pre_attn_scalar": 16}}.get(family, {})  # as real Gemma 2
+        return build_tiny_model(family, vocab_size=260, **extra)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=260,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=1, pad_token_id=0, num_experts_per_tok=2)
+    cfg = {"mixtral": lambda: tf.MixtralConfig(intermediate_size=96, num_local_experts=4, **common),
+           "qwen3_moe": lambda: tf.Qwen3MoeConfig(moe_intermediate_size=64, num_experts=4, head_dim=16, norm_topk_prob=True,
+                                                  decoder_sparse_step=1, mlp_only_layers=[], **common),
+           "olmoe": lambda: tf.OlmoeConfig(intermediate_size=64, num_experts=4, **{**common, "num_key_value_heads": 4}),
+           }[family]()  # each as its released models are (renormalized experts or not, OLMoE without GQA)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral", "qwen3_moe", "olmoe"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_in_llama_cpp_with_lowbits_numbers(family: str, text_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each family lowbit writes as GGUF: llama.cpp loads the file and its perplexity equals
+    lowbit's on the same weights and token ids: the F32 file to float rounding (seen: 2e-5 to
+    7e-5; 1e-3 for Mixtral), the Q8_0 one (every linear, experts included) within llama.cpp's
+    8-bit rounding of the activations (seen: up to 3e-3)."""
+    from lowbit.io.gguf_architectures import GGUF_ARCHITECTURES
+
+    assert family in GGUF_ARCHITECTURES
+    tok = make_byte_level_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text(text_factory(3000, seed=2))
+    model = _family_model(family)
+    f32 = save_gguf(LoadedModel(model, tok, "tiny", None), tmp_path / "f32.gguf", dense="f32")
+    ids = llama_cpp_token_ids(f32, text)
+    assert ids == tok(text.read_text(), add_special_tokens=False)["input_ids"]
+    ours = perplexity_like_llama_cpp(model, torch.tensor(ids), n_ctx=32, chunks=8)
+    theirs = llama_cpp_perplexity(f32, text, n_ctx=32, chunks=8, threads=1)
+    # the MoE routers' near ties may pick other experts for a token or two
+    assert abs(theirs - ours) / ours < (2e-3 if family in ("mixtral", "qwen3_moe", "olmoe") else 2e-4), (family, theirs, ours)
+    quantize_model(model, Recipe.from_dict({"codec": {"name": "q8_0"}}), progress=False)
+    q8 = save_gguf(LoadedModel(model, tok, "tiny", None), tmp_path / "q8.gguf")
+    ours = perplexity_like_llama_cpp(model, torch.tensor(ids), n_ctx=32, chunks=8)
+    theirs = llama_cpp_perplexity(q8, text, n_ctx=32, chunks=8, threads=1)
+    assert abs(theirs - ours) / ours < 2e-2, (family, theirs, ours)

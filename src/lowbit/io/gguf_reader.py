@@ -12,7 +12,10 @@
 * q/k rows (and biases) are put back in HF's order: the writer's permutation moves whole
   rows, so quantized rows are un-permuted as bytes, before decoding.
 
-Architectures: those the GGUF writer knows (:data:`GGUF_ARCHITECTURES`, Llama family).
+Architectures: the GGUF writer's (:mod:`lowbit.io.gguf_architectures`) whose tensors map one to one
+onto the transformers model's: llama (and mistral), qwen2, qwen3, gemma2 (norms read ``- 1``),
+phi3. Others (GPT-2's ``Conv1D``, the MoE families' stacked experts) are loaded dequantized by
+transformers, with a warning; transformers reads no Gemma (1) GGUF at all.
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ from torch import nn
 
 from lowbit.codecs import Codec, QuantizedTensor, codec_from_dict
 from lowbit.errors import LowbitError
-from lowbit.io.gguf_writer import GGUF_ARCHITECTURES, GGUFArch
+from lowbit.io.gguf_architectures import GGUF_ARCHITECTURES, GGUFArch
 from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
-    from gguf import ReaderTensor
+    from gguf import GGUFReader, ReaderTensor
 
     from lowbit.models.loading import LoadedModel
 
 # GGUF general.architecture -> how its tensors are laid out (the writer's table, by GGUF name)
-READABLE_ARCHITECTURES: dict[str, GGUFArch] = {a.name: a for a in GGUF_ARCHITECTURES.values()}
+READABLE_ARCHITECTURES: dict[str, GGUFArch] = {
+    GGUF_ARCHITECTURES[t].name: GGUF_ARCHITECTURES[t] for t in ("llama", "qwen2", "qwen3", "gemma2", "phi3")}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
@@ -65,7 +69,7 @@ def read_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMo
     if arch is None:
         raise UnknownGGUFArchitecture(f"{path}: lowbit's GGUF reader does not know architecture {arch_name!r} "
                                       f"(known: {', '.join(sorted(READABLE_ARCHITECTURES)) or 'none'})")
-    model, tokenizer = _empty_model(path, dtype)
+    model, tokenizer = _empty_model(path, dtype, reader)
     hf_names = _hf_names(model, arch)
     codecs = known_ggml_codecs()
     out_emb = model.get_output_embeddings()
@@ -94,7 +98,10 @@ def read_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMo
             continue
         if is_linear and type_name not in _FLOAT_TYPES:
             dequantized.setdefault(type_name, []).append(hf)
-        _assign(module, attr, _float_tensor(t, tuple(getattr(module, attr).shape), n_head, dtype, path))
+        value = _float_tensor(t, tuple(getattr(module, attr).shape), n_head, torch.float32, path)
+        if arch.norm_plus_one and hf.endswith("norm.weight"):
+            value = value - 1  # the writer's + 1: Gemma's RMSNorm scales by 1 + w
+        _assign(module, attr, value.to(dtype))
     if dequantized:
         kinds = ", ".join(f"{k} ({len(v)})" for k, v in sorted(dequantized.items()))
         warnings.warn(f"{path}: lowbit has no codec for ggml type(s) {kinds}: those linears were "
@@ -112,7 +119,7 @@ def read_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMo
     return LoadedModel(model, tokenizer, str(path), path)
 
 
-def _empty_model(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _empty_model(path: Path, dtype: torch.dtype, reader: "GGUFReader") -> tuple[nn.Module, object]:
     """The model of the file's config with parameters on ``meta`` (buffers real), and its tokenizer."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -122,12 +129,32 @@ def _empty_model(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     _quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        _complete_config(config, reader)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many types for metadata it cannot convert
         raise LowbitError(f"cannot build the model of GGUF file {path}: {_first_line(e)}") from None
     return model, tokenizer
+
+
+def _complete_config(config: object, reader: "GGUFReader") -> None:
+    """What transformers' GGUF config conversion leaves at its defaults though the file says it:
+    the vocabulary size (the embedding's rows), the head size (``attention.key_length``; Qwen3's
+    default is 128) and, for Gemma 2, the query scale llama.cpp uses (1/sqrt(head size))."""
+    arch = str(reader.fields["general.architecture"].contents())
+    field = lambda k: reader.fields[k].contents() if k in reader.fields else None  # noqa: E731
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is not None:
+        config.vocab_size = int(emb.shape[1])  # type: ignore[attr-defined]
+    head_dim = field(f"{arch}.attention.key_length")
+    if head_dim is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(head_dim)  # type: ignore[attr-defined]
+        if arch == "gemma2":
+            config.query_pre_attn_scalar = int(head_dim)  # type: ignore[attr-defined]
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and pad >= config.vocab_size:  # type: ignore[attr-defined]
+        config.pad_token_id = None  # type: ignore[attr-defined]
 
 
 def _hf_names(model: nn.Module, arch: GGUFArch) -> dict[str, str]:

@@ -177,7 +177,7 @@ def _gguf_arch_name(model: nn.Module) -> str:
     the model type, else gguf-py's name of the same spelling (qwen2, phi3, gemma, gpt2, ...)."""
     import gguf
 
-    from lowbit.io.gguf_writer import GGUF_ARCHITECTURES
+    from lowbit.io.gguf_architectures import GGUF_ARCHITECTURES
 
     model_type = getattr(getattr(model, "config", None), "model_type", None) or ""
     if model_type in GGUF_ARCHITECTURES:

@@ -63,14 +63,16 @@ def check_finite(model: nn.Module, prefix: str = "") -> None:
 
 def check_selection(model: nn.Module, arch: Architecture, recipe: Recipe, warn: bool = True) -> list[str]:
     """Full names of the decoder-block linears ``recipe`` quantizes in ``model``; LowbitError
-    when it quantizes none (nothing to do), and with ``warn`` a warning for each ``targets``/
+    when it quantizes none (nothing to do; ``targets: []`` says so by intent), and with ``warn`` a warning for each ``targets``/
     ``ignore`` pattern or ``rules`` entry that matches no linear at all (a typo: what was meant
     to stay dense is quantized, or a rule never applies)."""
     from lowbit.recipes.recipe import matches
 
     names = [f"{arch.blocks}.{i}.{n}" for i, block in enumerate(arch.block_list(model))
              for step in arch.block_steps(block) for n in step]
-    chosen = [n for n in names if recipe.selects(n)]
+    chosen = [n for n in names if recipe.assignment(n) is not None]
+    if not recipe.targets:  # a dense file by intent (the gguf-f16 ... presets)
+        return chosen
     if not chosen:
         raise LowbitError(f"{recipe.label()} quantizes none of the model's {len(names)} linears (targets "
                           f"{recipe.targets}, ignore {recipe.ignore}): nothing to do")

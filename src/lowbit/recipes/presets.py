@@ -86,6 +86,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                              "by calibration activations (an importance matrix)",
                              _calibrated({"name": "rtn", "clip_search": True, "importance": True}, _rtn(t)))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1")},
+    # unquantized GGUF files (write with --out FILE.gguf), as llama.cpp's converter writes them
+    **{f"gguf-{t}": (f"unquantized GGUF: every 2-D weight {t.upper()}, norms, biases and routers F32 (llama.cpp's "
+                     f"convert_hf_to_gguf.py --outtype {t})", {"targets": [], "dense_dtype": dtype})
+       for t, dtype in (("f32", "float32"), ("f16", "float16"), ("bf16", "bfloat16"))},
     # llama-quantize's type mixes (write with --out FILE.gguf); token embedding quantized as llama.cpp does
     **{f"gguf-{m}{suffix}": (f"llama.cpp {m.upper()} mix{help_tail}", _mix(m, algorithm))
        for m in _MIXES for suffix, help_tail, algorithm in _MIX_VARIANTS},

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from lowbit.algorithms import Algorithm
 from lowbit.calibration.samples import CalibrationConfig
@@ -81,7 +81,8 @@ class Recipe(BaseModel):
 
     version: Literal[1] = 1
     name: str | None = Field(None, description="preset name or a label for reports")
-    codec: SerializeAsAny[Codec]
+    codec: SerializeAsAny[Codec] | None = Field(None, description="the codec of the quantized linears (required "
+                                                "unless targets is [], a file of dense weights only)")
     algorithm: SerializeAsAny[Algorithm] = Field(default_factory=lambda: Algorithm.registry["rtn"]())
     targets: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of linears to quantize")
     ignore: list[str] = Field(default_factory=list, description="fnmatch patterns of linears to keep dense")
@@ -102,7 +103,13 @@ class Recipe(BaseModel):
     @field_validator("codec", mode="before")
     @classmethod
     def _codec(cls, v: Any) -> Any:
-        return _dispatch(v, Codec, "codec")
+        return None if v is None else _dispatch(v, Codec, "codec")
+
+    @model_validator(mode="after")
+    def _codec_needed(self) -> "Recipe":
+        if self.codec is None and self.targets:
+            raise ValueError("codec: Field required (only a recipe with targets: [] quantizes nothing)")
+        return self
 
     @field_validator("algorithm", mode="before")
     @classmethod
@@ -129,7 +136,7 @@ class Recipe(BaseModel):
 
     def assignment(self, module_name: str) -> tuple[Codec, Algorithm] | None:
         """The codec and algorithm of a linear, or None when it stays dense."""
-        if not self.selects(module_name):
+        if not self.selects(module_name) or self.codec is None:
             return None
         for rule in self.rules:
             if matches(rule.match, module_name):
@@ -158,7 +165,9 @@ class Recipe(BaseModel):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def label(self) -> str:
-        return self.name or f"{self.codec.describe()} {self.algorithm.name}"
+        if self.name:
+            return self.name
+        return f"{self.codec.describe()} {self.algorithm.name}" if self.codec is not None else "dense (nothing quantized)"
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
