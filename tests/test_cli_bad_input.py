@@ -80,9 +80,15 @@ def test_out_on_a_full_disk_is_refused_before_the_work(capsys, model_dir, tmp_pa
 
     from lowbit.io import folder
 
+    from conftest import build_tiny_model, make_byte_level_tokenizer
+
+    bpe_model = tmp_path / "bpe-model"  # a tokenizer the GGUF writer can write
+    build_tiny_model("llama", vocab_size=260).save_pretrained(bpe_model)
+    make_byte_level_tokenizer().save_pretrained(bpe_model)
     monkeypatch.setattr(folder.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
-    for out, recipe in ((tmp_path / "o", "int8"), (tmp_path / "o.gguf", "gguf-q8_0"), (tmp_path / "g", "w4a16-gptq")):
-        code, _, err = quantize(capsys, model_dir, out, "--recipe", recipe)
+    for out, recipe, model in ((tmp_path / "o", "int8", model_dir), (tmp_path / "o.gguf", "gguf-q8_0", bpe_model),
+                               (tmp_path / "g", "w4a16-gptq", model_dir)):
+        code, _, err = quantize(capsys, model, out, "--recipe", recipe)
         assert_one_line_error(code, err, f"cannot write {out}: it needs about", "and", "has 5 kB free")
         assert_nothing_written(out)
 
@@ -255,3 +261,14 @@ def test_a_damaged_gguf_names_the_tensor(capsys, tiny_gguf, tmp_path) -> None:  
     line = assert_one_line_error(code, err, "corrupt GGUF file: tensor blk.0.ffn_down.weight at byte",
                                  "run past the end of the file")
     assert "reshape" not in line and "axis" not in line
+
+
+# issue 15's bad input: what a GGUF file cannot hold is refused before the work
+def test_a_gguf_that_llama_cpp_would_compute_otherwise_is_refused_first(capsys, hf_folder, tmp_path, no_work) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "m.gguf"
+    code, _, err = quantize(capsys, hf_folder("llama"), out, "--recipe", "gguf-q8_0")  # a character tokenizer
+    assert_one_line_error(code, err, "the GGUF writer does not know this pre-tokenizer")
+    gemma2 = hf_folder("gemma2", name="gemma2")  # query_pre_attn_scalar 256, head_dim 16
+    code, _, err = quantize(capsys, gemma2, out, "--recipe", "gguf-q8_0")
+    assert_one_line_error(code, err, "Gemma 2 with query_pre_attn_scalar 256 and head_dim 16: llama.cpp scales")
+    assert_nothing_written(out)

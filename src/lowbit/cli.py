@@ -231,7 +231,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         linear_gguf_names(loaded.model)  # llama.cpp names its linears: before the work, not after it
     calibrating = bool(calibrating_algorithms(recipe, importance))
-    _check_plan(args, layout, recipe, loaded.model, calibrating)
+    _check_plan(args, layout, recipe, loaded, calibrating)
     calib, resume = None, None
     partial = args.out.with_name(args.out.name + ".partial")
     if calibrating:
@@ -283,22 +283,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_plan(args: argparse.Namespace, layout: str, recipe, model, calibrating: bool) -> None:  # type: ignore[no-untyped-def]
+def _check_plan(args: argparse.Namespace, layout: str, recipe, loaded, calibrating: bool) -> None:  # type: ignore[no-untyped-def]
     """Everything about the run that can be known from the loaded (possibly lazy) model, checked
-    before any work: the layout holds what the recipe makes, the recipe quantizes something, the
-    calibration sequences fit the model's context, and the disk has room for the output (and,
-    for a calibrated run, its resume state)."""
+    before any work: the layout holds what the recipe makes (a GGUF file: the architecture, its
+    hyper-parameters and the tokenizer too), the recipe quantizes something, the calibration
+    sequences fit the model's context, and the disk has room for the output (and, for a
+    calibrated run, its resume state)."""
     from lowbit.io.folder import check_output
     from lowbit.io.formats import check_layout
     from lowbit.io.gguf_mixes import resolve_gguf_mix
     from lowbit.models import architecture_of, check_context
     from lowbit.pipeline.quantize import check_selection, planned_bytes
 
+    model = loaded.model
     check_layout(layout, recipe, model)
     if layout == "gguf":
-        from lowbit.io.gguf_writer import check_gguf_architecture
+        from lowbit.io.gguf_writer import check_gguf_writable
 
-        check_gguf_architecture(model)
+        check_gguf_writable(loaded)
     resolved = resolve_gguf_mix(recipe, model)
     check_selection(model, architecture_of(model), resolved, warn=False)  # the run itself warns
     nbytes = planned_bytes(model, resolved)

@@ -65,6 +65,25 @@ def check_gguf_architecture(model: nn.Module) -> GGUFArch:
     return gguf_architecture(getattr(getattr(model, "config", None), "model_type", None))
 
 
+class _DryRun:
+    """A GGUFWriter that writes nothing: the metadata code runs against it to find, before any
+    work, what it would refuse."""
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args, **kwargs: None
+
+
+def check_gguf_writable(loaded: "LoadedModel") -> GGUFArch:
+    """LowbitError, before any work, unless ``loaded`` can be written as GGUF: its architecture,
+    its hyper-parameters (what llama.cpp would compute otherwise) and its tokenizer (a BPE
+    vocabulary with a pre-tokenizer llama.cpp knows)."""
+    arch = check_gguf_architecture(loaded.model)
+    cfg = loaded.model.config
+    arch.hparams(_DryRun(), cfg.to_dict())
+    _add_tokenizer(_DryRun(), loaded.tokenizer, int(cfg.vocab_size))
+    return arch
+
+
 def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False, dense: str | None = None) -> Path:
     """Write ``loaded`` (quantized in place by lowbit, or dense) as the GGUF file ``path``;
     ``dense``: ``f32``, ``f16`` or ``bf16``, the type of 2-D tensors that are not quantized
