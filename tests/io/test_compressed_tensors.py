@@ -267,16 +267,19 @@ def test_g_idx_refused_but_read_from_older_files(  # type: ignore[no-untyped-def
     assert torch.equal(_logits(back.model), _logits(loaded.model))
 
 
-def test_foreign_checkpoint_written_by_compressed_tensors(tiny_model, char_tokenizer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_foreign_checkpoint_written_by_compressed_tensors(tiny_model, char_tokenizer, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          dtype: torch.dtype) -> None:
     """A folder written by compressed-tensors' own compressor (as llm-compressor does), from a bf16
-    model: lowbit reads weights equal to compressed-tensors' own decompression in float32."""
+    or a float32 model (scales in its dtype; float32 ones are not fp16's): lowbit reads weights equal
+    to compressed-tensors' own decompression in float32, its scales kept in their dtype."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    model = tiny_model("llama").to(torch.bfloat16)
+    model = tiny_model("llama").to(dtype)
     args = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
@@ -300,9 +303,11 @@ def test_foreign_checkpoint_written_by_compressed_tensors(tiny_model, char_token
     quantized = _quant_linears(back.model)
     assert len(quantized) == 14 and "lm_head" not in quantized
     for name, m in quantized.items():
-        assert m.codec == IntCodec(bits=4, symmetric=False, group_size=32).model_dump()
+        dtype_name = str(dtype).removeprefix("torch.")
+        assert m.codec == IntCodec(bits=4, symmetric=False, group_size=32, scale_dtype=dtype_name).model_dump()
+        assert m.qweight.data["scale"].dtype == dtype
         local = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
-        local["weight_scale"] = local["weight_scale"].to(torch.float32)  # bf16 -> fp32 is exact
+        local["weight_scale"] = local["weight_scale"].to(torch.float32)  # exact from bf16 too
         want = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
         assert torch.equal(m.weight, want), name
     assert getattr(back.model, "lowbit_recipe", None) is None and back.source == str(out)
@@ -436,8 +441,8 @@ BROKEN: dict[str, tuple[Callable[[dict[str, torch.Tensor], dict[str, Any]], None
                      f"{UP}.weight_packed is torch.int32"),
     "zero-dtype": (lambda t, qc: t.__setitem__(f"{UP}.weight_zero_point", t[f"{UP}.weight_zero_point"].to(torch.int8)),
                    f"{UP}.weight_zero_point is torch.int8 .* expected packed int32"),
-    "inexact-scale": (lambda t, qc: t.__setitem__(f"{UP}.weight_scale", t[f"{UP}.weight_scale"].float() * (1 + 2**-20)),
-                      "not exactly representable in fp16"),
+    "float64-scale": (lambda t, qc: t.__setitem__(f"{UP}.weight_scale", t[f"{UP}.weight_scale"].double()),
+                      "weight_scale has shape .* and dtype torch.float64"),
     "unexpected": (lambda t, qc: t.__setitem__("model.extra.weight", torch.zeros(3)),
                    r"unexpected tensors.*model\.extra"),
     "missing-dense": (lambda t, qc: t.pop("model.norm.weight"), r"missing tensors.*model\.norm\.weight"),

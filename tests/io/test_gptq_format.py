@@ -246,6 +246,8 @@ def test_unsupported_reason_names_the_layouts_that_can() -> None:
     assert unsupported_reason(int5) == "GPTQ stores 2, 3, 4 or 8-bit codes, not 5-bit ones; write it as lowbit's own folder"
     q41 = IntCodec(bits=4, symmetric=False, zero_point="float").model_dump()
     assert "float zero offset" in unsupported_reason(q41)  # type: ignore[operator]
+    f32_scales = IntCodec(bits=4, scale_dtype="float32").model_dump()
+    assert "the layout stores fp16 scales, these are float32" in unsupported_reason(f32_scales)  # type: ignore[operator]
     int3 = IntCodec(bits=3, group_size=32).model_dump()
     why = unsupported_reason(int3, (64, 48))
     assert why is not None and "48 input features of 3 bits do not fill whole int32 words" in why

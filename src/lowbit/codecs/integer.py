@@ -16,6 +16,10 @@ Codes are unsigned ``q`` in ``[0, 2**bits - 1]`` and decode as ``x = scale * (q 
   codes reach ``-2**(bits-1)`` steps below zero and ``2**(bits-1) - 1`` above, so the largest
   positive value clips by half a step. 4-bit g128 symmetric costs 4.125 bits per weight.
 
+``scale_dtype`` (default fp16) is the storage dtype of ``scale`` and ``zero``: bf16 or fp32
+checkpoints of other tools (llm-compressor keeps a float32 model's scales in float32) are read
+exactly with theirs.
+
 Rounding is round-half-to-even in float32 (``torch.round``).
 """
 
@@ -43,6 +47,8 @@ class IntCodec(GroupedCodec):
     zero_point: Literal["integer", "float"] = Field(
         "integer", description="asymmetric only: integer zero point (GPTQ) or float offset (Q4_1)"
     )
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="storage dtype of the scales and zero points")
 
     @property
     def code_bits(self) -> int:
@@ -53,27 +59,41 @@ class IntCodec(GroupedCodec):
         return (1 << self.bits) - 1
 
     def scale_dtypes(self) -> dict[str, torch.dtype]:
+        dtype = getattr(torch, self.scale_dtype)
         if self.symmetric:
-            return {"scale": torch.float16}
-        return {"scale": torch.float16, "zero": torch.float16}
+            return {"scale": dtype}
+        return {"scale": dtype, "zero": dtype}
+
+    def _scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """A float32 scale rounded to its storage value, kept away from 0 and Inf."""
+        if self.scale_dtype == "float16":
+            return fp16_scale(scale)
+        info = torch.finfo(getattr(torch, self.scale_dtype))
+        return scale.clamp(info.tiny, info.max).to(getattr(torch, self.scale_dtype))
+
+    def _value(self, v: torch.Tensor) -> torch.Tensor:
+        if self.scale_dtype == "float16":
+            return fp16_value(v)
+        info = torch.finfo(getattr(torch, self.scale_dtype))
+        return v.clamp(-info.max, info.max).to(getattr(torch, self.scale_dtype))
 
     def fit(self, groups: torch.Tensor, shrink: float | torch.Tensor = 1.0) -> ScaleData:
         groups = groups.to(torch.float32)
         if self.symmetric:
             absmax = groups.abs().amax(dim=-1) * shrink
             scale = absmax / (self.qmax / 2)
-            return {"scale": fp16_scale(scale)}
+            return {"scale": self._scale(scale)}
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         if self.zero_point == "float":
             mid = (lo + hi) / 2
             # shrink toward the middle; written so that shrink == 1 keeps lo and hi exactly
             lo, hi = lo + (mid - lo) * (1 - shrink), hi - (hi - mid) * (1 - shrink)
-            scale = fp16_scale((hi - lo) / self.qmax)
-            return {"scale": scale, "zero": fp16_value(lo)}
+            scale = self._scale((hi - lo) / self.qmax)
+            return {"scale": scale, "zero": self._value(lo)}
         lo, hi = lo.clamp(max=0) * shrink, hi.clamp(min=0) * shrink
-        scale = fp16_scale((hi - lo) / self.qmax)
+        scale = self._scale((hi - lo) / self.qmax)
         zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, self.qmax)
-        return {"scale": scale, "zero": zero.to(torch.float16)}
+        return {"scale": scale, "zero": zero.to(getattr(torch, self.scale_dtype))}
 
     @property
     def _float_zero(self) -> bool:
@@ -99,4 +119,5 @@ class IntCodec(GroupedCodec):
     def describe(self) -> str:
         kind = self.granularity_label()
         mode = "sym" if self.symmetric else ("asym-f" if self._float_zero else "asym")
-        return f"int{self.bits} {kind} {mode}"
+        scales = {"float16": "", "bfloat16": " bf16 scales", "float32": " fp32 scales"}[self.scale_dtype]
+        return f"int{self.bits} {kind} {mode}{scales}"

@@ -392,6 +392,9 @@ def _version(qc: dict[str, Any]) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+_SCALE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
 class _Reader:
     """Turns one module's compressed-tensors tensors into a lowbit QuantizedTensor."""
 
@@ -415,7 +418,7 @@ class _Reader:
         R, G, _ = codec.grouping.grid(shape)
         scale = self.take(f"{name}.weight_scale")
         assert scale is not None
-        if scale.numel() != R * G or not scale.dtype.is_floating_point:
+        if scale.numel() != R * G or scale.dtype not in _SCALE_DTYPES:
             raise LowbitError(f"{self.path}: {name}.weight_scale has shape {tuple(scale.shape)} and dtype "
                               f"{scale.dtype}, expected {R * G} floats for {codec.describe()} on a {rows}x{cols} "
                               "weight")
@@ -424,10 +427,12 @@ class _Reader:
             codes = self._fp8_codes(name, shape)
             data["scale"] = scale.reshape(R, G).to(torch.float32)
         else:
+            # the scales in their own dtype, exactly (llm-compressor keeps a float32 model's in float32)
+            codec = codec.model_copy(update={"scale_dtype": _SCALE_DTYPES[scale.dtype]})
             codes = self._int_codes(name, codec, shape)
-            data["scale"] = self._exact_fp16(f"{name}.weight_scale", scale.reshape(R, G))
+            data["scale"] = scale.reshape(R, G).contiguous()
             if not codec.symmetric:
-                data["zero"] = self._zero(name, codec, rows, R, G)
+                data["zero"] = self._zero(name, codec, rows, R, G).to(scale.dtype)
             elif (zp := self.take(f"{name}.weight_zero_point", required=False)) is not None and zp.any():
                 raise LowbitError(f"{self.path}: {name} is symmetric but has a non-zero weight_zero_point")
         data = {"codes": pack_codes(codes, codec.code_bits), **data}
@@ -499,15 +504,7 @@ class _Reader:
             zero = unpack_rows(zp.t().contiguous(), codec.bits, rows, legacy).t().to(torch.int64)
         if int(zero.min()) < 0 or int(zero.max()) > codec.qmax:
             raise LowbitError(f"{self.path}: {name}.weight_zero_point is outside the {codec.bits}-bit range")
-        return zero.reshape(R, G).to(torch.float16)
-
-    def _exact_fp16(self, key: str, scale: torch.Tensor) -> torch.Tensor:
-        """lowbit's int scales are fp16: other dtypes are taken only when fp16 holds them exactly."""
-        half = scale.to(torch.float16)
-        if not torch.equal(half.to(scale.dtype), scale):
-            raise LowbitError(f"{self.path}: {key} ({scale.dtype}) is not exactly representable in fp16, the scale "
-                              "dtype of lowbit's int codec; reading it would change the weights")
-        return half.contiguous()
+        return zero.reshape(R, G)
 
 
 def _groups(path: Path, qc: dict[str, Any]) -> tuple[list[_Group], list[str]]:

@@ -128,6 +128,9 @@ def int_codec_reason(codec: dict[str, Any]) -> str | None:
         return f"{describe(codec)} is not an integer codec"
     if not codec.get("symmetric", True) and codec.get("zero_point") == "float":
         return f"{describe(codec)} has a float zero offset (x = scale * q + offset), not an integer zero point"
+    if codec.get("scale_dtype", "float16") != "float16":
+        return (f"{describe(codec)}: the layout stores fp16 scales, these are {codec['scale_dtype']} "
+                "(compressed-tensors or lowbit's own format holds them)")
     return None
 
 
