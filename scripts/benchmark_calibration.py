@@ -1,4 +1,6 @@
-"""GPTQ and AWQ on SmolLM2-135M: the tables of BENCHMARKS.md, section "calibration".
+"""GPTQ and AWQ on a real model: the tables of BENCHMARKS.md, section "calibration" (SmolLM2-135M, the
+default) or "calibration-MODEL" (``--model``: the quality rows at 8, 4 and 3 bits, and how much the
+calibration data moves the result: another text, another draw of the same text).
 
 Sections (``--sections``, default all):
 
@@ -23,6 +25,7 @@ resumes (``--fresh`` starts over). Timings are only comparable within one quiet 
 another benchmark or test suite beside it.
 
     .venv/bin/python scripts/benchmark_calibration.py
+    .venv/bin/python scripts/benchmark_calibration.py --model qwen2.5-coder-0.5b --max-windows 8
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 
 from lowbit.bench.compare import block_linear_names
 from lowbit.bench.markdown import replace_section
+from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.bench.store import RowStore as Store
 from lowbit.calibration import CalibrationConfig, calibration_set, load_text
 from lowbit.evaluation import evaluate, model_size
@@ -56,11 +60,11 @@ TEXTS = ("pydoc", "stdlib")
 CALIB = CalibrationConfig(source="pydoc-calib", samples=128, seq_len=512, seed=0)
 
 
-def recipe(bits: int, group: int, algorithm: str, **algo: object) -> Recipe:
+def recipe(bits: int, group: int, algorithm: str, calib: CalibrationConfig = CALIB, **algo: object) -> Recipe:
     return Recipe.from_dict({
         "codec": {"name": "int", "bits": bits, "symmetric": True, "granularity": "group", "group_size": group},
         "algorithm": {"name": algorithm, **algo},
-        "calibration": CALIB.model_dump() if algorithm != "rtn" else None,
+        "calibration": calib.model_dump() if algorithm != "rtn" else None,
     })
 
 
@@ -79,6 +83,21 @@ QUALITY = [
     ("int2 g64 GPTQ", recipe(2, 64, "gptq"), "bfloat16"),
 ]
 PEER_LOWBIT_ROW = "int4 g64 GPTQ"
+# another model (--model): 8, 4 and 3 bits, and the same GPTQ on other calibration data
+OTHER_CALIB = {"other text": CalibrationConfig(source="stdlib-calib", samples=128, seq_len=512, seed=0),
+               "other draw": CalibrationConfig(source="pydoc-calib", samples=128, seq_len=512, seed=1)}
+QUALITY_OTHER = [
+    ("int8 g128 RTN", recipe(8, 128, "rtn"), "bfloat16"),
+    ("int8 g128 GPTQ", recipe(8, 128, "gptq"), "bfloat16"),
+    ("int4 g128 RTN", recipe(4, 128, "rtn"), "bfloat16"),
+    ("int4 g128 GPTQ", recipe(4, 128, "gptq"), "bfloat16"),
+    ("int4 g128 GPTQ, calibrated on stdlib", recipe(4, 128, "gptq", OTHER_CALIB["other text"]), "bfloat16"),
+    ("int4 g128 GPTQ, another draw of pydoc", recipe(4, 128, "gptq", OTHER_CALIB["other draw"]), "bfloat16"),
+    ("int4 g128 AWQ", recipe(4, 128, "awq"), "bfloat16"),
+    ("int3 g64 RTN", recipe(3, 64, "rtn"), "bfloat16"),
+    ("int3 g64 GPTQ", recipe(3, 64, "gptq"), "bfloat16"),
+    ("int3 g64 AWQ", recipe(3, 64, "awq"), "bfloat16"),
+]
 
 # (row label, recipe, dtype of the passes, device of the passes and the code search)
 DEVICE_ROWS = [
@@ -96,24 +115,33 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+MAX_WINDOWS: int | None = None  # --max-windows
+
+
 def evaluate_rows(model, base, texts, ref_fp, label: str, extra: dict, store: Store) -> None:  # type: ignore[no-untyped-def]
     size = model_size(model, block_linear_names(base.model))
     for text in texts:
         r = evaluate(model, base.tokenizer, text, ref=base.model, cache_dir=cache_dir(), progress=False,
-                     ref_fingerprint=ref_fp)
+                     ref_fingerprint=ref_fp, max_windows=MAX_WINDOWS)
         row = {"label": label, "text": text.name, "ppl": r.ppl, "delta_ppl": r.delta_ppl, "kld": r.kld,
                "kld_p99": r.kld_p99, "top1": r.top1, "tokens": r.tokens, "bpw": size.bits_per_weight, **extra}
         store.put(f"{label}|{text.name}", row)
         log(f"{text.name:7s} {label:32s} kld={r.kld:.5f} top1={r.top1:.4f} quant={extra.get('quant_seconds')}")
 
 
-def run_quality(base, texts, ref_fp, calib, store: Store, rows: int | None = None) -> None:  # type: ignore[no-untyped-def]
-    for label, rec, dtype in QUALITY[:rows]:
+def run_quality(base, texts, ref_fp, calib, store: Store, rows: int | None = None,  # type: ignore[no-untyped-def]
+                quality: list | None = None) -> None:
+    for label, rec, dtype in (quality or QUALITY)[:rows]:
         if all(store.get(f"{label}|{t.name}") for t in texts):
             continue
         model = copy.deepcopy(base.model)
-        report = quantize_model(model, rec, progress=False, calibration=calib if rec.needs_calibration else None,
-                                compute_dtype=getattr(torch, dtype))
+        own = rec.calibration_config()
+        if rec.needs_calibration and own != CALIB:
+            log(f"{label}: calibration {own.source}, seed {own.seed}")
+            data = calibration_set(base.tokenizer, own)
+        else:
+            data = calib if rec.needs_calibration else None
+        report = quantize_model(model, rec, progress=False, calibration=data, compute_dtype=getattr(torch, dtype))
         extra = {"quant_seconds": report.seconds, "dtype": dtype, "recipe": rec.to_dict()}
         if report.sequential is not None:
             extra["code_seconds"] = sum(r.seconds for r in report.sequential.linears)
@@ -315,25 +343,28 @@ def render_device(rows: dict[str, dict]) -> list[str]:
     return out + [""]
 
 
-def render(store: Store, minutes: float) -> str:
+def render(store: Store, minutes: float, model: str = DEFAULT_MODEL, command: str = COMMAND,
+           quality: list | None = None) -> str:
     rows = store.rows
+    windows = "" if MAX_WINDOWS is None else f", the first {MAX_WINDOWS} windows of each"
     out = [
-        "Model: SmolLM2-135M-Instruct (built-in `smollm2-135m`). Calibration: 128 samples x 512 tokens drawn "
+        f"Model: {bench_model(model).about}. Calibration: 128 samples x 512 tokens drawn "
         "(seed 0) from the built-in `pydoc-calib` split; evaluation on the held-out `pydoc` and `stdlib` texts "
-        "(windows of 512, no overlap), KLD and top-1 against the unquantized model, all models evaluated in "
-        "float32. Codecs: symmetric int, fp16 scales; g128 on 576-wide rows has a ragged last group (64 "
-        "columns). GPTQ: blocks of 128, dampening 0.01 x mean diag(H), static group scales, no act-order, "
+        f"(windows of 512, no overlap{windows}), KLD and top-1 against the unquantized model, all models evaluated in "
+        "float32. Codecs: symmetric int, fp16 scales" + ("; g128 on 576-wide rows has a ragged last group (64 "
+        "columns)" if model == DEFAULT_MODEL else "") + ". Calibration passes in bfloat16 unless a row says fp32. GPTQ: blocks of 128, dampening 0.01 x mean diag(H), static group scales, no act-order, "
         "sub-steps quantized true-sequentially (q/k/v, o, gate/up, down). AWQ: 20 exponents, group-Hessian "
         "clip search over 20 shrink factors in [0.5, 1]. `quantize s` is the whole `quantize_model` call; "
         "`of which passes s` the calibration forward passes with their statistics (the rest chooses codes).",
         "",
         "### RTN vs GPTQ vs AWQ",
         "",
-        f"Printed by {COMMAND}.",
+        f"Printed by {command}.",
         "",
     ]
-    algo_order = {"RTN": 0, "GPTQ": 1, "GPTQ, fp32 passes": 2, "AWQ": 3}
-    order = sorted((label for label, _, _ in QUALITY),
+    algo_order = {"RTN": 0, "GPTQ": 1, "GPTQ, fp32 passes": 2, "GPTQ, calibrated on stdlib": 3,
+                  "GPTQ, another draw of pydoc": 4, "AWQ": 5}
+    order = sorted((label for label, _, _ in (quality or QUALITY)),
                    key=lambda x: (-int(x[3]), int(x.split(" ")[1][1:]), algo_order[x.split(" ", 2)[2]]))
     q = [rows[f"{label}|{t}"] for t in TEXTS for label in order if f"{label}|{t}" in rows]
     out += [fmt_quality(q), ""]
@@ -343,13 +374,24 @@ def render(store: Store, minutes: float) -> str:
             r = rows.get(f"{label}|{t}")
             return None if r is None else r["kld"]
 
-        for cfg in ("int4 g64", "int4 g128", "int3 g64", "int2 g64"):
+        for cfg in ("int8 g128", "int4 g64", "int4 g128", "int3 g64", "int2 g64"):
             rtn, gptq, awq = k(f"{cfg} RTN"), k(f"{cfg} GPTQ"), k(f"{cfg} AWQ")
             if rtn is not None and gptq is not None:
                 checks.append(f"- {t}, {cfg}: GPTQ KLD {gptq:.4f} vs RTN {rtn:.4f} ({100 * (1 - gptq / rtn):.0f}% lower)")
             if rtn is not None and awq is not None:
                 checks.append(f"- {t}, {cfg}: AWQ KLD {awq:.4f} vs RTN {rtn:.4f} ({100 * (1 - awq / rtn):.0f}% lower)")
     out += ["KLD reduction over RTN at the same codec:", *checks, ""]
+    moved = []
+    for t in TEXTS:
+        base_row = rows.get(f"int4 g128 GPTQ|{t}")
+        for other in ("calibrated on stdlib", "another draw of pydoc"):
+            r = rows.get(f"int4 g128 GPTQ, {other}|{t}")
+            if base_row is not None and r is not None:
+                moved.append(f"- {t}: int4 g128 GPTQ {other}: KLD {r['kld']:.4f} against {base_row['kld']:.4f} "
+                             f"({100 * (r['kld'] / base_row['kld'] - 1):+.1f}%)")
+    if moved:
+        out += ["How much the calibration data moves GPTQ's result (the same 128 x 512 tokens drawn from the built-in "
+                "`stdlib-calib` split instead, or with seed 1 from `pydoc-calib`):", *moved, ""]
 
     peer = [rows.get(f"llm-compressor int4 g64 GPTQ|{t}") for t in TEXTS]
     ours = [rows.get(f"{PEER_LOWBIT_ROW}|{t}") for t in TEXTS]
@@ -390,12 +432,15 @@ def render(store: Store, minutes: float) -> str:
                 f"{mem['output_mb']:.0f} |", ""]
     out.append(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
                + (f"this invocation {minutes:.1f} min" if minutes >= 0.1 else "rendered from kept rows")
-               + f". Command: {COMMAND}.")
+               + f". Command: {command}.")
     return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL}; another one runs the "
+                    "quality section at 8, 4 and 3 bits and the calibration-data rows)")
+    ap.add_argument("--max-windows", type=int, help="evaluate at most N windows per text (default: all)")
     ap.add_argument("--sections", default="quality,peer,memory",
                     help="comma-separated: quality, peer, memory, device (device needs a CUDA GPU)")
     ap.add_argument("--import-rows", type=Path, metavar="JSON",
@@ -408,7 +453,17 @@ def main() -> int:
                          "'int4 g64 GPTQ;llm-compressor int4 g64 GPTQ;memory' (their rows are dropped first)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    store = Store(cache_dir() / "bench" / "calibration.json", args.fresh)
+    global MAX_WINDOWS
+    MAX_WINDOWS = args.max_windows
+    default = args.model == DEFAULT_MODEL
+    quality = QUALITY if default else QUALITY_OTHER
+    if not default:
+        sections &= {"quality"}
+    command = COMMAND if default and args.max_windows is None else (
+        f"`.venv/bin/python scripts/benchmark_calibration.py --model {args.model}"
+        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}`")
+    store = Store(cache_dir() / "bench" / ("calibration.json" if default else f"calibration-{args.model}.json"),
+                  args.fresh)
     try:
         store.drop(args.redo)
     except ValueError as e:
@@ -417,25 +472,26 @@ def main() -> int:
     if args.import_rows is not None:
         import_rows(args.import_rows, store)
     if sections & {"quality", "peer", "device"}:
-        base = load_model("smollm2-135m")
+        base = load_model(args.model)
         texts = [load_text(t) for t in TEXTS]
         ref_fp = model_fingerprint(base.model)
         calib = calibration_set(base.tokenizer, CALIB)
         log(f"calibration: {tuple(calib.tokens.shape)} tokens, digest {calib.digest[:12]}")
-        if "quality" in sections:
+        if "quality" in sections and default:
             run_quality(base, texts, ref_fp, calib, store, rows=2)
         if "peer" in sections:
             run_peer(base, texts, ref_fp, calib, store)
         if "quality" in sections:
-            run_quality(base, texts, ref_fp, calib, store)
+            run_quality(base, texts, ref_fp, calib, store, quality=quality)
         if "device" in sections:
             run_device(base, texts, ref_fp, calib, store)
     if "memory" in sections:
         run_memory(store)
-    body = render(store, (time.time() - t0) / 60)
+    body = render(store, (time.time() - t0) / 60, args.model, command, quality)
     print(body)
     if not args.no_write:
-        replace_section(ROOT / "BENCHMARKS.md", SECTION, "Calibration: GPTQ and AWQ on SmolLM2-135M", body)
+        replace_section(ROOT / "BENCHMARKS.md", model_section(SECTION, args.model),
+                        f"Calibration: GPTQ and AWQ on {bench_model(args.model).name}", body)
     return 0
 
 

@@ -1,5 +1,7 @@
-"""GGUF files of SmolLM2-135M made by lowbit and by llama.cpp's llama-quantize, run by llama.cpp
-and evaluated by lowbit, in one table; rewrites the "GGUF" section of BENCHMARKS.md.
+"""GGUF files of a real model made by lowbit and by llama.cpp's llama-quantize, run by llama.cpp
+and evaluated by lowbit, in one table; rewrites the "GGUF" sections of BENCHMARKS.md (SmolLM2-135M,
+the default; ``--model`` another, with ``--rows q4_k_m`` the Q4_K_M rows only: sections "gguf-MODEL"
+and "gguf-mixes-MODEL").
 
 Every row is a GGUF file:
 
@@ -16,7 +18,8 @@ computation of that perplexity protocol on the file's weights and llama.cpp's ow
 Needs llama.cpp's tools (``scripts/peers/setup_llamacpp.sh``, about 6 minutes). Rows are kept in
 ``$LOWBIT_CACHE/bench/gguf.json``; ``--fresh`` runs everything again.
 
-Usage: .venv/bin/python scripts/benchmark_gguf.py [--fresh] [--no-write] [--redo "LABEL;LABEL"] [--kept-only]
+Usage: .venv/bin/python scripts/benchmark_gguf.py [--model M] [--rows all|q4_k_m] [--max-windows N] [--fresh]
+       [--no-write] [--redo "LABEL;LABEL"] [--kept-only]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from lowbit.bench.llama_cpp import (
     run_tool,
 )
 from lowbit.bench.markdown import replace_section
+from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.bench.store import RowStore
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
@@ -88,6 +92,8 @@ MIX_ROWS = [
 ]
 
 ALL_ROWS = ROWS + MIX_ROWS
+# --rows q4_k_m: the unquantized file, and Q4_K_M made by llama.cpp and lowbit in every way
+Q4_K_M_ROWS = [ROWS[0], *(row for row in MIX_ROWS if " Q4_K_M" in row[0])]
 
 
 def log(msg: str) -> None:
@@ -104,6 +110,12 @@ def linear_bits_per_weight(path: Path) -> float:
             bits += int(t.n_bytes) * 8
             n += int(t.n_elements)
     return bits / n
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
 
 
 def load_gguf_weights(path: Path) -> LoadedModel:
@@ -145,26 +157,31 @@ def make_file(how: tuple, base: LoadedModel, work: Path, f32: Path, imatrix: Pat
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
+    ap.add_argument("--rows", choices=("all", "q4_k_m"), default="all", help="every row, or the Q4_K_M ones")
+    ap.add_argument("--max-windows", type=int, help="evaluate at most N windows of the text (default: all)")
     ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     ap.add_argument("--redo", default="", metavar="LABELS", help="semicolon-separated row labels to run again")
     ap.add_argument("--kept-only", action="store_true", help="render the kept rows, run nothing")
     args = ap.parse_args()
+    store_file = cache_dir() / "bench" / ("gguf.json" if args.model == DEFAULT_MODEL else f"gguf-{args.model}.json")
+    which = ALL_ROWS if args.rows == "all" else Q4_K_M_ROWS
     if args.kept_only:
-        store = RowStore(cache_dir() / "bench" / "gguf.json", False)
-        write_tables(store.rows, 0.0, args.no_write)
+        store = RowStore(store_file, False)
+        write_tables(store.rows, 0.0, args.no_write, args)
         return 0
     if llama_cpp_bin() is None:
         log("llama.cpp's tools are missing: building them (scripts/peers/setup_llamacpp.sh)")
         subprocess.run(["bash", str(ROOT / "scripts" / "peers" / "setup_llamacpp.sh")], check=True)
-    store = RowStore(cache_dir() / "bench" / "gguf.json", args.fresh)
+    store = RowStore(store_file, args.fresh)
     try:
         store.drop(args.redo)
     except ValueError as e:
         ap.error(f"--redo: {e}")
     t0 = time.time()
     threads = torch.get_num_threads()
-    base = load_model("smollm2-135m")
+    base = load_model(args.model)
     text = load_text("pydoc")
     ref_fp = model_fingerprint(base.model)
     with tempfile.TemporaryDirectory(prefix="lowbit-gguf-") as tmp:
@@ -175,41 +192,55 @@ def main() -> int:
         calib_file.write_text(load_text("pydoc-calib").text)
         f32 = save_gguf(base, work / "f32.gguf", dense="f32")
         imatrix = work / "imatrix.gguf"
-        if any(how[0].startswith("llama.cpp") and how[2] or how[0] == "lowbit+imatrix-file" for _, how in ALL_ROWS):
+        if any(how[0].startswith("llama.cpp") and how[2] or how[0] == "lowbit+imatrix-file" for _, how in which):
             run_tool("llama-imatrix", "-m", str(f32), "-f", str(calib_file), "-c", str(N_CTX), "--chunks", "128",
                      "-o", str(imatrix), "-t", str(threads))
         theirs_ids = llama_cpp_token_ids(f32, text_file)
         ours_ids = base.tokenizer(text.text, add_special_tokens=False)["input_ids"]
         n_cmp = CHUNKS * N_CTX
         same_ids = sum(a == b for a, b in zip(theirs_ids[:n_cmp], ours_ids[:n_cmp]))
-        for label, how in ALL_ROWS:
+        for label, how in which:
             if store.get(label) is not None:
                 continue
             log(f"{label} ...")
             path, quant_s = make_file(how, base, work, f32, imatrix)
             loaded = load_gguf_weights(path)
             r = evaluate(loaded.model, base.tokenizer, text, ref=base.model, cache_dir=cache_dir(), progress=False,
-                         ref_fingerprint=ref_fp)
+                         ref_fingerprint=ref_fp, max_windows=args.max_windows)
             ppl_ours = perplexity_like_llama_cpp(loaded.model, torch.tensor(theirs_ids), N_CTX, CHUNKS)
             ppl_theirs = llama_cpp_perplexity(path, text_file, N_CTX, CHUNKS, threads)
+            types = None
+            twin = work / f"llama.cpp-mix-{how[1].removeprefix('gguf-').split('-')[0].upper()}-False.gguf"
+            if how[0] == "lowbit" and get_preset(how[1]).gguf_mix and twin.is_file():
+                ours_t, theirs_t = tensor_types(path), tensor_types(twin)
+                types = [sum(ours_t[k] == theirs_t.get(k) for k in ours_t), len(ours_t)]
             row = {"label": label, "file_mb": path.stat().st_size / 1e6, "bpw": linear_bits_per_weight(path),
+                   "types_as_llama_cpp": types,
                    "kld": r.kld, "top1": r.top1, "ppl": r.ppl, "ppl_llama_protocol_lowbit": ppl_ours,
                    "ppl_llama_cpp": ppl_theirs, "quant_seconds": quant_s,
                    "token_ids_same": same_ids, "token_ids_compared": min(n_cmp, len(theirs_ids))}
             store.put(label, row)
             log(json.dumps(row))
             del loaded
-    write_tables(store.rows, (time.time() - t0) / 60, args.no_write)
+    write_tables(store.rows, (time.time() - t0) / 60, args.no_write, args)
     return 0
 
 
-def write_tables(rows: dict[str, dict], minutes: float, no_write: bool) -> None:
-    pure, mixes = render(rows, ROWS, minutes, PURE_NOTE), render(rows, MIX_ROWS, minutes, MIX_NOTE)
+def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, args: argparse.Namespace) -> None:
+    name = bench_model(args.model).name
+    command = COMMAND if args.model == DEFAULT_MODEL and args.rows == "all" and args.max_windows is None else (
+        f"`.venv/bin/python scripts/benchmark_gguf.py --model {args.model} --rows {args.rows}"
+        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}`")
+    pure_rows, mix_rows = (ROWS, MIX_ROWS) if args.rows == "all" else (Q4_K_M_ROWS[:1], Q4_K_M_ROWS[1:])
+    note = "" if args.model == DEFAULT_MODEL else f"Model: {bench_model(args.model).about}. "
+    pure = render(rows, pure_rows, minutes, note + PURE_NOTE, command)
+    mixes = render(rows, mix_rows, minutes, note + MIX_NOTE, command)
     print(pure + "\n\n" + mixes)
     if not no_write:
-        replace_section(ROOT / "BENCHMARKS.md", "gguf", "GGUF files: lowbit and llama.cpp on SmolLM2-135M", pure)
-        replace_section(ROOT / "BENCHMARKS.md", "gguf-mixes", "GGUF type mixes (Q4_K_M, ...): lowbit and llama.cpp "
-                        "on SmolLM2-135M", mixes)
+        replace_section(ROOT / "BENCHMARKS.md", model_section("gguf", args.model), f"GGUF files: lowbit and llama.cpp on "
+                        f"{name}", pure)
+        replace_section(ROOT / "BENCHMARKS.md", model_section("gguf-mixes", args.model), "GGUF type mixes (Q4_K_M, ...): "
+                        f"lowbit and llama.cpp on {name}", mixes)
 
 
 PURE_NOTE = (
@@ -219,18 +250,19 @@ PURE_NOTE = (
 MIX_NOTE = (
     "Each row is one GGUF file with llama-quantize's type mix: the type of every tensor as llama-quantize "
     "chooses it (lowbit's `gguf-<mix>` presets resolve to the same types, tested against llama-quantize's "
-    "own choices; SmolLM2's 576-wide rows are not whole 256-value super-blocks, so llama.cpp's fallback "
-    "32-block types hold all but the 1536-wide `ffn_down`, and the tied token embedding is Q8_0). llama.cpp's "
+    "own choices, and counted below for each lowbit RTN file against llama.cpp's of the same mix; rows that "
+    "are not whole 256-value super-blocks, SmolLM2's 576 and Qwen2.5-0.5B's 896, take llama.cpp's fallback "
+    "32-block types). llama.cpp's "
     "files: `llama-quantize [--imatrix] F32.gguf OUT.gguf <MIX>`; lowbit's: `gguf-<mix>` (RTN with llama.cpp's "
     "searches), `gguf-<mix>-imatrix` (the searches weighted by lowbit's importance matrix, collected block by "
     "block with earlier blocks quantized; or by llama.cpp's imatrix file read with `--imatrix`), "
     "`gguf-<mix>-gptq` (GPTQ on each tensor's grid). ")
 
 
-def render(rows: dict[str, dict], which: list, minutes: float, note: str) -> str:
+def render(rows: dict[str, dict], which: list, minutes: float, note: str, command: str = COMMAND) -> str:
     any_row = next(iter(rows.values()))
     lines = [
-        f"Printed by {COMMAND}. " + note + "llama.cpp's imatrix: "
+        f"Printed by {command}. " + note + "llama.cpp's imatrix: "
         "`llama-imatrix` on 128 chunks of 512 tokens of the built-in `pydoc-calib` text. KLD, top-1 and PPL: "
         "lowbit's evaluator on the file as transformers' GGUF loader reads it, held-out `pydoc` text, windows of "
         f"512. The two last PPL columns follow `llama-perplexity`'s protocol ({any_row['token_ids_compared'] // N_CTX} "
@@ -250,6 +282,10 @@ def render(rows: dict[str, dict], which: list, minutes: float, note: str) -> str
         lines.append(f"| {label} | {r['file_mb']:.1f} | {r['bpw']:.3f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
                      f"{r['ppl']:.3f} | {r['ppl_llama_protocol_lowbit']:.3f} | {r['ppl_llama_cpp']:.3f} | "
                      f"{'-' if q is None else f'{q:.1f}'} |")
+    for label, _ in which:
+        types = (rows.get(label) or {}).get("types_as_llama_cpp")
+        if types:
+            lines.append(f"- {label}: {types[0]} of its {types[1]} tensors have the type llama-quantize gives them.")
     lines += ["", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
               + (f"; this invocation {minutes:.1f} min." if minutes else "; rows kept from earlier invocations.")]
     return "\n".join(lines)

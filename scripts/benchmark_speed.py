@@ -1,4 +1,4 @@
-"""Speed and memory of SmolLM2-135M on this CPU: BENCHMARKS.md, section "speed".
+"""Speed and memory of a real model on this CPU (SmolLM2-135M by default, `--model` another): BENCHMARKS.md, section "speed" (or "speed-MODEL").
 
 Rows: FP32, BF16, int8 weight-only (per-channel, torch's ``_weight_int8pack_mm``), int4 g128
 (torch's ``_weight_int4pack_mm_for_cpu``) and int8 W8A8 (the same int8 weights times int8
@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from lowbit.bench.markdown import replace_section
+from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.models import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "`.venv/bin/python scripts/benchmark_speed.py`"
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_MODEL  # --model
 # (label, recipe or None for the float model, dtype, W8A8)
 ROWS = [
     ("FP32", None, "float32", False),
@@ -64,7 +65,7 @@ def best_of(a: dict, b: dict) -> dict:
 
 
 def quantized_folder(recipe: str) -> Path:
-    out = cache_dir() / "bench" / "speed-models" / recipe
+    out = cache_dir() / "bench" / "speed-models" / (recipe if MODEL == DEFAULT_MODEL else f"{MODEL}-{recipe}")
     if not out.exists():
         log(f"quantizing {MODEL} with {recipe} -> {out}")
         subprocess.run([*LOWBIT, "quantize", MODEL, "--recipe", recipe, "--out", str(out), "--no-progress"],
@@ -181,8 +182,8 @@ def render(results: dict[str, dict], kld: dict[str, tuple[float, float, float | 
     b1 = {lab: next(r for r in res["runs"] if r["batch"] == 1) for lab, res in results.items()}
     b8 = {lab: next(r for r in res["runs"] if r["batch"] == 8) for lab, res in results.items()}
     lines = [
-        f"Printed by {COMMAND} ({minutes:.0f} min, {platform.processor() or platform.machine()}, {threads} torch "
-        f"threads). SmolLM2-135M; prompt {base['runs'][0]['prompt_tokens']} random tokens, then "
+        f"Printed by {_command()} ({minutes:.0f} min, {platform.processor() or platform.machine()}, {threads} torch "
+        f"threads). {bench_model(MODEL).name}; prompt {base['runs'][0]['prompt_tokens']} random tokens, then "
         f"{base['runs'][0]['new_tokens']} greedy decode steps with the KV cache, median of 3 timed runs; each row "
         f"in its own process (`lowbit bench-speed`), all rows in this one invocation, {rounds} rounds in turn and the "
         "best of each row kept (the machine is shared: single runs vary by 10-30%). Ratios are to FP32 in the same "
@@ -227,6 +228,10 @@ def render(results: dict[str, dict], kld: dict[str, tuple[float, float, float | 
     return "\n".join(lines)
 
 
+def _command() -> str:
+    return COMMAND if MODEL == DEFAULT_MODEL else f"`.venv/bin/python scripts/benchmark_speed.py --model {MODEL}`"
+
+
 def _baseline_mb() -> float:
     code = ("import torch, transformers, transformers.models.llama.modeling_llama, lowbit.cli\n"
             "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0] / 1e3)")
@@ -235,6 +240,7 @@ def _baseline_mb() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -242,6 +248,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows for KLD (default 8)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of every row, alternating; best kept (default 2)")
     args = ap.parse_args()
+    global MODEL
+    MODEL = args.model
     t0 = time.time()
     specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype, w8a8)
              for label, recipe, dtype, w8a8 in ROWS]
@@ -260,7 +268,8 @@ def main() -> int:
     table = render(results, kld, prof, cross, (time.time() - t0) / 60, torch.get_num_threads(), args.rounds)
     print(table)
     if not args.no_write:
-        replace_section(ROOT / "BENCHMARKS.md", "speed", "Speed and memory: SmolLM2-135M on this CPU", table)
+        replace_section(ROOT / "BENCHMARKS.md", model_section("speed", MODEL),
+                        f"Speed and memory: {bench_model(MODEL).name} on this CPU", table)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""SmolLM2-135M written in each export layout and read back: BENCHMARKS.md, section "exports".
+"""A real model (SmolLM2-135M by default, ``--model`` another) written in each export layout and read
+back: BENCHMARKS.md, section "exports" (or "exports-MODEL").
 
 For each (recipe, layout): quantize SmolLM2 with the recipe, write the layout with
 ``save_model``, read the folder back with ``load_model`` (the path every ``lowbit`` command
@@ -6,7 +7,7 @@ takes), and compare its logits on a held-out window of ``pydoc`` with the in-mem
 model; for compressed-tensors, also load it with transformers (compressed-tensors installed)
 and compare. Prints the table; ``--no-write`` leaves BENCHMARKS.md alone.
 
-    .venv/bin/python scripts/check_exports.py
+    .venv/bin/python scripts/check_exports.py [--model qwen2.5-coder-0.5b]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from lowbit.bench.compare import folder_bytes
 from lowbit.bench.markdown import replace_section
+from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.calibration import load_text
 from lowbit.io.formats import save_model
 from lowbit.models import LoadedModel, load_model
@@ -38,12 +40,14 @@ CASES = [
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    base = load_model("smollm2-135m")
+    base = load_model(args.model)
+    command = "`.venv/bin/python scripts/check_exports.py" + ("" if args.model == DEFAULT_MODEL else f" --model {args.model}") + "`"
     ids = torch.tensor(base.tokenizer(load_text("pydoc").text[:4000])["input_ids"][:256]).unsqueeze(0)
     lines = [
-        "Printed by `.venv/bin/python scripts/check_exports.py`. SmolLM2-135M quantized (RTN) in memory, written in "
+        f"Printed by {command}. {bench_model(args.model).name} quantized (RTN) in memory, written in "
         "each layout, read back by `load_model` (what every `lowbit` command does with a folder); logits on 256 "
         "held-out `pydoc` tokens against the in-memory quantized model. transformers: "
         "`AutoModelForCausalLM.from_pretrained` with compressed-tensors installed (GPTQ and AWQ need GPTQModel or "
@@ -60,7 +64,7 @@ def main() -> int:
             quantize_model(model, get_preset(preset), progress=False)
             with torch.no_grad():
                 want = model(ids).logits
-            loaded = LoadedModel(model, base.tokenizer, "smollm2-135m", None)
+            loaded = LoadedModel(model, base.tokenizer, args.model, None)
             for layout in layouts:
                 out = save_model(layout, loaded, Path(tmp) / f"{preset}-{layout}")
                 back = load_model(str(out))
@@ -82,7 +86,8 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        replace_section(ROOT / "BENCHMARKS.md", "exports", "Export layouts: SmolLM2-135M written and read back", table)
+        replace_section(ROOT / "BENCHMARKS.md", model_section("exports", args.model),
+                        f"Export layouts: {bench_model(args.model).name} written and read back", table)
     return 0
 
 
