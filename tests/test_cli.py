@@ -473,3 +473,15 @@ def test_bench_speed_w8a8(capsys, model_dir, tmp_path) -> None:  # type: ignore[
                             "--new-tokens", "2", "--repeats", "1", "--json")
     assert code == 0, err
     assert json.loads(stdout)["linears"] == {"w8a8-int8-cpu": 14}
+
+
+def test_bench_json_stays_json_while_gptq_reports_its_blocks(capsys, model_dir, text_file) -> None:  # type: ignore[no-untyped-def]
+    # with progress on, GPTQ reports each block's output error beside the bar: on stderr, since
+    # stdout carries the table or the JSON
+    code, stdout, err = run(capsys, "bench", str(model_dir), "--recipes", "w4a16-gptq", "--text", str(text_file),
+                            "--seq-len", "64", "--max-windows", "2", "--calib-samples", "4", "--calib-seq-len", "64",
+                            "--json")
+    assert code == 0, err
+    rows = json.loads(stdout)
+    assert [r["recipe"] for r in rows] == ["unquantized", "w4a16-gptq"]
+    assert "relative output error" in err

@@ -9,6 +9,7 @@ first when the model is lazy).
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -239,7 +240,8 @@ def _run_sequential(
                 resume.save(block, i, inputs)
             if progress and results:
                 errs = " ".join(f"{r.name.rsplit('.', 1)[-1]}={r.error:.4f}" for r in results)
-                bar.write(f"block {i:3d}: relative output error {errs}")
+                # beside the bar, on stderr: stdout carries a command's table or JSON
+                bar.write(f"block {i:3d}: relative output error {errs}", file=sys.stderr)
             bar.update(1)
     seq.forward_seconds = time.perf_counter() - t_start - sum(r.seconds for r in seq.linears)
 
