@@ -451,17 +451,27 @@ def main() -> int:
     ap.add_argument("--redo", default="", metavar="LABELS",
                     help="semicolon-separated row labels to run again although kept, e.g. "
                          "'int4 g64 GPTQ;llm-compressor int4 g64 GPTQ;memory' (their rows are dropped first)")
+    ap.add_argument("--rows", default="", metavar="LABELS",
+                    help="semicolon-separated quality row labels to run (default: all of the model's rows), e.g. "
+                         "'int3 g64 RTN;int3 g64 GPTQ'")
     args = ap.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     global MAX_WINDOWS
     MAX_WINDOWS = args.max_windows
     default = args.model == DEFAULT_MODEL
     quality = QUALITY if default else QUALITY_OTHER
+    if args.rows:
+        wanted = [w.strip() for w in args.rows.split(";") if w.strip()]
+        unknown = [w for w in wanted if w not in {label for label, _, _ in quality}]
+        if unknown:
+            ap.error(f"--rows: no such row {unknown[0]!r} (rows: {'; '.join(label for label, _, _ in quality)})")
+        quality = [row for row in quality if row[0] in wanted]
     if not default:
         sections &= {"quality"}
-    command = COMMAND if default and args.max_windows is None else (
+    command = COMMAND if default and args.max_windows is None and not args.rows else (
         f"`.venv/bin/python scripts/benchmark_calibration.py --model {args.model}"
-        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}`")
+        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}"
+        f"{'' if not args.rows else f' --rows {chr(39)}{args.rows}{chr(39)}'}`")
     store = Store(cache_dir() / "bench" / ("calibration.json" if default else f"calibration-{args.model}.json"),
                   args.fresh)
     try:

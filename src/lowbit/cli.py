@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recipes", default="int8,fp8,w4a16,nf4,mxfp4,w3a16", metavar="LIST",
                    help="comma-separated presets or recipe files (default: int8,fp8,w4a16,nf4,mxfp4,w3a16)")
     b.add_argument("--text", default="pydoc", metavar="LIST", help="comma-separated texts (default: pydoc)")
-    b.add_argument("--seq-len", type=_positive, default=512, metavar="N")
+    b.add_argument("--seq-len", type=_positive, default=512, metavar="N", help="tokens per window (default 512)")
     b.add_argument("--max-windows", type=_positive, metavar="N", help="evaluate at most N windows per text")
     b.add_argument("--dtype", choices=DTYPES, default="float32")
     _add_calibration_args(b)
