@@ -19,7 +19,7 @@ Needs llama.cpp's tools (``scripts/peers/setup_llamacpp.sh``, about 6 minutes). 
 ``$LOWBIT_CACHE/bench/gguf.json``; ``--fresh`` runs everything again.
 
 Usage: .venv/bin/python scripts/benchmark_gguf.py [--model M] [--rows all|q4_k_m] [--max-windows N] [--fresh]
-       [--no-write] [--redo "LABEL;LABEL"] [--kept-only]
+       [--chunks N] [--no-write] [--redo "LABEL;LABEL"] [--kept-only]
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def main() -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
     ap.add_argument("--rows", choices=("all", "q4_k_m"), default="all", help="every row, or the Q4_K_M ones")
     ap.add_argument("--max-windows", type=int, help="evaluate at most N windows of the text (default: all)")
+    ap.add_argument("--chunks", type=int, default=CHUNKS, help=f"llama-perplexity protocol: at most N chunks of {N_CTX} "
+                    f"tokens (default {CHUNKS}; the text may hold fewer)")
     ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     ap.add_argument("--redo", default="", metavar="LABELS", help="semicolon-separated row labels to run again")
@@ -169,6 +171,8 @@ def main() -> int:
     which = ALL_ROWS if args.rows == "all" else Q4_K_M_ROWS
     if args.kept_only:
         store = RowStore(store_file, False)
+        if not store.rows:
+            ap.error(f"--kept-only: no rows kept in {store_file}; run without it")
         write_tables(store.rows, 0.0, args.no_write, args)
         return 0
     if llama_cpp_bin() is None:
@@ -191,13 +195,19 @@ def main() -> int:
         calib_file = work / "pydoc-calib.txt"
         calib_file.write_text(load_text("pydoc-calib").text)
         f32 = save_gguf(base, work / "f32.gguf", dense="f32")
-        imatrix = work / "imatrix.gguf"
-        if any(how[0].startswith("llama.cpp") and how[2] or how[0] == "lowbit+imatrix-file" for _, how in which):
+        # kept beside the rows (13 minutes for Qwen2.5-0.5B): a later invocation reuses it, --fresh remakes it
+        imatrix = store_file.with_name(store_file.stem + "-imatrix.gguf")
+        if args.fresh:
+            imatrix.unlink(missing_ok=True)
+        if not imatrix.is_file() and any(how[0].startswith("llama.cpp") and how[2] or how[0] == "lowbit+imatrix-file"
+                                         for label, how in which if store.get(label) is None):
+            partial = imatrix.with_suffix(".partial.gguf")
             run_tool("llama-imatrix", "-m", str(f32), "-f", str(calib_file), "-c", str(N_CTX), "--chunks", "128",
-                     "-o", str(imatrix), "-t", str(threads))
+                     "-o", str(partial), "-t", str(threads))
+            partial.replace(imatrix)
         theirs_ids = llama_cpp_token_ids(f32, text_file)
         ours_ids = base.tokenizer(text.text, add_special_tokens=False)["input_ids"]
-        n_cmp = CHUNKS * N_CTX
+        n_cmp = args.chunks * N_CTX
         same_ids = sum(a == b for a, b in zip(theirs_ids[:n_cmp], ours_ids[:n_cmp]))
         for label, how in which:
             if store.get(label) is not None:
@@ -207,13 +217,14 @@ def main() -> int:
             loaded = load_gguf_weights(path)
             r = evaluate(loaded.model, base.tokenizer, text, ref=base.model, cache_dir=cache_dir(), progress=False,
                          ref_fingerprint=ref_fp, max_windows=args.max_windows)
-            ppl_ours = perplexity_like_llama_cpp(loaded.model, torch.tensor(theirs_ids), N_CTX, CHUNKS)
-            ppl_theirs = llama_cpp_perplexity(path, text_file, N_CTX, CHUNKS, threads)
+            ppl_ours = perplexity_like_llama_cpp(loaded.model, torch.tensor(theirs_ids), N_CTX, args.chunks)
+            ppl_theirs = llama_cpp_perplexity(path, text_file, N_CTX, args.chunks, threads)
             types = None
-            twin = work / f"llama.cpp-mix-{how[1].removeprefix('gguf-').split('-')[0].upper()}-False.gguf"
-            if how[0] == "lowbit" and get_preset(how[1]).gguf_mix and twin.is_file():
-                ours_t, theirs_t = tensor_types(path), tensor_types(twin)
-                types = [sum(ours_t[k] == theirs_t.get(k) for k in ours_t), len(ours_t)]
+            if how[0] == "lowbit" and get_preset(how[1]).gguf_mix:
+                twin = work / f"llama.cpp-mix-{get_preset(how[1]).gguf_mix.upper()}-False.gguf"
+                if twin.is_file():
+                    ours_t, theirs_t = tensor_types(path), tensor_types(twin)
+                    types = [sum(ours_t[k] == theirs_t.get(k) for k in ours_t), len(ours_t)]
             row = {"label": label, "file_mb": path.stat().st_size / 1e6, "bpw": linear_bits_per_weight(path),
                    "types_as_llama_cpp": types,
                    "kld": r.kld, "top1": r.top1, "ppl": r.ppl, "ppl_llama_protocol_lowbit": ppl_ours,
@@ -228,9 +239,11 @@ def main() -> int:
 
 def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, args: argparse.Namespace) -> None:
     name = bench_model(args.model).name
-    command = COMMAND if args.model == DEFAULT_MODEL and args.rows == "all" and args.max_windows is None else (
+    command = COMMAND if (args.model == DEFAULT_MODEL and args.rows == "all" and args.max_windows is None
+                          and args.chunks == CHUNKS) else (
         f"`.venv/bin/python scripts/benchmark_gguf.py --model {args.model} --rows {args.rows}"
-        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}`")
+        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}"
+        f"{'' if args.chunks == CHUNKS else f' --chunks {args.chunks}'}`")
     pure_rows, mix_rows = (ROWS, MIX_ROWS) if args.rows == "all" else (Q4_K_M_ROWS[:1], Q4_K_M_ROWS[1:])
     note = "" if args.model == DEFAULT_MODEL else f"Model: {bench_model(args.model).about}. "
     pure = render(rows, pure_rows, minutes, note + PURE_NOTE, command)
