@@ -233,7 +233,8 @@ def _command() -> str:
 
 
 def _baseline_mb() -> float:
-    code = ("import torch, transformers, transformers.models.llama.modeling_llama, lowbit.cli\n"
+    family = "qwen2" if MODEL.startswith("qwen") else "llama"  # the modeling code the model runs
+    code = (f"import torch, transformers, transformers.models.{family}.modeling_{family}, lowbit.cli\n"
             "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0] / 1e3)")
     return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
