@@ -116,6 +116,8 @@ def main() -> int:
         for chain in (["int8 per-channel sym", "int4 g64 sym", "int3 g64 sym", "int2 g64 sym"],
                       ["int4 g64 asym", "int3 g64 asym", "int2 g64 asym"]):
             chain = [c for c in chain if (text.name, c) in by]
+            if len(chain) < 2:  # --rows short holds one row of the asymmetric chain
+                continue
             klds = [by[(text.name, c)] for c in chain]
             ok = all(a < b for a, b in zip(klds, klds[1:]))
             checks.append(f"- {text.name}: {' < '.join(chain)}: {'holds' if ok else 'FAILS'}")
