@@ -246,7 +246,7 @@ def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, args: ar
         f"{'' if args.chunks == CHUNKS else f' --chunks {args.chunks}'}`")
     pure_rows, mix_rows = (ROWS, MIX_ROWS) if args.rows == "all" else (Q4_K_M_ROWS[:1], Q4_K_M_ROWS[1:])
     note = "" if args.model == DEFAULT_MODEL else f"Model: {bench_model(args.model).about}. "
-    pure = render(rows, pure_rows, minutes, note + PURE_NOTE, command)
+    pure = render(rows, pure_rows, minutes, note + (PURE_NOTE if args.rows == "all" else F32_NOTE), command)
     mixes = render(rows, mix_rows, minutes, note + MIX_NOTE, command)
     print(pure + "\n\n" + mixes)
     if not no_write:
@@ -260,6 +260,9 @@ PURE_NOTE = (
     "Each row is one GGUF file; every linear of the decoder blocks in the named "
     "type, embeddings (tied LM head) in F16. llama.cpp's files: `llama-quantize --pure "
     "--token-embedding-type f16 --output-tensor-type f16` from the F32 GGUF of the same model; ")
+F32_NOTE = (
+    "The F32 file lowbit writes (`gguf-f32`), from which llama-quantize makes every llama.cpp file of the "
+    "next table: llama.cpp and lowbit compute the same perplexity from it. ")
 MIX_NOTE = (
     "Each row is one GGUF file with llama-quantize's type mix: the type of every tensor as llama-quantize "
     "chooses it (lowbit's `gguf-<mix>` presets resolve to the same types, tested against llama-quantize's "
@@ -295,8 +298,9 @@ def render(rows: dict[str, dict], which: list, minutes: float, note: str, comman
         lines.append(f"| {label} | {r['file_mb']:.1f} | {r['bpw']:.3f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
                      f"{r['ppl']:.3f} | {r['ppl_llama_protocol_lowbit']:.3f} | {r['ppl_llama_cpp']:.3f} | "
                      f"{'-' if q is None else f'{q:.1f}'} |")
-    for label, _ in which:
-        types = (rows.get(label) or {}).get("types_as_llama_cpp")
+    counted = [(label, (rows.get(label) or {}).get("types_as_llama_cpp")) for label, _ in which]
+    lines += [""] if any(types for _, types in counted) else []
+    for label, types in counted:
         if types:
             lines.append(f"- {label}: {types[0]} of its {types[1]} tensors have the type llama-quantize gives them.")
     lines += ["", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
