@@ -95,7 +95,6 @@ def main() -> int:
         ours = copy.deepcopy(base.model)
         recipe = get_preset("w4a16").to_dict()
         recipe["codec"]["scale_dtype"] = "float32"
-        recipe["ignore"] = ["lm_head"]
         report = quantize_model(ours, Recipe.from_dict({**recipe, "name": "w4a16, float32 scales"}), progress=False)
         same = compare_linears(theirs.model, ours)
         results = {}
