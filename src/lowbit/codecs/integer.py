@@ -58,8 +58,12 @@ class IntCodec(GroupedCodec):
     def qmax(self) -> int:
         return (1 << self.bits) - 1
 
+    @property
+    def _storage(self) -> torch.dtype:
+        return getattr(torch, self.scale_dtype)
+
     def scale_dtypes(self) -> dict[str, torch.dtype]:
-        dtype = getattr(torch, self.scale_dtype)
+        dtype = self._storage
         if self.symmetric:
             return {"scale": dtype}
         return {"scale": dtype, "zero": dtype}
@@ -68,14 +72,14 @@ class IntCodec(GroupedCodec):
         """A float32 scale rounded to its storage value, kept away from 0 and Inf."""
         if self.scale_dtype == "float16":
             return fp16_scale(scale)
-        info = torch.finfo(getattr(torch, self.scale_dtype))
-        return scale.clamp(info.tiny, info.max).to(getattr(torch, self.scale_dtype))
+        info = torch.finfo(self._storage)
+        return scale.clamp(info.tiny, info.max).to(self._storage)
 
     def _value(self, v: torch.Tensor) -> torch.Tensor:
         if self.scale_dtype == "float16":
             return fp16_value(v)
-        info = torch.finfo(getattr(torch, self.scale_dtype))
-        return v.clamp(-info.max, info.max).to(getattr(torch, self.scale_dtype))
+        info = torch.finfo(self._storage)
+        return v.clamp(-info.max, info.max).to(self._storage)
 
     def fit(self, groups: torch.Tensor, shrink: float | torch.Tensor = 1.0) -> ScaleData:
         groups = groups.to(torch.float32)
@@ -93,7 +97,7 @@ class IntCodec(GroupedCodec):
         lo, hi = lo.clamp(max=0) * shrink, hi.clamp(min=0) * shrink
         scale = self._scale((hi - lo) / self.qmax)
         zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, self.qmax)
-        return {"scale": scale, "zero": zero.to(getattr(torch, self.scale_dtype))}
+        return {"scale": scale, "zero": zero.to(self._storage)}
 
     @property
     def _float_zero(self) -> bool:

@@ -199,8 +199,8 @@ def _gguf_tensors(model: nn.Module, arch: GGUFArch, dense: str):  # type: ignore
     heads = getattr(cfg, "num_attention_heads", None)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    experts_at = architecture_of(model).experts
     lowbit_arch = architecture_of(model)
+    experts_at = lowbit_arch.experts
     done: set[str] = set()
     if experts_at is not None:
         for i, block in enumerate(lowbit_arch.block_list(model)):
