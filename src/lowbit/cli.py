@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cache", action="store_true", help="do not read or write the reference logits cache")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from lowbit.evaluation.lm_eval_backend import add_lm_eval_args
+
+    add_lm_eval_args(e)
 
     i = sub.add_parser("inspect", help="per-layer codec, bits per weight and size of a quantized model",
                        description="List every quantized layer of a lowbit, GPTQ, AWQ or compressed-tensors folder, "
@@ -151,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=_positive, default=3, metavar="N", help="timed runs, median (default 3)")
     sp.add_argument("--threads", type=_positive, metavar="N", help="torch threads (default: torch's)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sw = sub.add_parser(
+        "sweep", help="run models x recipes x evaluations from a sweep file, resumable",
+        description="Run every cell (model x recipe) of SWEEP.yaml in its own processes and keep each result in "
+        "RESULTS as it finishes; a restart skips the cells that are done. Quality stages run --jobs at a time, "
+        "timing stages (speed, memory) always alone. See `lowbit report` for the page.")
+    sw.add_argument("sweep", type=Path, metavar="SWEEP.yaml", help="the sweep file (models, recipes, evaluations)")
+    sw.add_argument("-o", "--results", type=Path, metavar="DIR",
+                    help="results store (default: SWEEP-results beside the sweep file)")
+    sw.add_argument("--jobs", type=_positive, default=1, metavar="N",
+                    help="quality stages run side by side (default 1); threads per cell: CPUs / N")
+    sw.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run the cells as Ray tasks on the cluster at ADDRESS (HOST:PORT), or on a local cluster "
+                    "started for the sweep when no address is given")
+    sw.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress display")
+    from lowbit.bench.report import add_report_args
+
+    add_report_args(sub.add_parser("report", help="an HTML page (or Markdown with PNG plots) of a sweep's results"))
     return parser
 
 
@@ -368,6 +390,8 @@ def _load_for_quantization(spec: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.lm_eval_tasks:
+        return _eval_lm_eval(args)
     from lowbit.bench.compare import block_linear_names
     from lowbit.calibration import load_text
     from lowbit.evaluation import evaluate, model_size
@@ -397,6 +421,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for k, v in out.items():
             if v is not None:
                 print(f"{k:16s} {v:.6g}" if isinstance(v, float) else f"{k:16s} {v}")
+    return 0
+
+
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    from lowbit.evaluation.lm_eval_backend import format_lm_eval, parse_tasks, run_lm_eval
+
+    # the model as `generate` runs it (kernels, their dtype), as lm-eval's own backends do
+    results = run_lm_eval(args.model, parse_tasks(args.lm_eval_tasks), include_path=args.lm_eval_include,
+                          limit=args.limit, batch_size=args.lm_eval_batch_size, num_fewshot=args.num_fewshot,
+                          dtype="auto")
+    print(json.dumps({"model": args.model, "results": results["results"]}, default=str) if args.json
+          else format_lm_eval(results))
     return 0
 
 
@@ -552,7 +588,24 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench,
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lowbit.bench.sweep import run_sweep
+
+    results = args.results or args.sweep.with_name(args.sweep.stem + "-results")
+    summary = run_sweep(args.sweep, results, jobs=args.jobs, ray_address=args.ray, retry_failed=args.retry_failed,
+                        progress=not args.no_progress)
+    print(f"{summary.cells} cells: {summary.done} run now, {summary.skipped} kept from {results}, "
+          f"{len(summary.failed)} failed -> {results}" + (f" (`lowbit report {results} -o report.html`)"))
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lowbit.bench.report import report_command
+
+    return report_command(args)
+
+
+COMMANDS = {"quantize": cmd_quantize, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench,
             "generate": cmd_generate, "bench-speed": cmd_bench_speed}
 
 
