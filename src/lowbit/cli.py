@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.evaluation.lm_eval_backend import add_lm_eval_args
 
     add_lm_eval_args(e)
+    from lowbit.evaluation.humaneval_cli import add_humaneval_args
+
+    add_humaneval_args(e)  # after lm-eval's: both share --limit
 
     i = sub.add_parser("inspect", help="per-layer codec, bits per weight and size of a quantized model",
                        description="List every quantized layer of a lowbit, GPTQ, AWQ or compressed-tensors folder, "
@@ -390,6 +393,8 @@ def _load_for_quantization(spec: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task == "humaneval":
+        return _eval_humaneval(args)
     if args.lm_eval_tasks:
         return _eval_lm_eval(args)
     from lowbit.bench.compare import block_linear_names
@@ -421,6 +426,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for k, v in out.items():
             if v is not None:
                 print(f"{k:16s} {v:.6g}" if isinstance(v, float) else f"{k:16s} {v}")
+    return 0
+
+
+def _eval_humaneval(args: argparse.Namespace) -> int:
+    from lowbit.evaluation.humaneval_cli import eval_humaneval, format_humaneval, validate_humaneval_args
+    from lowbit.models import load_model
+
+    validate_humaneval_args(args)  # before the slow model load
+    if args.lm_eval_tasks:
+        raise LowbitError("--task humaneval and --lm-eval-tasks exclude each other")
+    loaded = load_model(args.model, keep_quantized=True)
+    loaded.model.to(_dtype(args.dtype))
+    ref_spec = None if args.no_ref else args.ref
+    if ref_spec is None and not args.no_ref and getattr(loaded.model, "lowbit_recipe", None) is not None:
+        ref_spec = loaded.source
+    ref = load_model(ref_spec, _dtype(args.ref_dtype)).model if ref_spec else None
+    out = eval_humaneval(args, loaded.model, loaded.tokenizer, ref)
+    out["model"], out["ref"] = args.model, ref_spec
+    print(json.dumps(out) if args.json else format_humaneval(out))
     return 0
 
 

@@ -104,10 +104,13 @@ def test_sweep_stores_every_cell_and_a_restart_redoes_none(sweep_dir: Path) -> N
 def test_a_failed_cell_is_recorded_and_the_sweep_goes_on(sweep_dir: Path) -> None:
     broken = {"name": "broken", "recipe": {"codec": {"name": "int", "bits": 4}, "algorithm": {"name": "gptq"},
                                            "calibration": {"source": str(sweep_dir / "missing.txt")}}}
-    path = write_sweep(sweep_dir, [broken, "int8"], evaluations={"speed": None})
+    path = write_sweep(sweep_dir, [broken, "int8"], evaluations={
+        "speed": None, "humaneval": {"limit": 2, "max_new_tokens": 4, "batch_size": 2}})
     summary = run_sweep(path, sweep_dir / "results", progress=False)
     rows = {r["recipe"]: r for r in load_results(sweep_dir / "results")}
     assert rows["int8"]["status"] == "done"
+    h = rows["int8"]["humaneval"]  # a random model solves nothing, but its solution likelihood is measured
+    assert h["problems"] == 2 and h["pass@1"] == 0.0 and h["loglik"] < 0 and h["kld"] > 0
     assert rows["broken"]["status"] == "failed" and "missing.txt" in rows["broken"]["error"]
     assert rows["broken"]["failed_stage"] == "quality" and len(summary.failed) == 1
     # kept on restart unless asked

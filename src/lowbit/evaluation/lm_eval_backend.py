@@ -212,7 +212,7 @@ def add_lm_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lm-eval-tasks", metavar="A,B", help="run these lm-eval tasks (or groups) on the model "
                    "instead of perplexity, e.g. hellaswag,arc_easy")
     g.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="folder of extra lm-eval task YAML files")
-    g.add_argument("--limit", type=_positive, metavar="N", help="evaluate at most N examples per lm-eval task")
+    g.add_argument("--limit", type=_positive, metavar="N", help="at most N examples per lm-eval task, or the first N HumanEval problems")
     g.add_argument("--lm-eval-batch-size", type=_positive, default=8, metavar="N",
                    help="requests per forward pass (default 8)")
     g.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples per prompt (default: the task's)")
