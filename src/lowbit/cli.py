@@ -405,9 +405,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = load_text(args.text)
     loaded = load_model(args.model, keep_quantized=True)  # a .gguf file's linears stay packed
     check_context(loaded.model, args.seq_len, f"--seq-len {args.seq_len}")
-    ref_spec = None if args.no_ref else args.ref
-    if ref_spec is None and not args.no_ref and getattr(loaded.model, "lowbit_recipe", None) is not None:
-        ref_spec = loaded.source
+    ref_spec = _reference_spec(args, loaded)
     ref = load_model(ref_spec, _dtype(args.ref_dtype)).model if ref_spec else None
     result = evaluate(
         loaded.model, loaded.tokenizer, text, ref=ref, seq_len=args.seq_len, stride=args.stride,
@@ -429,6 +427,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_spec(args: argparse.Namespace, loaded) -> str | None:  # type: ignore[no-untyped-def]
+    """``--ref``, else the model a lowbit-quantized folder came from; None with ``--no-ref``."""
+    if args.no_ref:
+        return None
+    if args.ref is None and getattr(loaded.model, "lowbit_recipe", None) is not None:
+        return loaded.source
+    return args.ref
+
+
 def _eval_humaneval(args: argparse.Namespace) -> int:
     from lowbit.evaluation.humaneval_cli import eval_humaneval, format_humaneval, validate_humaneval_args
     from lowbit.models import load_model
@@ -438,9 +445,7 @@ def _eval_humaneval(args: argparse.Namespace) -> int:
         raise LowbitError("--task humaneval and --lm-eval-tasks exclude each other")
     loaded = load_model(args.model, keep_quantized=True)
     loaded.model.to(_dtype(args.dtype))
-    ref_spec = None if args.no_ref else args.ref
-    if ref_spec is None and not args.no_ref and getattr(loaded.model, "lowbit_recipe", None) is not None:
-        ref_spec = loaded.source
+    ref_spec = _reference_spec(args, loaded)
     ref = load_model(ref_spec, _dtype(args.ref_dtype)).model if ref_spec else None
     out = eval_humaneval(args, loaded.model, loaded.tokenizer, ref)
     out["model"], out["ref"] = args.model, ref_spec
@@ -619,7 +624,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     summary = run_sweep(args.sweep, results, jobs=args.jobs, ray_address=args.ray, retry_failed=args.retry_failed,
                         progress=not args.no_progress)
     print(f"{summary.cells} cells: {summary.done} run now, {summary.skipped} kept from {results}, "
-          f"{len(summary.failed)} failed -> {results}" + (f" (`lowbit report {results} -o report.html`)"))
+          f"{len(summary.failed)} failed -> {results} (`lowbit report {results} -o report.html`)")
     return 1 if summary.failed else 0
 
 
@@ -629,8 +634,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_command(args)
 
 
-COMMANDS = {"quantize": cmd_quantize, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench,
-            "generate": cmd_generate, "bench-speed": cmd_bench_speed}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench,
+            "generate": cmd_generate, "bench-speed": cmd_bench_speed, "sweep": cmd_sweep, "report": cmd_report}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]

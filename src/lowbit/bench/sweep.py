@@ -43,6 +43,13 @@ class SweepSummary:
     done: int = 0
     failed: list[str] = field(default_factory=list)  # cell ids
 
+    def count(self, cell: Cell, error: str | None) -> None:
+        """One cell finished now: done, or failed with ``error``."""
+        if error is None:
+            self.done += 1
+        else:
+            self.failed.append(cell.cell)
+
 
 def run_sweep(sweep_file: Path, results: Path, jobs: int = 1, ray_address: str | None = None,
               retry_failed: bool = False, progress: bool = True) -> SweepSummary:
@@ -57,14 +64,14 @@ def run_sweep(sweep_file: Path, results: Path, jobs: int = 1, ray_address: str |
         check_ray_address(ray_address)  # one clear line before the store is even created
     store = ResultsStore(results)
     summary = SweepSummary(cells=len(cells))
-    todo = []
+    todo, kept_failed = [], 0
     for c in cells:
-        r = store.get(c.cell)
-        if r is not None and (r.get("status") == "done" or (r.get("status") == "failed" and not retry_failed)):
+        status = (store.get(c.cell) or {}).get("status")
+        if status == "done" or (status == "failed" and not retry_failed):
             summary.skipped += 1
+            kept_failed += status == "failed"
         else:
             todo.append(c)
-    kept_failed = sum(1 for c in cells if (store.get(c.cell) or {}).get("status") == "failed" and not retry_failed)
     if kept_failed:
         print(f"lowbit: {kept_failed} failed cells kept as they are (--retry-failed runs them again)", file=sys.stderr)
     threads = spec.resources.cpus or max(1, (os.cpu_count() or 1) // jobs)
@@ -147,12 +154,12 @@ def _run_local(cells: list[Cell], store: ResultsStore, jobs: int, threads: int, 
         if error is not None:
             _record(store, cell, {}, "failed", error, seconds, "quality")
             shutil.rmtree(work_root / cell.cell, ignore_errors=True)
-            summary.failed.append(cell.cell)
+            summary.count(cell, error)
         else:
             _record(store, cell, fields, "partial" if cell.timed else "done", None, seconds)
             if not cell.timed:
                 shutil.rmtree(work_root / cell.cell, ignore_errors=True)
-                summary.done += 1
+                summary.count(cell, None)
         board.finish(_label(cell), error, done=not cell.timed)
 
     pending = [c for c in cells if (store.get(c.cell) or {}).get("status") != "partial"
@@ -169,8 +176,7 @@ def _run_local(cells: list[Cell], store: ResultsStore, jobs: int, threads: int, 
         seconds = time.perf_counter() - t0
         _record(store, cell, fields, "failed" if error else "done", error, seconds, "timing")
         shutil.rmtree(work_root / cell.cell, ignore_errors=True)
-        (summary.failed.append(cell.cell) if error else None)
-        summary.done += error is None
+        summary.count(cell, error)
         board.finish(_label(cell), error, done=True)
 
 
@@ -293,8 +299,7 @@ def _run_ray(cells: list[Cell], store: ResultsStore, address: str, threads: int,
             except Exception as e:  # the worker died: Ray says so with its own exception
                 fields, error, stage, seconds = {}, f"Ray task failed: {type(e).__name__}: {str(e).splitlines()[0]}", None, 0.0
             _record(store, cell, fields, "failed" if error else "done", error, seconds, stage)
-            (summary.failed.append(cell.cell) if error else None)
-            summary.done += error is None
+            summary.count(cell, error)
             board.finish(_label(cell), error, done=True)
     finally:
         ray.shutdown()

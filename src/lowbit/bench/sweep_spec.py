@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lowbit.errors import LowbitError
 
 DENSE_ROWS = ("unquantized", "bf16")  # rows without a quantization step
-LAYOUTS = ("native", "compressed-tensors", "gptq", "gptq_v2", "awq", "gguf")
 
 
 class _Strict(BaseModel):
