@@ -303,7 +303,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"quantized {len(report.quantized)} linears with {recipe.label()} "
         f"({recipe.codec.describe() if recipe.codec is not None else 'no codec'}, {recipe.algorithm.name}) in "
         f"{report.seconds:.1f}s{resumed}: {size.bits_per_weight:.3f} bits per weight, "
-        f"{(args.out.stat().st_size if layout == 'gguf' else folder_bytes(args.out)) / 1e6:.1f} MB on disk -> {args.out}"
+        f"{folder_bytes(args.out) / 1e6:.1f} MB on disk -> {args.out}"
     )
     return 0
 

@@ -75,6 +75,14 @@ def test_cells_change_when_the_evaluation_changes(sweep_dir: Path) -> None:
     assert a[0].cell != b[0].cell  # a store never mixes rows measured another way
 
 
+def test_a_dense_row_is_known_by_its_recipe_not_its_name(sweep_dir: Path) -> None:
+    recipes = [{"name": "bf16", "recipe": "int8"}, {"name": "half", "recipe": "bf16"}, "unquantized"]
+    cells = {c.recipe: c for c in expand_cells(load_sweep(write_sweep(sweep_dir, recipes)))}
+    assert cells["bf16"].dense is None and cells["bf16"].recipe_data is not None  # quantized, whatever its label
+    assert cells["half"].dense == "bfloat16" and cells["half"].recipe_data is None
+    assert cells["unquantized"].dense == "float32"
+
+
 def test_sweep_stores_every_cell_and_a_restart_redoes_none(sweep_dir: Path) -> None:
     # (GGUF cells: the tiny model's character tokenizer is not one the GGUF writer writes)
     path = write_sweep(sweep_dir, ["unquantized", "int8", INT4, "bf16"])

@@ -60,7 +60,7 @@ def describe(cell: Cell) -> dict[str, Any]:
     return {
         "cell": cell.cell, "model": cell.model, "recipe": cell.recipe, "recipe_digest": cell.recipe_digest,
         "method": algorithm, "format": "gguf" if cell.format == "gguf" else "lowbit",
-        "codec": _codec_label(cell.recipe, data, codec),
+        "codec": _codec_label(cell.dense, data, codec),
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()},
         "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
@@ -68,9 +68,9 @@ def describe(cell: Cell) -> dict[str, Any]:
     }
 
 
-def _codec_label(recipe: str, data: dict[str, Any], codec: dict[str, Any]) -> str:
-    if not data:
-        return "bf16" if recipe == "bf16" else "float32"
+def _codec_label(dense: str | None, data: dict[str, Any], codec: dict[str, Any]) -> str:
+    if dense is not None:
+        return "bf16" if dense == "bfloat16" else "float32"
     if data.get("gguf_mix"):
         return f"gguf {data['gguf_mix']}"
     from lowbit.recipes import Recipe
@@ -125,7 +125,7 @@ def _quality(cell: Cell, work: Path, env: dict[str, str]) -> dict[str, Any]:
         partial.replace(out)
         result["quant_seconds"] = seconds
     evaluated = str(out) if out is not None else cell.model
-    dtype = ["--dtype", "bfloat16"] if cell.recipe == "bf16" else []
+    dtype = ["--dtype", "bfloat16"] if cell.dense == "bfloat16" else []
     texts: dict[str, Any] = {}
     size: dict[str, Any] = {}
     for text in ev.texts:
@@ -135,10 +135,12 @@ def _quality(cell: Cell, work: Path, env: dict[str, str]) -> dict[str, Any]:
         r = _json_line(stdout)
         texts[text] = {k: r.get(k) for k in ("ppl", "delta_ppl", "kld", "kld_p99", "top1", "tokens")}
         size = {"bits_per_weight": r.get("bits_per_weight"), "model_bytes": r.get("model_bytes")}
-    if cell.recipe == "bf16" and size.get("model_bytes"):
+    if cell.dense == "bfloat16" and size.get("model_bytes"):
         # evaluated from the float32 weights cast to bfloat16: every tensor at half the bytes
         size = {"bits_per_weight": 16.0, "model_bytes": size["model_bytes"] // 2}
-    size["disk_bytes"] = _disk_bytes(out)
+    from lowbit.bench.compare import folder_bytes
+
+    size["disk_bytes"] = folder_bytes(out) if out is not None else None
     result.update(texts=texts, size=size)
     if ev.humaneval is not None:
         h = ev.humaneval
@@ -158,7 +160,7 @@ def _timing(cell: Cell, work: Path, env: dict[str, str], threads: int) -> dict[s
     if out is not None and not out.exists():
         raise LowbitError(f"{out}: the quality stage's model is missing")
     spec = str(out) if out is not None else cell.model
-    dtype = {"unquantized": "float32", "bf16": "bfloat16"}.get(cell.recipe, "auto")
+    dtype = cell.dense or "auto"
     stdout, _ = _lowbit("bench-speed", spec, "--batch", str(sp.batch), "--prompt-tokens", str(sp.prompt_tokens),
                         "--new-tokens", str(sp.new_tokens), "--repeats", str(sp.repeats), "--dtype", dtype,
                         "--threads", str(threads), "--json", env=env)
@@ -227,14 +229,6 @@ def source_facts(source: str, quantized: Path | None) -> dict[str, Any]:
             errors[name] = float(((w - wq) ** 2).sum() / (w ** 2).sum().clamp_min(1e-300))
     facts["layers"] = errors
     return facts
-
-
-def _disk_bytes(path: Path | None) -> int | None:
-    if path is None or not path.exists():
-        return None
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _remove(path: Path) -> None:

@@ -60,6 +60,11 @@ def block_linear_names(model: torch.nn.Module) -> list[str]:
 
 
 def folder_bytes(path: Path) -> int:
+    """Bytes of a saved model's weights: a GGUF file whole, a folder's ``*.safetensors`` files
+    (its config and tokenizer files are left out: they are the same for every recipe)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
 
 

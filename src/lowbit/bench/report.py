@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import re
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any, Callable, Sequence
 from urllib.parse import quote
 
 from lowbit.errors import LowbitError
+from lowbit.io.folder import write_text_atomic
 
 # the classic comparison: (row label, recipe name in the sweep)
 CLASSIC = (("original", "unquantized"), ("16-bit", "bf16"), ("int8", "int8"),
@@ -467,25 +467,13 @@ def write_report(results: list[dict[str, Any]], out: Path, heatmap: str | None =
     blocks = build_page(results, heatmap)
     title = title or "lowbit report"
     if suffix == ".html":
-        _write_text(out, render_html(blocks, title))
+        write_text_atomic(out, render_html(blocks, title))
         return [out]
     folder = out.parent / f"{out.stem}_files"
     text, files = render_markdown(blocks, title, folder.name)
     written = _write_folder(folder, files)
-    _write_text(out, text)
+    write_text_atomic(out, text)
     return [out, *written]
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_folder(folder: Path, files: dict[str, bytes]) -> list[Path]:

@@ -16,7 +16,7 @@ A cell result (``schema`` 1) holds:
 * ``model_fingerprint``, ``machine`` (platform, cpus, threads), ``versions`` (lowbit, torch,
   transformers, python), ``started_at`` (ISO 8601, UTC), ``seconds`` (the whole cell);
 * ``size``: ``bits_per_weight`` (decoder-block linears with their scale data), ``model_bytes``
-  (every stored tensor), ``disk_bytes`` (the saved file or folder; None if not saved);
+  (every stored tensor), ``disk_bytes`` (the saved weights: a GGUF file, a folder's safetensors; None if not saved);
 * ``quant_seconds``;
 * ``texts``: per text name ``{ppl, delta_ppl, kld, kld_p99, top1, tokens}`` (KLD in nats/token);
 * ``speed``: None or ``{batch, prompt_tokens, new_tokens, prefill_tokens_per_s,
@@ -31,13 +31,12 @@ A cell result (``schema`` 1) holds:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.io.folder import write_text_atomic
 
 SCHEMA = 1
 HEADER = "lowbit-results.json"
@@ -104,12 +103,4 @@ def load_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1))

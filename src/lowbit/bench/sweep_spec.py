@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lowbit.errors import LowbitError
 
-DENSE_ROWS = ("unquantized", "bf16")  # rows without a quantization step
+DENSE_ROWS = {"unquantized": "float32", "bf16": "bfloat16"}  # rows without a quantization step: their dtype
 
 
 class _Strict(BaseModel):
@@ -100,6 +100,7 @@ class Cell(BaseModel):
     recipe_data: dict[str, Any] | None  # the resolved recipe (None for the dense rows)
     recipe_digest: str | None
     format: str | None  # output layout; None for the dense rows
+    dense: Literal["float32", "bfloat16"] | None = None  # a dense row's compute dtype; None when quantized
     evaluations: EvaluationsSpec
     resources: ResourcesSpec
 
@@ -144,11 +145,12 @@ def expand_cells(spec: SweepSpec, base_dir: Path | None = None) -> list[Cell]:
             data = None if recipe is None else recipe.to_dict()
             digest = None if recipe is None else recipe.digest()
             layout = None if recipe is None else (entry.format or _default_layout(recipe))
-            key = json.dumps({"model": model, "recipe": entry.name, "digest": digest, "format": layout,
+            dense = DENSE_ROWS[_source(entry)] if recipe is None else None
+            key = json.dumps({"model": model, "recipe": entry.name, "digest": digest, "format": layout, "dense": dense,
                               "evaluations": spec.evaluations.model_dump()}, sort_keys=True)
             cid = f"{_slug(model)}__{_slug(entry.name)}__{hashlib.sha256(key.encode()).hexdigest()[:10]}"
             cells.append(Cell(cell=cid, model=model, recipe=entry.name, recipe_data=data, recipe_digest=digest,
-                              format=layout, evaluations=spec.evaluations, resources=spec.resources))
+                              format=layout, dense=dense, evaluations=spec.evaluations, resources=spec.resources))
     return cells
 
 
@@ -168,10 +170,14 @@ def _entry(e: str | RecipeEntry) -> RecipeEntry:
     return RecipeEntry(name=e) if isinstance(e, str) else e
 
 
+def _source(entry: RecipeEntry) -> str | dict[str, Any]:
+    return entry.recipe if entry.recipe is not None else entry.name
+
+
 def _resolve(entry: RecipeEntry, base_dir: Path | None):  # type: ignore[no-untyped-def]
     from lowbit.recipes import Recipe, resolve_recipe
 
-    source = entry.recipe if entry.recipe is not None else entry.name
+    source = _source(entry)
     if isinstance(source, dict):
         return Recipe.from_dict({**source, "name": source.get("name", entry.name)}, source=f"recipe {entry.name!r}")
     if source in DENSE_ROWS:
