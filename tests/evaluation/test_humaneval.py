@@ -132,6 +132,27 @@ def test_batched_greedy_equals_unbatched_generate(problems, byte_tokenizer) -> N
     assert stopped >= 3 and n_tokens < 5 * 24  # rows really stopped early, not all at once
 
 
+def test_length_hints_regroup_batches_not_outputs(problems, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = _tiny()
+    prompts = [_encode(byte_tokenizer, p.prompt[-n:]) for p, n in zip(problems[:4], (10, 70, 25, 45))]
+    kw = dict(stop_at=lambda t: None, max_new_tokens=8, batch_size=2)
+    seen: list[int] = []
+    original = model.generate
+
+    def generate(**k):  # type: ignore[no-untyped-def]
+        seen.append(int(k["attention_mask"].sum()))  # prompt tokens in this batch
+        return original(**k)
+
+    model.generate = generate
+    texts, _ = generate_completions(model, byte_tokenizer, prompts, length_hints=[1, 9, 8, 2], **kw)
+    model.generate = original
+    assert seen == [70 + 25, 10 + 45]  # the two rows hinted longest decode together
+    expected = [byte_tokenizer.decode(_greedy_one(model, ids, 8), skip_special_tokens=True) for ids in prompts]
+    assert texts == expected
+    with pytest.raises(ValueError, match="3 length hints for 4 prompts"):
+        generate_completions(model, byte_tokenizer, prompts, length_hints=[1, 2, 3], **kw)
+
+
 def test_generation_without_stops_equals_generate(problems, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = _tiny(seed=3)
     prompts = [_encode(byte_tokenizer, p.prompt[-n:]) for p, n in zip(problems[5:9], (40, 8, 90, 20))]

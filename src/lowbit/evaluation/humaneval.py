@@ -241,15 +241,20 @@ def generate_completions(
     temperature: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    length_hints: Sequence[int] | None = None,
 ) -> tuple[list[str], int]:
-    """Complete each prompt (a list of token ids), batched with left padding, in order of
-    length for less padding. Greedy when ``temperature`` is 0, else sampled with a seeded
+    """Complete each prompt (a list of token ids), batched with left padding. A batch decodes
+    until its longest row stops, so rows are batched in order of ``length_hints`` (an expected
+    completion length per prompt; default the prompt's length), longest first. Greedy when ``temperature`` is 0, else sampled with a seeded
     generator (the global RNG is restored afterwards). Each text is cut where ``stop_at`` says.
     Returns the texts, in the order of ``prompts``, and the number of tokens generated up to
     each row's stop."""
     from transformers import StoppingCriteriaList
 
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    hints = list(length_hints) if length_hints is not None else [len(p) for p in prompts]
+    if len(hints) != len(prompts):
+        raise ValueError(f"{len(hints)} length hints for {len(prompts)} prompts")
+    order = sorted(range(len(prompts)), key=lambda i: (-hints[i], -len(prompts[i])))
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
     config = _generation_config(max_new_tokens, temperature, pad, eos, tokenizer)
@@ -435,11 +440,13 @@ def run_humaneval(
     try:
         with cache_dequantized_weights(model, _float_dtype(model)):
             t0 = time.perf_counter()
+            # a canonical solution's length foretells a completion's: batches of like lengths waste less
+            hints = [len(_encode(tokenizer, p.canonical_solution)) for p in problems]
             texts, n_generated = generate_completions(
                 model, tokenizer, [ids for ids in prompts for _ in range(samples)],
                 stop_at=_chat_block_end if chat else lambda t: _first_stop(t, STOP_SEQUENCES),
                 max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed,
-                progress=progress,
+                progress=progress, length_hints=[h for h in hints for _ in range(samples)],
             )
             generation_seconds = time.perf_counter() - t0
             scores = solution_scores(model, tokenizer, problems, ref, progress)
