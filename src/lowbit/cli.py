@@ -623,7 +623,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     results = args.results or args.sweep.with_name(args.sweep.stem + "-results")
     summary = run_sweep(args.sweep, results, jobs=args.jobs, ray_address=args.ray, retry_failed=args.retry_failed,
                         progress=not args.no_progress)
-    print(f"{summary.cells} cells: {summary.done} run now, {summary.skipped} kept from {results}, "
+    resumed = f" ({summary.resumed} of them measured before: timing only)" if summary.resumed else ""
+    print(f"{summary.cells} cells: {summary.done} run now{resumed}, {summary.skipped} kept from {results}, "
           f"{len(summary.failed)} failed -> {results} (`lowbit report {results} -o report.html`)")
     return 1 if summary.failed else 0
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from lowbit.bench.results import HEADER, ResultsStore, load_results
-from lowbit.bench.sweep import check_ray_address, run_sweep
+from lowbit.bench.sweep import check_ray_address, run_sweep, run_stage_process
 from lowbit.bench.sweep_spec import expand_cells, load_sweep
 from lowbit.errors import LowbitError
 from conftest import sample_text
@@ -149,6 +149,26 @@ def test_a_sweep_killed_halfway_resumes_without_redoing_finished_cells(sweep_dir
     after = {r["cell"]: r for r in load_results(results)}
     assert all(after[c] == r for c, r in first.items())  # untouched
     assert all(r["status"] == "done" for r in after.values())
+
+
+def test_a_cell_killed_between_its_stages_reruns_only_its_timing(sweep_dir: Path) -> None:
+    path = write_sweep(sweep_dir, ["int8"])
+    results = sweep_dir / "results"
+    run_sweep(path, results, progress=False)
+    store = ResultsStore(results)
+    (row,) = store.results()
+    (cell,) = expand_cells(load_sweep(path))
+    assert not (results / "work" / cell.cell).exists()  # a finished cell's model is gone
+    _, error = run_stage_process(cell, "quality", results / "work" / cell.cell, 1)  # its model back in work/
+    assert error is None
+    store.put({**row, "status": "partial", "speed": None, "memory": None})  # as the quality stage left it
+    summary = run_sweep(path, results, progress=False)
+    assert (summary.done, summary.resumed, summary.skipped) == (1, 1, 0)
+    (after,) = load_results(results)
+    assert after["status"] == "done" and after["speed"]["decode_tokens_per_s"] > 0
+    kept = ("texts", "size", "layers", "started_at", "quant_seconds")  # quant_seconds: not quantized again
+    assert {k: after[k] for k in kept} == {k: row[k] for k in kept}
+    assert not (results / "work" / cell.cell).exists()
 
 
 def _rows(results: Path) -> list[dict]:

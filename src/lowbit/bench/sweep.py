@@ -40,6 +40,7 @@ QUALITY_FIELDS = ("quant_seconds", "texts", "size", "humaneval", "layers", "mode
 class SweepSummary:
     cells: int
     skipped: int = 0  # already done in the store
+    resumed: int = 0  # measured by an earlier run; only their timing stage runs now
     done: int = 0
     failed: list[str] = field(default_factory=list)  # cell ids
 
@@ -71,6 +72,8 @@ def run_sweep(sweep_file: Path, results: Path, jobs: int = 1, ray_address: str |
             summary.skipped += 1
             kept_failed += status == "failed"
         else:
+            # locally a measured cell keeps its model in work/ for the timing stage; a Ray task redoes both
+            summary.resumed += status == "partial" and ray_address is None and (store.root / "work" / c.cell).exists()
             todo.append(c)
     if kept_failed:
         print(f"lowbit: {kept_failed} failed cells kept as they are (--retry-failed runs them again)", file=sys.stderr)
