@@ -182,13 +182,32 @@ def test_heatmap_recipe_chosen_and_unknown_refused(results: list[dict[str, Any]]
         return [b.title for b in report.build_page(results, heatmap) if isinstance(b, report.Plot) and "layer" in b.id]
 
     assert heatmaps("w4a16-awq") == ["Per-layer quantization error (w4a16-awq)"]
-    # by default the first quantized recipe (in file-name order) that has per-layer errors
-    assert heatmaps(None) == ["Per-layer quantization error (gguf-q4_k_m)"]
+    # by default the quantized recipe with the fewest bits per weight
+    assert heatmaps(None) == ["Per-layer quantization error (w3a16-gptq)"]
     with pytest.raises(LowbitError, match="--heatmap nope"):
         write_report(results, tmp_path / "s.html", heatmap="nope")
     rows, cols, grid = report.layer_grid({"model.layers.1.mlp.down_proj": 0.2, "model.layers.0.self_attn.q_proj": 0.1,
                                           "lm_head": 0.5})
     assert (rows, cols, grid) == ([0, 1], ["q_proj", "down_proj"], [[0.1, None], [None, 0.2]])
+
+
+def test_the_reference_row_is_not_on_the_log_kld_plots() -> None:
+    cells = sweep()[:4]
+    cells[0]["codec"] = "float32"  # the unquantized row as a sweep writes it: KLD against itself ~1e-10
+    for t in cells[0]["texts"].values():
+        t["kld"] = 1.2e-10
+    kld_plots = [b for b in report._quality_plots("m", cells, "pydoc") if isinstance(b, report.Plot) and "kld" in b.id]
+    assert len(kld_plots) == 2
+    for plot in kld_plots:
+        drawn = {p[2] for pts in plot.make.args[0].values() for p in pts}  # type: ignore[attr-defined]
+        assert drawn == {"bf16", "int8", "w4a16"}
+
+
+def test_rows_are_listed_largest_first() -> None:
+    (table,) = [b for b in report.build_page(sweep()) if isinstance(b, report.Table) and "comparison" in b.id]
+    recipe = table.columns.index("recipe")
+    assert [row[recipe] for row in table.rows][:3] == ["bf16", "unquantized", "int8"]
+    assert [row[recipe] for row in table.rows][-1] == "w3a16-gptq"
 
 
 def test_mixed_versions_warn() -> None:

@@ -251,8 +251,10 @@ def _quality_plots(slug: str, cells: list[dict[str, Any]], text: str | None) -> 
     from lowbit.bench import plots
 
     def kld(r: dict[str, Any]) -> float | None:
+        if r.get("method") == "none" and r.get("codec") == "float32":
+            return None  # the reference against itself: KLD 0 up to rounding, which a log axis would stretch
         v = _num(_get(r, "texts", text, "kld"))
-        return v if v is not None and v > 0 else None  # KLD 0 (the reference itself) has no log
+        return v if v is not None and v > 0 else None
 
     of = f" ({text})" if text else ""
     out = []
@@ -319,8 +321,10 @@ def layer_grid(layers: dict[str, float]) -> tuple[list[int], list[str], list[lis
 def _heatmap(slug: str, cells: list[dict[str, Any]], recipe: str | None) -> list[Block]:
     from lowbit.bench import plots
 
-    if recipe is None:
-        chosen = next((r for r in cells if r.get("method") not in (None, "none") and r.get("layers")), None)
+    if recipe is None:  # the fewest bits per weight, where layers differ most; then the larger mean error
+        measured = [r for r in cells if r.get("method") not in (None, "none") and r.get("layers")]
+        chosen = min(measured, default=None, key=lambda r: (
+            _bpw(r) or float("inf"), -sum(r["layers"].values()) / len(r["layers"]), str(r.get("recipe"))))
     else:
         chosen = next((r for r in cells if r.get("recipe") == recipe), None)
     title = f"Per-layer quantization error ({chosen.get('recipe') if chosen else recipe or 'no recipe'})"
@@ -344,7 +348,8 @@ def build_page(results: list[dict[str, Any]], heatmap: str | None = None) -> lis
     blocks: list[Block] = [*provenance(results)]
     slugs: set[str] = set()
     for model in dict.fromkeys(str(r.get("model", "")) for r in done):
-        cells = [r for r in done if str(r.get("model", "")) == model]
+        cells = sorted((r for r in done if str(r.get("model", "")) == model),
+                       key=lambda r: (-(_bpw(r) or 0.0), str(r.get("recipe"))))  # the largest first
         texts = text_names(cells)
         slug = _slug(model)
         while slug in slugs:  # "org/m" and "org-m" would share their element ids
@@ -505,11 +510,12 @@ def _write_folder(folder: Path, files: dict[str, bytes]) -> list[Path]:
 
 def add_report_args(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``lowbit report``."""
-    parser.add_argument("results", type=Path, metavar="RESULTS", help="a results folder written by `lowbit bench`")
+    parser.add_argument("results", type=Path, metavar="RESULTS", help="a results folder written by `lowbit sweep`")
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="FILE.html|FILE.md",
                         help="one self-contained HTML file, or Markdown with PNG plots in FILE_files/")
     parser.add_argument("--heatmap", metavar="RECIPE",
-                        help="recipe whose per-layer errors are drawn (default: the first quantized one that has them)")
+                        help="recipe whose per-layer errors are drawn (default: the quantized one with the fewest "
+                             "bits per weight)")
     parser.add_argument("--title", metavar="T", help="page title (default: lowbit report)")
 
 
