@@ -95,6 +95,7 @@ def test_sweep_stores_every_cell_and_a_restart_redoes_none(sweep_dir: Path) -> N
     assert 0 < rows["int8"]["texts"][text]["kld"] < rows["int4-g32"]["texts"][text]["kld"]
     assert rows["int4-g32"]["size"]["bits_per_weight"] == pytest.approx(4.5)
     assert rows["int8"]["size"]["disk_bytes"] > 0 and rows["bf16"]["size"]["bits_per_weight"] == 16
+    assert rows["bf16"]["size"]["model_bytes"] * 2 == rows["unquantized"]["size"]["model_bytes"]  # half, once
     assert 0 < rows["bf16"]["texts"][text]["kld"] < rows["int8"]["texts"][text]["kld"]
     # per-linear error: int4 loses more than int8 on every linear
     assert all(rows["int4-g32"]["layers"][k] > rows["int8"]["layers"][k] > 0 for k in rows["int8"]["layers"])

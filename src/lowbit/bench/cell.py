@@ -135,9 +135,6 @@ def _quality(cell: Cell, work: Path, env: dict[str, str]) -> dict[str, Any]:
         r = _json_line(stdout)
         texts[text] = {k: r.get(k) for k in ("ppl", "delta_ppl", "kld", "kld_p99", "top1", "tokens")}
         size = {"bits_per_weight": r.get("bits_per_weight"), "model_bytes": r.get("model_bytes")}
-    if cell.dense == "bfloat16" and size.get("model_bytes"):
-        # evaluated from the float32 weights cast to bfloat16: every tensor at half the bytes
-        size = {"bits_per_weight": 16.0, "model_bytes": size["model_bytes"] // 2}
     from lowbit.bench.compare import folder_bytes
 
     size["disk_bytes"] = folder_bytes(out) if out is not None else None

@@ -79,7 +79,8 @@ def run_sweep(sweep_file: Path, results: Path, jobs: int = 1, ray_address: str |
         print(f"lowbit: {kept_failed} failed cells kept as they are (--retry-failed runs them again)", file=sys.stderr)
     threads = spec.resources.cpus or max(1, (os.cpu_count() or 1) // jobs)
     timing_threads = spec.resources.cpus or os.cpu_count() or 1  # a timing stage runs alone
-    board = _Board(len(cells), summary.skipped, progress)
+    # Ray tells when a task ends, not when it starts: its cells are submitted (queued or running)
+    board = _Board(len(cells), summary.skipped, progress, "running" if ray_address is None else "in Ray")
     try:
         if ray_address is None:
             _run_local(todo, store, jobs, threads, timing_threads, board, summary)
@@ -93,10 +94,11 @@ def run_sweep(sweep_file: Path, results: Path, jobs: int = 1, ray_address: str |
 class _Board:
     """The progress display: cells done, running and failed."""
 
-    def __init__(self, total: int, skipped: int, enabled: bool) -> None:
+    def __init__(self, total: int, skipped: int, enabled: bool, running: str = "running") -> None:
         self.bar = tqdm(total=total, initial=skipped, desc="cells", unit="cell", disable=not enabled,
                         file=sys.stderr, dynamic_ncols=True)
         self.running: set[str] = set()
+        self.running_label = running
         self.failed = 0
         self.lock = threading.Lock()
         self._show()
@@ -117,7 +119,7 @@ class _Board:
             self._show()
 
     def _show(self) -> None:
-        self.bar.set_postfix_str(f"running {len(self.running)}, failed {self.failed}"
+        self.bar.set_postfix_str(f"{self.running_label} {len(self.running)}, failed {self.failed}"
                                  + (f" ({', '.join(sorted(self.running))[:60]})" if self.running else ""))
 
     def close(self) -> None:
