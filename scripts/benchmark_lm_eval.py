@@ -26,7 +26,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local JSON tasks: nothing from a hub
@@ -132,7 +131,6 @@ def main() -> int:
     from lowbit.evaluation.lm_eval_backend import run_lm_eval
     from lowbit.models import builtin_model_path
 
-    t0 = time.time()
     folder = builtin_model_path(args.model)
     recipes = [r for r in args.recipes.split(",") if r]
     rows = []
@@ -158,12 +156,11 @@ def main() -> int:
             q = run_lm_eval(str(out), TASKS, include_path=tasks, batch_size=args.batch_size, device="cpu")
             linears = q["config"]["lowbit_linears"]
             rows.append(("lowbit", recipe, f"{q['config']['lowbit_dtype']}, {linears}", scores(q)))
-    minutes = (time.time() - t0) / 60
     command = "`.venv/bin/python scripts/benchmark_lm_eval.py`" if (args.model, args.recipes) == (
         DEFAULT_MODEL, "int8,w4a16") else f"`.venv/bin/python scripts/benchmark_lm_eval.py --model {args.model} --recipes {args.recipes}`"
     names = list(rows[0][3])
     lines = [
-        f"Printed by {command} ({minutes:.1f} min; lm-eval {lm_eval.__version__}; {args.words} last-word, "
+        f"Printed by {command} (lm-eval {lm_eval.__version__}; {args.words} last-word, "
         f"{args.next} generation and {args.paragraphs} paragraph documents from `pydoc_data.topics`).",
         "",
         f"On the unquantized model the two backends' {len(a)} loglikelihoods differ by at most {gap:.2e} nats; "
