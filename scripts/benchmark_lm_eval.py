@@ -81,11 +81,11 @@ def write_tasks(root: Path, n_words: int, n_next: int, n_paragraphs: int) -> Non
     for s in chosen[:n_next]:
         w = s.split()
         cut = len(w) // 2
-        nexts.append({"prompt": " ".join(w[:cut]), "target": " " + " ".join(w[cut:cut + 2])})
+        nexts.append({"prompt": " ".join(w[:cut]), "target": " ".join(w[cut:cut + 2])})
     yaml(NEXT, jsonl("next", nexts),
          "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
          "generation_kwargs:\n  until: ['.', '\\n']\n  max_gen_toks: 16\n  do_sample: false\n"
-         "filter_list:\n  - name: two-words\n    filter:\n      - {function: regex, regex_pattern: '^(\\s*\\S+\\s+\\S+)'}\n"
+         "filter_list:\n  - name: two-words\n    filter:\n      - {function: regex, regex_pattern: '^\\s*(\\S+\\s+\\S+)'}\n"
          "      - {function: take_first}\n"
          "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true, ignore_punctuation: true}\n")
     step = max(1, len(paragraphs) // n_paragraphs)
