@@ -72,8 +72,6 @@ def run_sweep(sweep_file: Path, results: Path, jobs: int = 1, ray_address: str |
             summary.skipped += 1
             kept_failed += status == "failed"
         else:
-            # locally a measured cell keeps its model in work/ for the timing stage; a Ray task redoes both
-            summary.resumed += status == "partial" and ray_address is None and (store.root / "work" / c.cell).exists()
             todo.append(c)
     if kept_failed:
         print(f"lowbit: {kept_failed} failed cells kept as they are (--retry-failed runs them again)", file=sys.stderr)
@@ -169,6 +167,7 @@ def _run_local(cells: list[Cell], store: ResultsStore, jobs: int, threads: int, 
 
     pending = [c for c in cells if (store.get(c.cell) or {}).get("status") != "partial"
                or not (work_root / c.cell).exists()]
+    summary.resumed = len(cells) - len(pending)  # measured before; their models wait in work/ (Ray redoes both)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for f in as_completed([pool.submit(quality, c) for c in pending]):
             f.result()
