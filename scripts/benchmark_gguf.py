@@ -1,7 +1,12 @@
 """GGUF files of a real model made by lowbit and by llama.cpp's llama-quantize, run by llama.cpp
 and evaluated by lowbit, in one table; rewrites the "GGUF" sections of BENCHMARKS.md (SmolLM2-135M,
-the default; ``--model`` another, with ``--rows q4_k_m`` the Q4_K_M rows only: sections "gguf-MODEL"
-and "gguf-mixes-MODEL").
+the default; ``--model`` another: sections "gguf-MODEL" and "gguf-mixes-MODEL").
+
+``--rows`` picks what runs: ``all``, ``q4_k_m`` (the F32 file and every Q4_K_M row), ``no-passes``
+(every row whose file needs no calibration passes of lowbit's: all of llama.cpp's rows, lowbit's
+RTN rows and lowbit's rows with llama.cpp's imatrix file; lowbit's own imatrix and GPTQ take
+10-15 minutes each on a 0.5B model), or row labels separated by semicolons. The tables show every
+row kept from any invocation, in the table's order.
 
 Every row is a GGUF file:
 
@@ -18,7 +23,8 @@ computation of that perplexity protocol on the file's weights and llama.cpp's ow
 Needs llama.cpp's tools (``scripts/peers/setup_llamacpp.sh``, about 6 minutes). Rows are kept in
 ``$LOWBIT_CACHE/bench/gguf.json``; ``--fresh`` runs everything again.
 
-Usage: .venv/bin/python scripts/benchmark_gguf.py [--model M] [--rows all|q4_k_m] [--max-windows N] [--fresh]
+Usage: .venv/bin/python scripts/benchmark_gguf.py [--model M] [--rows all|q4_k_m|no-passes|"LABEL;LABEL"]
+       [--max-windows N] [--fresh]
        [--chunks N] [--no-write] [--redo "LABEL;LABEL"] [--kept-only]
 """
 
@@ -96,6 +102,28 @@ ALL_ROWS = ROWS + MIX_ROWS
 Q4_K_M_ROWS = [ROWS[0], *(row for row in MIX_ROWS if " Q4_K_M" in row[0])]
 
 
+def needs_passes(how: tuple) -> bool:
+    """Whether lowbit runs calibration passes to make this row's file (its own imatrix or GPTQ)."""
+    return how[0] == "lowbit" and get_preset(how[1]).needs_calibration
+
+
+ROW_SETS = {"all": ALL_ROWS, "q4_k_m": Q4_K_M_ROWS,
+            "no-passes": [row for row in ALL_ROWS if not needs_passes(row[1])]}
+
+
+def pick_rows(spec: str) -> list:
+    """The rows that ``--rows`` names: a set's name or labels separated by semicolons (ValueError
+    naming an unknown label)."""
+    if spec in ROW_SETS:
+        return ROW_SETS[spec]
+    labels = [label.strip() for label in spec.split(";") if label.strip()]
+    known = dict(ALL_ROWS)
+    unknown = [label for label in labels if label not in known]
+    if unknown or not labels:
+        raise ValueError(f"unknown row {unknown[0]!r}" if unknown else "no row named")
+    return [(label, known[label]) for label in labels]
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -158,7 +186,9 @@ def make_file(how: tuple, base: LoadedModel, work: Path, f32: Path, imatrix: Pat
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
-    ap.add_argument("--rows", choices=("all", "q4_k_m"), default="all", help="every row, or the Q4_K_M ones")
+    ap.add_argument("--rows", default="all", metavar="SET|LABELS",
+                    help="all (default), q4_k_m, no-passes (no calibration passes of lowbit's), or row labels "
+                    "separated by semicolons; the tables show every kept row")
     ap.add_argument("--max-windows", type=int, help="evaluate at most N windows of the text (default: all)")
     ap.add_argument("--chunks", type=int, default=CHUNKS, help=f"llama-perplexity protocol: at most N chunks of {N_CTX} "
                     f"tokens (default {CHUNKS}; the text may hold fewer)")
@@ -168,12 +198,15 @@ def main() -> int:
     ap.add_argument("--kept-only", action="store_true", help="render the kept rows, run nothing")
     args = ap.parse_args()
     store_file = cache_dir() / "bench" / ("gguf.json" if args.model == DEFAULT_MODEL else f"gguf-{args.model}.json")
-    which = ALL_ROWS if args.rows == "all" else Q4_K_M_ROWS
+    try:
+        which = pick_rows(args.rows)
+    except ValueError as e:
+        ap.error(f"--rows: {e}")
     if args.kept_only:
         store = RowStore(store_file, False)
         if not store.rows:
             ap.error(f"--kept-only: no rows kept in {store_file}; run without it")
-        write_tables(store.rows, 0.0, args.no_write, args)
+        write_tables(store.rows, 0.0, args.no_write, args, ran=set())
         return 0
     if llama_cpp_bin() is None:
         log("llama.cpp's tools are missing: building them (scripts/peers/setup_llamacpp.sh)")
@@ -209,10 +242,12 @@ def main() -> int:
         ours_ids = base.tokenizer(text.text, add_special_tokens=False)["input_ids"]
         n_cmp = args.chunks * N_CTX
         same_ids = sum(a == b for a, b in zip(theirs_ids[:n_cmp], ours_ids[:n_cmp]))
+        ran: set[str] = set()
         for label, how in which:
             if store.get(label) is not None:
                 continue
             log(f"{label} ...")
+            ran.add(label)
             path, quant_s = make_file(how, base, work, f32, imatrix)
             loaded = load_gguf_weights(path)
             r = evaluate(loaded.model, base.tokenizer, text, ref=base.model, cache_dir=cache_dir(), progress=False,
@@ -233,21 +268,26 @@ def main() -> int:
             store.put(label, row)
             log(json.dumps(row))
             del loaded
-    write_tables(store.rows, (time.time() - t0) / 60, args.no_write, args)
+    write_tables(store.rows, (time.time() - t0) / 60, args.no_write, args, ran)
     return 0
 
 
-def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, args: argparse.Namespace) -> None:
+def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, args: argparse.Namespace,
+                 ran: set[str]) -> None:
+    """Print both tables (every kept row) and, unless ``no_write``, put them in BENCHMARKS.md;
+    ``ran``: the labels this invocation measured, in ``minutes``."""
     name = bench_model(args.model).name
+    rows_arg = "" if args.rows == "all" else (f" --rows {args.rows}" if args.rows in ROW_SETS else f" --rows '{args.rows}'")
     command = COMMAND if (args.model == DEFAULT_MODEL and args.rows == "all" and args.max_windows is None
                           and args.chunks == CHUNKS) else (
-        f"`.venv/bin/python scripts/benchmark_gguf.py --model {args.model} --rows {args.rows}"
+        f"`.venv/bin/python scripts/benchmark_gguf.py"
+        f"{'' if args.model == DEFAULT_MODEL else f' --model {args.model}'}{rows_arg}"
         f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}"
         f"{'' if args.chunks == CHUNKS else f' --chunks {args.chunks}'}`")
-    pure_rows, mix_rows = (ROWS, MIX_ROWS) if args.rows == "all" else (Q4_K_M_ROWS[:1], Q4_K_M_ROWS[1:])
     note = "" if args.model == DEFAULT_MODEL else f"Model: {bench_model(args.model).about}. "
-    pure = render(rows, pure_rows, minutes, note + (PURE_NOTE if args.rows == "all" else F32_NOTE), command)
-    mixes = render(rows, mix_rows, minutes, note + MIX_NOTE, command)
+    only_f32 = not any(label in rows for label, _ in ROWS[1:])
+    pure = render(rows, ROWS, minutes, note + (F32_NOTE if only_f32 else PURE_NOTE), command, ran)
+    mixes = render(rows, MIX_ROWS, minutes, note + MIX_NOTE, command, ran)
     print(pure + "\n\n" + mixes)
     if not no_write:
         replace_section(ROOT / "BENCHMARKS.md", model_section("gguf", args.model), f"GGUF files: lowbit and llama.cpp on "
@@ -258,7 +298,7 @@ def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, args: ar
 
 PURE_NOTE = (
     "Each row is one GGUF file; every linear of the decoder blocks in the named "
-    "type, embeddings (tied LM head) in F16. llama.cpp's files: `llama-quantize --pure "
+    "type, the token embedding and the output matrix (SmolLM2's is tied to it) in F16. llama.cpp's files: `llama-quantize --pure "
     "--token-embedding-type f16 --output-tensor-type f16` from the F32 GGUF of the same model; ")
 F32_NOTE = (
     "The F32 file lowbit writes (`gguf-f32`), from which llama-quantize makes every llama.cpp file of the "
@@ -275,7 +315,8 @@ MIX_NOTE = (
     "`gguf-<mix>-gptq` (GPTQ on each tensor's grid). ")
 
 
-def render(rows: dict[str, dict], which: list, minutes: float, note: str, command: str = COMMAND) -> str:
+def render(rows: dict[str, dict], which: list, minutes: float, note: str, command: str = COMMAND,
+           ran: set[str] = frozenset()) -> str:  # type: ignore[assignment]
     any_row = next(iter(rows.values()))
     lines = [
         f"Printed by {command}. " + note + "llama.cpp's imatrix: "
@@ -304,8 +345,18 @@ def render(rows: dict[str, dict], which: list, minutes: float, note: str, comman
         if types:
             lines.append(f"- {label}: {types[0]} of its {types[1]} tensors have the type llama-quantize gives them.")
     lines += ["", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-              + (f"; this invocation {minutes:.1f} min." if minutes else "; rows kept from earlier invocations.")]
+              + _provenance([label for label, _ in which if label in rows], ran, minutes)]
     return "\n".join(lines)
+
+
+def _provenance(shown: list[str], ran: set[str], minutes: float) -> str:
+    here = [label for label in shown if label in ran]
+    if not here:
+        return "; rows kept from earlier invocations."
+    if len(here) == len(shown):
+        return f"; this invocation {minutes:.1f} min."
+    return (f"; {len(here)} of these {len(shown)} rows from this invocation ({minutes:.1f} min), the others kept "
+            "from earlier invocations.")
 
 
 if __name__ == "__main__":

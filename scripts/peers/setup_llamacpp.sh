@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity,
-# llama-completion, llama-tokenize) from the llama.cpp vendored in PyPI's llama-cpp-python source package, into
+# llama-completion, llama-tokenize, llama-bench) from the llama.cpp vendored in PyPI's llama-cpp-python source package, into
 # $LOWBIT_CACHE/llama.cpp (default ~/.cache/lowbit/llama.cpp). About 6 minutes on 2 cores.
 #
 # AMX is switched off: on AMX CPUs a -march=native build crashes on quantized models (its AMX
@@ -10,7 +10,7 @@ VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 ROOT="${LOWBIT_CACHE:-$HOME/.cache/lowbit}/llama.cpp"
 SRC="$ROOT/llama_cpp_python-$VERSION/vendor/llama.cpp"
 BUILD="$ROOT/build-$VERSION"
-TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-completion llama-tokenize)
+TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-completion llama-tokenize llama-bench)
 mkdir -p "$ROOT"
 if [ ! -d "$SRC" ]; then
   tmp="$(mktemp -d)"

@@ -132,25 +132,71 @@ def test_batched_greedy_equals_unbatched_generate(problems, byte_tokenizer) -> N
     assert stopped >= 3 and n_tokens < 5 * 24  # rows really stopped early, not all at once
 
 
-def test_length_hints_regroup_batches_not_outputs(problems, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
+def _record_prefills(model):  # type: ignore[no-untyped-def]
+    """Wrap ``model.forward``: a list that gets, per call, (prompt tokens in the call if it is a
+    prefill else None, rows in the call)."""
+    calls: list[tuple[int | None, int]] = []
+    original = model.forward
+
+    def forward(*a, **k):  # type: ignore[no-untyped-def]
+        ids = k["input_ids"]
+        calls.append((int(k["attention_mask"].sum()) if ids.shape[1] > 1 else None, ids.shape[0]))
+        return original(*a, **k)
+
+    model.forward = forward
+    return calls
+
+
+def test_length_hints_order_admission_not_outputs(problems, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = _tiny()
     prompts = [_encode(byte_tokenizer, p.prompt[-n:]) for p, n in zip(problems[:4], (10, 70, 25, 45))]
     kw = dict(stop_at=lambda t: None, max_new_tokens=8, batch_size=2)
-    seen: list[int] = []
-    original = model.generate
-
-    def generate(**k):  # type: ignore[no-untyped-def]
-        seen.append(int(k["attention_mask"].sum()))  # prompt tokens in this batch
-        return original(**k)
-
-    model.generate = generate
+    calls = _record_prefills(model)
     texts, _ = generate_completions(model, byte_tokenizer, prompts, length_hints=[1, 9, 8, 2], **kw)
-    model.generate = original
-    assert seen == [70 + 25, 10 + 45]  # the two rows hinted longest decode together
-    expected = [byte_tokenizer.decode(_greedy_one(model, ids, 8), skip_special_tokens=True) for ids in prompts]
+    prefills = [n for n, _ in calls if n is not None]
+    assert prefills == [70 + 25, 10 + 45]  # the two rows hinted longest enter first, the others when they stop
+    assert max(rows for _, rows in calls) == 2
+    expected = [byte_tokenizer.decode(_greedy_one(_tiny(), ids, 8), skip_special_tokens=True) for ids in prompts]
     assert texts == expected
     with pytest.raises(ValueError, match="3 length hints for 4 prompts"):
         generate_completions(model, byte_tokenizer, prompts, length_hints=[1, 2, 3], **kw)
+
+
+def test_a_stopped_row_hands_its_slot_to_the_next_prompt(problems, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = _tiny()
+    prompts = [_encode(byte_tokenizer, p.prompt[-n:]) for p, n in zip(problems[:6], (30, 12, 50, 7, 22, 40))]
+    stop_chars = ("F", "S")
+    calls = _record_prefills(model)
+    texts, n_tokens = generate_completions(model, byte_tokenizer, prompts, max_new_tokens=30, batch_size=2,
+                                           stop_at=lambda t: _first_stop(t, stop_chars))
+    steps = [rows for n, rows in calls if n is None]
+    # every decode step computes only rows still generating: the steps hold exactly the tokens generated
+    # after each row's first (which its prefill gives)
+    assert sum(steps) == n_tokens - len(prompts)
+    assert max(steps) == 2 and sum(n is not None for n, _ in calls) > 2  # prompts joined a running batch
+    expected = []
+    for ids in prompts:
+        full = byte_tokenizer.decode(_greedy_one(_tiny(), ids, 30), skip_special_tokens=True)
+        cut = _first_stop(full, stop_chars)
+        expected.append(full if cut is None else full[:cut])
+    assert texts == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "opt", "gemma", "gemma2"])
+def test_every_family_completes_as_unbatched_generate(family, problems, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.evaluation.continuous_batching import supports_continuous_batching
+
+    model = build_tiny_model(family, vocab_size=260).double()
+    assert supports_continuous_batching(model) == (family != "gemma2")  # gemma2's sliding layers: generate's batches
+    prompts = [_encode(byte_tokenizer, p.prompt[-n:]) for p, n in zip(problems[10:15], (33, 9, 61, 20, 47))]
+    texts, _ = generate_completions(model, byte_tokenizer, prompts, stop_at=lambda t: _first_stop(t, ("e", "t")),
+                                    max_new_tokens=12, batch_size=2)
+    expected = []
+    for ids in prompts:
+        full = byte_tokenizer.decode(_greedy_one(model, ids, 12), skip_special_tokens=True)
+        cut = _first_stop(full, ("e", "t"))
+        expected.append(full if cut is None else full[:cut])
+    assert texts == expected
 
 
 def test_generation_without_stops_equals_generate(problems, byte_tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -265,7 +311,7 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_cli_defaults_and_bad_input() -> None:
     args = _args()
     assert (args.task, args.limit, args.samples, args.temperature, args.chat) == ("ppl", None, 1, 0.0, False)
-    assert (args.max_new_tokens, args.batch_size, args.timeout) == (384, 8, 10.0)
+    assert (args.max_new_tokens, args.batch_size, args.timeout) == (384, 16, 10.0)
     validate_humaneval_args(_args("--task", "humaneval", "--samples", "10", "--temperature", "0.8"))
     for argv, message in [
         (("--samples", "0"), "--samples must be at least 1"),

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lowbit.errors import LowbitError
+from lowbit.evaluation.humaneval import DEFAULT_BATCH
 
 DENSE_ROWS = {"unquantized": "float32", "bf16": "bfloat16"}  # rows without a quantization step: their dtype
 
@@ -47,7 +48,7 @@ class HumanEvalSpec(_Strict):
     limit: int | None = Field(None, ge=1, le=164, description="first N problems (default all 164)")
     max_new_tokens: int = Field(384, ge=1)
     chat: bool = False
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH, ge=1)
 
 
 class EvaluationsSpec(_Strict):

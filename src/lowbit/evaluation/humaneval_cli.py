@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.evaluation.humaneval import N_PROBLEMS, check_humaneval_args, run_humaneval
+from lowbit.evaluation.humaneval import DEFAULT_BATCH, N_PROBLEMS, check_humaneval_args, run_humaneval
 
 
 def _int(text: str) -> int:
@@ -49,8 +49,9 @@ def add_humaneval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=_int, default=384, metavar="N",
                    help="tokens generated per completion at most (default 384); generation also stops at the "
                    "Codex stop sequences (\\nclass, \\ndef, \\n#, \\nif, \\nprint) or end of sequence")
-    g.add_argument("--batch-size", type=_int, default=8, metavar="N",
-                   help="prompts generated together, left-padded (default 8)")
+    g.add_argument("--batch-size", type=_int, default=DEFAULT_BATCH, metavar="N",
+                   help=f"completions decoded together (default {DEFAULT_BATCH}); a finished one hands its place "
+                   "to the next prompt")
     g.add_argument("--timeout", type=_float, default=10.0, metavar="S",
                    help="seconds each check program may run before it counts as failed (default 10)")
 
