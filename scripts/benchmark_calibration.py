@@ -20,7 +20,7 @@ Sections (``--sections``, default all):
   for the run (a watchdog kills the subprocess when its RSS exceeds it), quantized from disk
   block by block; peak RSS.
 
-Each finished row is kept in ``$LOWBIT_CACHE/bench/calibration.json`` so an interrupted run
+Each finished row is kept in ``scripts/rows/calibration[-MODEL].json`` so an interrupted run
 resumes (``--fresh`` starts over). Timings are only comparable within one quiet run: never run
 another benchmark or test suite beside it.
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from lowbit.bench.compare import block_linear_names
-from lowbit.bench.markdown import replace_section
+from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.bench.store import RowStore as Store
 from lowbit.calibration import CalibrationConfig, calibration_set, load_text
@@ -55,6 +55,7 @@ from lowbit.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "`.venv/bin/python scripts/benchmark_calibration.py`"
+ROWS_DIR = ROOT / "scripts" / "rows"  # the kept rows, committed: a table can be rendered and resumed on any machine
 SECTION = "calibration"
 TEXTS = ("pydoc", "stdlib")
 CALIB = CalibrationConfig(source="pydoc-calib", samples=128, seq_len=512, seed=0)
@@ -468,12 +469,8 @@ def main() -> int:
         quality = [row for row in quality if row[0] in wanted]
     if not default:
         sections &= {"quality"}
-    command = COMMAND if default and args.max_windows is None and not args.rows else (
-        f"`.venv/bin/python scripts/benchmark_calibration.py --model {args.model}"
-        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}"
-        f"{'' if not args.rows else f' --rows {chr(39)}{args.rows}{chr(39)}'}`")
-    store = Store(cache_dir() / "bench" / ("calibration.json" if default else f"calibration-{args.model}.json"),
-                  args.fresh)
+    command = command_line("scripts/benchmark_calibration.py", ap, args)
+    store = Store(ROWS_DIR / ("calibration.json" if default else f"calibration-{args.model}.json"), args.fresh)
     try:
         store.drop(args.redo)
     except ValueError as e:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lowbit.bench.compare import compare_recipes, format_table, remove_dir, temporary_save_dir
-from lowbit.bench.markdown import replace_section
+from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
@@ -31,7 +31,6 @@ from lowbit.models import cache_dir, load_model
 from lowbit.recipes import Recipe, get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMAND = "`.venv/bin/python scripts/benchmark_codecs.py`"
 SECTION = "codecs-rtn"
 
 
@@ -92,10 +91,7 @@ def main() -> int:
     t0 = time.time()
     base = load_model(args.model)
     info = bench_model(args.model)
-    command = COMMAND if args.model == DEFAULT_MODEL and args.max_windows is None and args.rows == "all" else (
-        f"`.venv/bin/python scripts/benchmark_codecs.py --model {args.model}"
-        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}"
-        f"{'' if args.rows == 'all' else f' --rows {args.rows}'}`")
+    command = command_line("scripts/benchmark_codecs.py", ap, args)
     texts = [load_text("pydoc"), load_text("stdlib")]
     save_dir = temporary_save_dir()
     try:

@@ -21,7 +21,8 @@ and PPL against the unquantized model on the held-out pydoc text, windows of 512
 by ``llama-perplexity`` on the same text (all its chunks of 512 tokens, at most 64), next to lowbit's own
 computation of that perplexity protocol on the file's weights and llama.cpp's own token ids.
 Needs llama.cpp's tools (``scripts/peers/setup_llamacpp.sh``, about 6 minutes). Rows are kept in
-``$LOWBIT_CACHE/bench/gguf.json``; ``--fresh`` runs everything again.
+``scripts/rows/gguf[-MODEL].json``, llama.cpp's imatrix in ``$LOWBIT_CACHE/bench``; ``--fresh`` runs
+everything again.
 
 Usage: .venv/bin/python scripts/benchmark_gguf.py [--model M] [--rows all|q4_k_m|no-passes|"LABEL;LABEL"]
        [--max-windows N] [--fresh]
@@ -49,7 +50,7 @@ from lowbit.bench.llama_cpp import (
     perplexity_like_llama_cpp,
     run_tool,
 )
-from lowbit.bench.markdown import replace_section
+from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.bench.store import RowStore
 from lowbit.calibration import load_text
@@ -63,6 +64,7 @@ from lowbit.recipes import get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "`.venv/bin/python scripts/benchmark_gguf.py`"
+ROWS_DIR = ROOT / "scripts" / "rows"  # the kept rows, committed: a table can be rendered and resumed on any machine
 N_CTX, CHUNKS = 512, 64
 # (row label, how it is made)
 ROWS = [
@@ -183,7 +185,7 @@ def make_file(how: tuple, base: LoadedModel, work: Path, f32: Path, imatrix: Pat
     return out, None
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"the model (default {DEFAULT_MODEL})")
     ap.add_argument("--rows", default="all", metavar="SET|LABELS",
@@ -196,8 +198,13 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     ap.add_argument("--redo", default="", metavar="LABELS", help="semicolon-separated row labels to run again")
     ap.add_argument("--kept-only", action="store_true", help="render the kept rows, run nothing")
+    return ap
+
+
+def main() -> int:
+    ap = build_parser()
     args = ap.parse_args()
-    store_file = cache_dir() / "bench" / ("gguf.json" if args.model == DEFAULT_MODEL else f"gguf-{args.model}.json")
+    store_file = ROWS_DIR / ("gguf.json" if args.model == DEFAULT_MODEL else f"gguf-{args.model}.json")
     try:
         which = pick_rows(args.rows)
     except ValueError as e:
@@ -206,7 +213,7 @@ def main() -> int:
         store = RowStore(store_file, False)
         if not store.rows:
             ap.error(f"--kept-only: no rows kept in {store_file}; run without it")
-        write_tables(store.rows, 0.0, args.no_write, args, ran=set())
+        write_tables(store.rows, 0.0, args.no_write, ap, args, ran=set())
         return 0
     if llama_cpp_bin() is None:
         log("llama.cpp's tools are missing: building them (scripts/peers/setup_llamacpp.sh)")
@@ -229,7 +236,8 @@ def main() -> int:
         calib_file.write_text(load_text("pydoc-calib").text)
         f32 = save_gguf(base, work / "f32.gguf", dense="f32")
         # kept beside the rows (13 minutes for Qwen2.5-0.5B): a later invocation reuses it, --fresh remakes it
-        imatrix = store_file.with_name(store_file.stem + "-imatrix.gguf")
+        imatrix = cache_dir() / "bench" / (store_file.stem + "-imatrix.gguf")
+        imatrix.parent.mkdir(parents=True, exist_ok=True)
         if args.fresh:
             imatrix.unlink(missing_ok=True)
         if not imatrix.is_file() and any(how[0].startswith("llama.cpp") and how[2] or how[0] == "lowbit+imatrix-file"
@@ -260,7 +268,8 @@ def main() -> int:
                 if twin.is_file():
                     ours_t, theirs_t = tensor_types(path), tensor_types(twin)
                     types = [sum(ours_t[k] == theirs_t.get(k) for k in ours_t), len(ours_t)]
-            row = {"label": label, "file_mb": path.stat().st_size / 1e6, "bpw": linear_bits_per_weight(path),
+            row = {"label": label, "command": command_line("scripts/benchmark_gguf.py", ap, args),
+                   "file_mb": path.stat().st_size / 1e6, "bpw": linear_bits_per_weight(path),
                    "types_as_llama_cpp": types,
                    "kld": r.kld, "top1": r.top1, "ppl": r.ppl, "ppl_llama_protocol_lowbit": ppl_ours,
                    "ppl_llama_cpp": ppl_theirs, "quant_seconds": quant_s,
@@ -268,22 +277,16 @@ def main() -> int:
             store.put(label, row)
             log(json.dumps(row))
             del loaded
-    write_tables(store.rows, (time.time() - t0) / 60, args.no_write, args, ran)
+    write_tables(store.rows, (time.time() - t0) / 60, args.no_write, ap, args, ran)
     return 0
 
 
-def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, args: argparse.Namespace,
-                 ran: set[str]) -> None:
+def write_tables(rows: dict[str, dict], minutes: float, no_write: bool, parser: argparse.ArgumentParser,
+                 args: argparse.Namespace, ran: set[str]) -> None:
     """Print both tables (every kept row) and, unless ``no_write``, put them in BENCHMARKS.md;
     ``ran``: the labels this invocation measured, in ``minutes``."""
     name = bench_model(args.model).name
-    rows_arg = "" if args.rows == "all" else (f" --rows {args.rows}" if args.rows in ROW_SETS else f" --rows '{args.rows}'")
-    command = COMMAND if (args.model == DEFAULT_MODEL and args.rows == "all" and args.max_windows is None
-                          and args.chunks == CHUNKS) else (
-        f"`.venv/bin/python scripts/benchmark_gguf.py"
-        f"{'' if args.model == DEFAULT_MODEL else f' --model {args.model}'}{rows_arg}"
-        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'}"
-        f"{'' if args.chunks == CHUNKS else f' --chunks {args.chunks}'}`")
+    command = command_line("scripts/benchmark_gguf.py", parser, args)
     note = "" if args.model == DEFAULT_MODEL else f"Model: {bench_model(args.model).about}. "
     only_f32 = not any(label in rows for label, _ in ROWS[1:])
     pure = render(rows, ROWS, minutes, note + (F32_NOTE if only_f32 else PURE_NOTE), command, ran)
@@ -318,8 +321,11 @@ MIX_NOTE = (
 def render(rows: dict[str, dict], which: list, minutes: float, note: str, command: str = COMMAND,
            ran: set[str] = frozenset()) -> str:  # type: ignore[assignment]
     any_row = next(iter(rows.values()))
+    measured_by = list(dict.fromkeys(rows[label]["command"] for label, _ in which
+                                     if label in rows and rows[label].get("command")))
     lines = [
-        f"Printed by {command}. " + note + "llama.cpp's imatrix: "
+        f"Printed by {command}" + ("" if measured_by in ([], [command]) else
+                                   f" (its rows measured by {', '.join(measured_by)})") + ". " + note + "llama.cpp's imatrix: "
         "`llama-imatrix` on 128 chunks of 512 tokens of the built-in `pydoc-calib` text. KLD, top-1 and PPL: "
         "lowbit's evaluator on the file as transformers' GGUF loader reads it, held-out `pydoc` text, windows of "
         f"512. The two last PPL columns follow `llama-perplexity`'s protocol ({any_row['token_ids_compared'] // N_CTX} "

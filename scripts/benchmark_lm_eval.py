@@ -127,7 +127,7 @@ def main() -> int:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from lowbit.bench.markdown import replace_section
+    from lowbit.bench.markdown import command_line, replace_section
     from lowbit.evaluation.lm_eval_backend import run_lm_eval
     from lowbit.models import builtin_model_path
 
@@ -156,8 +156,7 @@ def main() -> int:
             q = run_lm_eval(str(out), TASKS, include_path=tasks, batch_size=args.batch_size, device="cpu")
             linears = q["config"]["lowbit_linears"]
             rows.append(("lowbit", recipe, f"{q['config']['lowbit_dtype']}, {linears}", scores(q)))
-    command = "`.venv/bin/python scripts/benchmark_lm_eval.py`" if (args.model, args.recipes) == (
-        DEFAULT_MODEL, "int8,w4a16") else f"`.venv/bin/python scripts/benchmark_lm_eval.py --model {args.model} --recipes {args.recipes}`"
+    command = command_line("scripts/benchmark_lm_eval.py", ap, args)
     names = list(rows[0][3])
     lines = [
         f"Printed by {command} (lm-eval {lm_eval.__version__}; {args.words} last-word, "

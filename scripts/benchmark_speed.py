@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench.markdown import replace_section
+from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.models import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "`.venv/bin/python scripts/benchmark_speed.py`"
+COMMAND_RUN = COMMAND  # main() sets the command that is running
 MODEL = DEFAULT_MODEL  # --model
 # (label, recipe or None for the float model, dtype, W8A8)
 ROWS = [
@@ -229,7 +230,7 @@ def render(results: dict[str, dict], kld: dict[str, tuple[float, float, float | 
 
 
 def _command() -> str:
-    return COMMAND if MODEL == DEFAULT_MODEL else f"`.venv/bin/python scripts/benchmark_speed.py --model {MODEL}`"
+    return COMMAND_RUN
 
 
 def _baseline_mb() -> float:
@@ -249,8 +250,9 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows for KLD (default 8)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of every row, alternating; best kept (default 2)")
     args = ap.parse_args()
-    global MODEL
+    global MODEL, COMMAND_RUN
     MODEL = args.model
+    COMMAND_RUN = command_line("scripts/benchmark_speed.py", ap, args)
     t0 = time.time()
     specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype, w8a8)
              for label, recipe, dtype, w8a8 in ROWS]

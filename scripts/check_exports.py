@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lowbit.bench.compare import folder_bytes
-from lowbit.bench.markdown import replace_section
+from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.calibration import load_text
 from lowbit.io.formats import save_model
@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     base = load_model(args.model)
-    command = "`.venv/bin/python scripts/check_exports.py" + ("" if args.model == DEFAULT_MODEL else f" --model {args.model}") + "`"
+    command = command_line("scripts/check_exports.py", ap, args)
     ids = torch.tensor(base.tokenizer(load_text("pydoc").text[:4000])["input_ids"][:256]).unsqueeze(0)
     lines = [
         f"Printed by {command}. {bench_model(args.model).name} quantized (RTN) in memory, written in "

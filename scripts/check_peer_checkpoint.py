@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench.markdown import replace_section
+from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import bench_model
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
@@ -104,7 +104,7 @@ def main() -> int:
                              cache_dir=cache_dir(), progress=False, ref_fingerprint=ref_fp)
                 results[(who, text.name)] = r
     versions = peer["versions"]
-    cmd = f"`.venv/bin/python scripts/check_peer_checkpoint.py --model {args.model} --max-windows {args.max_windows}`"
+    cmd = command_line("scripts/check_peer_checkpoint.py", ap, args)
     lines = [
         f"Printed by {cmd}. {bench_model(args.model).about}. llm-compressor {versions['llmcompressor']} "
         f"(compressed-tensors {versions['compressed_tensors']}, torch {versions['torch']}): `oneshot` with "

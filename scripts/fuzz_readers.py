@@ -62,7 +62,7 @@ def main() -> int:
 
     from reader_fuzzing import build_targets, run_target
 
-    from lowbit.bench.markdown import replace_section
+    from lowbit.bench.markdown import command_line, replace_section
 
     transformers.utils.logging.disable_progress_bar()
     warnings.simplefilter("ignore")
@@ -84,7 +84,7 @@ def main() -> int:
     total = sum(t.cases for _, t in rows)
     files = sum(t.cases for n, t in rows if n in GGUF_OR_SAFETENSORS)
     lines = [
-        f"Printed by `.venv/bin/python scripts/fuzz_readers.py{'' if args.scale == 1 else f' --scale {args.scale}'}` "
+        f"Printed by {command_line('scripts/fuzz_readers.py', ap, args)} "
         f"(seed {args.seed}; Python {platform.python_version()}; each case limited to {args.time_limit:g} s and "
         f"{args.memory_gb:g} GB more memory{'' if limit else ' (no memory limit: no /proc)'}). Seeds: files lowbit "
         "writes of tiny models; mutations: bit flips, interesting integers over the seed's own length, count, type "
