@@ -95,17 +95,6 @@ def write_tasks(root: Path, n_words: int, n_next: int, n_paragraphs: int) -> Non
          "  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}\n")
 
 
-def loglikelihoods(results: dict) -> list[float]:
-    """Every loglikelihood request's value, task by task in document order."""
-    out = []
-    for task in (WORD, ROLL):
-        for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
-            for resp in sample["resps"]:
-                value = resp[0]
-                out.append(float(value[0] if isinstance(value, (tuple, list)) else value))
-    return out
-
-
 def scores(results: dict) -> dict[str, float]:
     r = results["results"]
     return {"acc": r[WORD]["acc,none"], "word ppl": r[WORD]["perplexity,none"],
@@ -128,7 +117,7 @@ def main() -> int:
     from lm_eval.tasks import TaskManager
 
     from lowbit.bench.markdown import command_line, replace_section
-    from lowbit.evaluation.lm_eval_backend import run_lm_eval
+    from lowbit.evaluation.lm_eval_backend import request_loglikelihoods, run_lm_eval
     from lowbit.models import builtin_model_path
 
     folder = builtin_model_path(args.model)
@@ -145,7 +134,7 @@ def main() -> int:
         rows.append(("hf", "unquantized", "float32", scores(theirs)))
         ours = run_lm_eval(str(folder), TASKS, include_path=tasks, batch_size=args.batch_size, device="cpu")
         rows.append(("lowbit", "unquantized", ours["config"]["lowbit_dtype"], scores(ours)))
-        a, b = loglikelihoods(theirs), loglikelihoods(ours)
+        a, b = request_loglikelihoods(theirs, [WORD, ROLL]), request_loglikelihoods(ours, [WORD, ROLL])
         gap = max(abs(x - y) for x, y in zip(a, b, strict=True))
         same_text = [s["filtered_resps"] for s in sorted(theirs["samples"][NEXT], key=lambda s: s["doc_id"])] == \
                     [s["filtered_resps"] for s in sorted(ours["samples"][NEXT], key=lambda s: s["doc_id"])]

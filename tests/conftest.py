@@ -55,8 +55,12 @@ def tiny_config(family: str = "llama", **overrides: Any):  # type: ignore[no-unt
         )
     else:
         raise ValueError(family)
+    rope = overrides.pop("rope_scaling", None)
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    if rope is not None:  # rope scaling goes through the constructor, which validates and standardizes it
+        fields = {k: v for k, v in cfg.to_dict().items() if k not in ("rope_parameters", "rope_scaling")}
+        cfg = type(cfg)(**fields, rope_parameters={"rope_theta": cfg.rope_parameters["rope_theta"], **rope})
     return cfg
 
 

@@ -26,7 +26,7 @@ def cell(recipe: str, method: str, bpw: float, kld: float, fmt: str = "lowbit", 
     model_bytes = int(bpw * 135e6 / 8 + 40e6)
     r = {
         "cell": f"{MODEL}--{recipe}", "model": MODEL, "recipe": recipe,
-        "recipe_digest": None if method == "none" else "ab12", "method": method, "format": fmt, "codec": f"{recipe} codec", "status": "done", "error": None,
+        "recipe_digest": None if method == "none" else "ab12", "method": method, "format": fmt, "codec": f"{recipe} codec", "dense": None, "status": "done", "error": None,
         "model_fingerprint": "f00d", "machine": {"platform": "Linux-x86_64", "cpus": 16, "threads": 8},
         "versions": {"lowbit": "0.1.0", "torch": "2.5.1", "transformers": "4.46.0", "python": "3.11.2"},
         "started_at": "2025-01-01T00:00:00Z", "seconds": 12.0,
@@ -55,8 +55,8 @@ def failed(recipe: str, error: str) -> dict[str, Any]:
 
 def sweep() -> list[dict[str, Any]]:
     return [
-        cell("unquantized", "none", 16.0, 0.0),
-        cell("bf16", "none", 16.0, 1.5e-4),
+        cell("unquantized", "none", 16.0, 0.0, dense="float32"),
+        cell("bf16", "none", 16.0, 1.5e-4, dense="bfloat16"),
         cell("int8", "rtn", 8.25, 0.00123),
         cell("w4a16", "rtn", 4.25, 0.0456),
         cell("w4a16-gptq", "gptq", 4.25, 0.0312),
@@ -192,8 +192,7 @@ def test_heatmap_recipe_chosen_and_unknown_refused(results: list[dict[str, Any]]
 
 
 def test_the_reference_row_is_not_on_the_log_kld_plots() -> None:
-    cells = sweep()[:4]
-    cells[0]["codec"] = "float32"  # the unquantized row as a sweep writes it: KLD against itself ~1e-10
+    cells = sweep()[:4]  # the unquantized row (dense float32) as a sweep writes it: KLD against itself ~1e-10
     for t in cells[0]["texts"].values():
         t["kld"] = 1.2e-10
     kld_plots = [b for b in report._quality_plots("m", cells, "pydoc") if isinstance(b, report.Plot) and "kld" in b.id]
@@ -265,3 +264,16 @@ def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert report.report_command(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out.html")
     assert "<h1>T</h1>" in (tmp_path / "out.html").read_text()
+
+
+def test_dense_rows_are_known_by_their_dtype_not_their_name() -> None:
+    renamed = [cell("float-model", "none", 32.0, 0.0, dense="float32"), cell("half", "none", 16.0, 1e-4, dense="bfloat16"),
+               cell("bf16", "rtn", 4.25, 0.2)]  # a quantized recipe that happens to be called bf16
+    classic = report.classic_table(renamed, "t")
+    assert classic is not None and [row[:2] for row in classic.rows] == [["original", "float-model"], ["16-bit", "half"]]
+    assert report.is_reference(renamed[0]) and not report.is_reference(renamed[1])
+    # results written before cells kept ``dense``: known by method and codec as those sweeps wrote them
+    old = [cell("unquantized", "none", 32.0, 0.0, codec="float32"), cell("bf16", "none", 16.0, 1e-4, codec="bf16")]
+    for r in old:
+        del r["dense"]
+    assert report.is_reference(old[0]) and report.is_bf16(old[1]) and not report.is_reference(old[1])

@@ -22,6 +22,7 @@ from lowbit.evaluation.lm_eval_backend import (
     format_lm_eval,
     main,
     register,
+    request_loglikelihoods,
     run_lm_eval,
 )
 
@@ -81,13 +82,7 @@ def task_dir(tmp_path: Path, text_factory) -> Path:  # type: ignore[no-untyped-d
 
 
 def loglikelihoods(results: dict, task: str) -> list[float]:
-    """Every request's loglikelihood, in document order."""
-    out = []
-    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
-        for resp in sample["resps"]:
-            value = resp[0]
-            out.append(float(value[0] if isinstance(value, (tuple, list)) else value))
-    return out
+    return request_loglikelihoods(results, [task])
 
 
 def generations(results: dict) -> list[str]:

@@ -104,3 +104,51 @@ def test_unquantized_presets_write_what_llama_cpps_converter_writes(tiny_model, 
     torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dense]
     assert torch.equal(values, weights["model.layers.1.mlp.down_proj.weight"].to(torch_dtype).float())
     assert int(r.fields["general.file_type"].contents()) == {"F32": 0, "F16": 1, "BF16": 32}[dense]
+
+
+def test_llama3_rope_factors_give_transformers_frequencies() -> None:
+    """llama.cpp divides each rotary frequency by its ``rope_freqs`` factor: the file's factors
+    must turn the plain frequencies into transformers' llama3-scaled ones."""
+    import transformers as tf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lowbit.io.gguf_architectures import llama3_rope_factors
+
+    cfg = tf.LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=4096, rope_theta=50000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 512})
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    (name, factors), = llama3_rope_factors(cfg.to_dict())
+    plain = 1.0 / (50000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    assert name == "rope_freqs.weight" and factors.dtype == np.float32 and factors.shape == (32,)
+    assert {1.0, 8.0} < set(factors.tolist())  # short wavelengths kept, long ones divided, some blended
+    torch.testing.assert_close(plain / torch.from_numpy(factors), want.float(), rtol=1e-6, atol=0)
+    assert llama3_rope_factors(tf.LlamaConfig(hidden_size=256, num_attention_heads=4).to_dict()) == []
+
+
+def test_phi3_long_rope_factors_are_written_or_refused() -> None:
+    import transformers as tf
+
+    from lowbit.io.gguf_architectures import phi3_hparams, phi3_rope_factors
+
+    def cfg(long: list[float], short: list[float]) -> dict:
+        return tf.Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                             original_max_position_embeddings=16,
+                             rope_scaling={"rope_type": "longrope", "long_factor": long, "short_factor": short}).to_dict()
+
+    hp = cfg([1.0 + i for i in range(8)], [1.0] * 8)
+    got = dict(phi3_rope_factors(hp))
+    assert got["rope_factors_long.weight"].tolist() == [1.0 + i for i in range(8)]
+    assert got["rope_factors_short.weight"].tolist() == [1.0] * 8
+    written: dict[str, object] = {}
+
+    class Writer:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return lambda *a: written.__setitem__(name, a[0] if a else None)
+
+    phi3_hparams(Writer(), hp)
+    # transformers' longrope attention factor for a context 8x the original one
+    assert written["add_rope_scaling_attn_factors"] == pytest.approx((1 + np.log(8) / np.log(16)) ** 0.5)
+    bad = {**hp, "rope_parameters": {**hp["rope_parameters"], "short_factor": [1.0] * 7}}  # a hand-edited config
+    with pytest.raises(LowbitError, match="long and short factors of 8 values"):
+        phi3_rope_factors(bad)

@@ -121,17 +121,52 @@ def test_every_family_runs_in_llama_cpp_with_lowbits_numbers(family: str, text_f
     from lowbit.io.gguf_architectures import GGUF_ARCHITECTURES
 
     assert family in GGUF_ARCHITECTURES
+    # the MoE routers' near ties may pick other experts for a token or two
+    _runs_with_lowbits_numbers(_family_model(family), tmp_path, text_factory(3000, seed=2),
+                               2e-3 if family in ("mixtral", "qwen3_moe", "olmoe") else 2e-4)
+
+
+ROPE_VARIANTS = {
+    # Llama 3.1's rope scaling: rope_freqs.weight divides the frequencies (at every position)
+    "llama3": ("llama", dict(max_position_embeddings=256, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    # Phi-3's longrope: chunks of 32 tokens are past the original 16 (long factors in both tools)...
+    "phi3-long": ("phi3", dict(max_position_embeddings=128, original_max_position_embeddings=16, rope_scaling={
+        "rope_type": "longrope", "long_factor": [1.0 + 0.5 * i for i in range(8)], "short_factor": [1.0] * 8})),
+    # ... or within the original 256 (short factors). llama.cpp picks the factors by its context size (at
+    # least 256 here), transformers by the sequence's length: only a context within the original one and a
+    # sequence longer than it make the two agree
+    "phi3-short": ("phi3", dict(max_position_embeddings=1024, original_max_position_embeddings=256, rope_scaling={
+        "rope_type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0 + 0.5 * i for i in range(8)]})),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_rope_scaling_runs_in_llama_cpp_with_lowbits_numbers(variant: str, text_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from conftest import build_tiny_model
+
+    family, extra = ROPE_VARIANTS[variant]
+    model = build_tiny_model(family, vocab_size=260, **extra)
+    content = text_factory(3000, seed=2)
+    ids = torch.tensor(make_byte_level_tokenizer()(content, add_special_tokens=False)["input_ids"])
+    scaled = perplexity_like_llama_cpp(model, ids, n_ctx=32, chunks=8)
+    plain = perplexity_like_llama_cpp(_family_model(family), ids, n_ctx=32, chunks=8)  # same weights, no scaling
+    assert abs(plain - scaled) / scaled > 1e-3  # the scaling is exercised, not a no-op on these chunks
+    _runs_with_lowbits_numbers(model, tmp_path, content, 2e-4)
+
+
+def _runs_with_lowbits_numbers(model: torch.nn.Module, tmp_path: Path, content: str, f32_tolerance: float) -> None:
     tok = make_byte_level_tokenizer()
     text = tmp_path / "t.txt"
-    text.write_text(text_factory(3000, seed=2))
-    model = _family_model(family)
+    text.write_text(content)
+    family = model.config.model_type
     f32 = save_gguf(LoadedModel(model, tok, "tiny", None), tmp_path / "f32.gguf", dense="f32")
     ids = llama_cpp_token_ids(f32, text)
     assert ids == tok(text.read_text(), add_special_tokens=False)["input_ids"]
     ours = perplexity_like_llama_cpp(model, torch.tensor(ids), n_ctx=32, chunks=8)
     theirs = llama_cpp_perplexity(f32, text, n_ctx=32, chunks=8, threads=1)
-    # the MoE routers' near ties may pick other experts for a token or two
-    assert abs(theirs - ours) / ours < (2e-3 if family in ("mixtral", "qwen3_moe", "olmoe") else 2e-4), (family, theirs, ours)
+    assert abs(theirs - ours) / ours < f32_tolerance, (family, theirs, ours)
     quantize_model(model, Recipe.from_dict({"codec": {"name": "q8_0"}}), progress=False)
     q8 = save_gguf(LoadedModel(model, tok, "tiny", None), tmp_path / "q8.gguf")
     ours = perplexity_like_llama_cpp(model, torch.tensor(ids), n_ctx=32, chunks=8)

@@ -59,7 +59,7 @@ def describe(cell: Cell) -> dict[str, Any]:
     codec = data.get("codec") or {}
     return {
         "cell": cell.cell, "model": cell.model, "recipe": cell.recipe, "recipe_digest": cell.recipe_digest,
-        "method": algorithm, "format": "gguf" if cell.format == "gguf" else "lowbit",
+        "method": algorithm, "format": "gguf" if cell.format == "gguf" else "lowbit", "dense": cell.dense,
         "codec": _codec_label(cell.dense, data, codec),
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()},
         "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__,
@@ -134,7 +134,7 @@ def _quality(cell: Cell, work: Path, env: dict[str, str]) -> dict[str, Any]:
                             *windows, *dtype, "--json", "--no-progress", env=env)
         r = _json_line(stdout)
         texts[text] = {k: r.get(k) for k in ("ppl", "delta_ppl", "kld", "kld_p99", "top1", "tokens")}
-        size = {"bits_per_weight": r.get("bits_per_weight"), "model_bytes": r.get("model_bytes")}
+        size = size or {"bits_per_weight": r.get("bits_per_weight"), "model_bytes": r.get("model_bytes")}
     from lowbit.bench.compare import folder_bytes
 
     size["disk_bytes"] = folder_bytes(out) if out is not None else None

@@ -20,9 +20,10 @@ from urllib.parse import quote
 from lowbit.errors import LowbitError
 from lowbit.io.folder import write_text_atomic
 
-# the classic comparison: (row label, recipe name in the sweep)
-CLASSIC = (("original", "unquantized"), ("16-bit", "bf16"), ("int8", "int8"),
-           ("GPTQ int4", "w4a16-gptq"), ("AWQ int4", "w4a16-awq"))
+# the classic comparison: (row label, the preset of its quantized rows; None for the dense rows,
+# which are known by the dtype the cell ran the model in)
+CLASSIC = (("original", None), ("16-bit", None), ("int8", "int8"), ("GPTQ int4", "w4a16-gptq"),
+           ("AWQ int4", "w4a16-awq"))
 # linear kinds in the order of a decoder block; other kinds follow in order of appearance
 LINEAR_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 _LAYER_NAME = re.compile(r"(?:^|\.)(\d+)\.(?:.+\.)?([A-Za-z_][A-Za-z0-9_]*)$")
@@ -157,11 +158,14 @@ def classic_table(cells: list[dict[str, Any]], table_id: str) -> Table | None:
     """original / 16-bit / int8 / GPTQ int4 / AWQ int4, the rows the results have; None if none."""
     by_recipe = {r.get("recipe"): r for r in cells}
     rows = []
-    for label, recipe in CLASSIC:
-        r = by_recipe.get(recipe)
+    for label, preset in CLASSIC:
+        if preset is None:
+            r = next((c for c in cells if (is_reference(c) if label == "original" else is_bf16(c))), None)
+        else:
+            r = by_recipe.get(preset)
         if r is None:
             continue
-        rows.append([label, recipe, fmt(_mb(size_bytes(r)), ".1f"), fmt(peak_mb(r), ".0f"),
+        rows.append([label, r.get("recipe"), fmt(_mb(size_bytes(r)), ".1f"), fmt(peak_mb(r), ".0f"),
                      fmt(_get(r, "speed", "decode_tokens_per_s"), ".1f"),
                      fmt(_get(r, "speed", "prefill_tokens_per_s"), ".1f"), fmt(_get(r, "humaneval", "pass@1"), "pct")])
     if not rows:
@@ -247,11 +251,26 @@ def _size_mb(r: dict[str, Any]) -> float | None:
     return _mb(size_bytes(r))
 
 
+def is_reference(r: dict[str, Any]) -> bool:
+    """Whether a cell result is the unquantized float32 model (the reference every KLD is taken
+    against). Results stored before cells carried ``dense`` are known by their method and codec."""
+    if "dense" in r:
+        return r["dense"] == "float32"
+    return r.get("method") == "none" and r.get("codec") == "float32"
+
+
+def is_bf16(r: dict[str, Any]) -> bool:
+    """Whether a cell result is the unquantized model run in bfloat16 (older results: by its codec)."""
+    if "dense" in r:
+        return r["dense"] == "bfloat16"
+    return r.get("method") == "none" and r.get("codec") == "bf16"
+
+
 def _quality_plots(slug: str, cells: list[dict[str, Any]], text: str | None) -> list[Block]:
     from lowbit.bench import plots
 
     def kld(r: dict[str, Any]) -> float | None:
-        if r.get("method") == "none" and r.get("codec") == "float32":
+        if is_reference(r):
             return None  # the reference against itself: KLD 0 up to rounding, which a log axis would stretch
         v = _num(_get(r, "texts", text, "kld"))
         return v if v is not None and v > 0 else None

@@ -11,7 +11,9 @@ A cell result (``schema`` 1) holds:
 
 * ``cell``, ``model``, ``recipe`` (the name the sweep file gives), ``recipe_digest`` (None for the
   unquantized and 16-bit rows), ``method`` (the algorithm: ``rtn``, ``gptq``, ``awq``, or ``none``),
-  ``format`` (``lowbit`` or ``gguf``), ``codec`` (a short description);
+  ``format`` (``lowbit`` or ``gguf``), ``codec`` (a short description), ``dense`` (``float32`` for the
+  unquantized reference, ``bfloat16`` for the 16-bit row, None for a quantized one; absent in results
+  written before it was kept);
 * ``status`` (``done`` or ``failed``) and ``error`` (one line, or None);
 * ``model_fingerprint``, ``machine`` (platform, cpus, threads), ``versions`` (lowbit, torch,
   transformers, python), ``started_at`` (ISO 8601, UTC), ``seconds`` (the whole cell);

@@ -226,6 +226,18 @@ def parse_tasks(text: str) -> list[str]:
     return tasks
 
 
+def request_loglikelihoods(results: dict, tasks: list[str]) -> list[float]:
+    """Every loglikelihood request's value in lm-eval's results (``simple_evaluate`` with
+    ``log_samples``), task by task in ``tasks``' order, each task's documents in order."""
+    out = []
+    for task in tasks:
+        for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+            for resp in sample["resps"]:
+                value = resp[0]  # (loglikelihood, is_greedy) for loglikelihood requests, a float for rolling ones
+                out.append(float(value[0] if isinstance(value, (tuple, list)) else value))
+    return out
+
+
 def format_lm_eval(results: dict) -> str:
     """A table of task, metric, value and standard error, one row per metric."""
     rows = []

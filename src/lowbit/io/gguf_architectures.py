@@ -8,13 +8,16 @@ One :class:`GGUFArch` per transformers ``model_type``:
 * ``norm_plus_one``: Gemma's RMSNorm scales by ``1 + w``, llama.cpp's by ``w``: norms written ``+ 1``;
 * ``conv1d``: GPT-2 stores its linears as ``Conv1D`` ``(in, out)``: written transposed;
 * ``hparams``: what the converter's ``set_gguf_parameters`` writes for the family, from the
-  config as a dict (``config.to_dict()``, the fields of ``config.json``).
+  config as a dict (``config.to_dict()``, the fields of ``config.json``);
+* ``extra_tensors``: what its ``generate_extra_tensors`` adds: Llama 3.1's rope frequency
+  factors, Phi-3's long and short rope factors.
 
 OPT is not here: llama.cpp has no OPT architecture.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +37,9 @@ def _rope(hp: Hparams) -> dict[str, Any]:
     return {"rope_theta": hp.get("rope_theta"), **rope}
 
 
-def text_hparams(w: Any, hp: Hparams) -> None:
-    """The converter's default (``TextModel.set_gguf_parameters``)."""
+def text_hparams(w: Any, hp: Hparams, extra_rope: tuple[str, ...] = ()) -> None:
+    """The converter's default (``TextModel.set_gguf_parameters``); ``extra_rope``: rope types
+    that the family writes as tensors of rope factors (:attr:`GGUFArch.extra_tensors`)."""
     w.add_block_count(_first(hp, "num_hidden_layers", "n_layer"))
     for add, keys in ((w.add_context_length, ("max_position_embeddings", "n_ctx", "n_positions")),
                       (w.add_embedding_length, ("hidden_size", "n_embd")),
@@ -53,8 +57,8 @@ def text_hparams(w: Any, hp: Hparams) -> None:
         w.add_rope_scaling_type(_gguf().RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    elif kind != "default":
-        raise LowbitError(f"the GGUF writer does not handle rope_type {kind!r} yet")
+    elif kind != "default" and kind not in extra_rope:
+        raise LowbitError(f"the GGUF writer does not handle rope_type {kind!r} for this family yet")
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(float(rope["rope_theta"]))
     if (eps := hp.get("rms_norm_eps")) is not None:
@@ -77,7 +81,7 @@ def _gguf():  # type: ignore[no-untyped-def]
 
 
 def llama_hparams(w: Any, hp: Hparams) -> None:
-    text_hparams(w, hp)
+    text_hparams(w, hp, extra_rope=("llama3",))
     w.add_vocab_size(hp["vocab_size"])
     w.add_rope_dimension_count(hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"])
 
@@ -124,21 +128,84 @@ def gemma2_hparams(w: Any, hp: Hparams) -> None:
     w.add_sliding_window(int(hp["sliding_window"]))
 
 
-def phi3_hparams(w: Any, hp: Hparams) -> None:
+def _head_dim(hp: Hparams) -> int:
+    return hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+
+
+def llama3_rope_factors(hp: Hparams) -> list[tuple[str, Any]]:
+    """``rope_freqs.weight`` ``(head_dim / 2,)`` float32 for Llama 3.1's rope scaling (rope_type
+    llama3), as llama.cpp's converter computes it: each rotary frequency's divisor (1 for short
+    wavelengths, ``factor`` for long ones, a smooth blend between); none for other rope types."""
+    import numpy as np
+
     rope = _rope(hp)
+    if rope.get("rope_type") != "llama3":
+        return []
+    dim = _head_dim(hp)
+    base = rope.get("rope_theta") or 10000.0
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_len = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    factors = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", np.array(factors, dtype=np.float32))]
+
+
+def _phi3_rope(hp: Hparams) -> tuple[dict[str, Any], int, int]:
+    """Phi-3's rope parameters, rotary dimensions per head and original context length."""
+    rope = _rope(hp)
+    rope_dims = int(rope.get("partial_rotary_factor", hp.get("partial_rotary_factor") or 1.0) * hp["hidden_size"]) \
+        // hp["num_attention_heads"]
+    orig = rope.get("original_max_position_embeddings") or hp["original_max_position_embeddings"]
+    return rope, rope_dims, orig
+
+
+def phi3_rope_factors(hp: Hparams) -> list[tuple[str, Any]]:
+    """``rope_factors_long.weight`` and ``rope_factors_short.weight`` ``(rope_dims / 2,)`` float32
+    of Phi-3's long-context rope (rope_type longrope), as llama.cpp's converter writes them."""
+    import numpy as np
+
+    rope, rope_dims, _ = _phi3_rope(hp)
+    if not rope.get("long_factor"):
+        return []
+    long, short = rope["long_factor"], rope.get("short_factor")
+    if short is None or len(long) != len(short) or 2 * len(long) != rope_dims:
+        raise LowbitError(f"Phi-3 longrope needs long and short factors of {rope_dims // 2} values each "
+                          f"(got {len(long)} and {None if short is None else len(short)})")
+    return [("rope_factors_long.weight", np.array(long, dtype=np.float32)),
+            ("rope_factors_short.weight", np.array(short, dtype=np.float32))]
+
+
+def phi3_hparams(w: Any, hp: Hparams) -> None:
+    rope, rope_dims, orig = _phi3_rope(hp)
     if rope.get("long_factor"):
-        raise LowbitError("the GGUF writer does not write Phi-3's long-context rope factors yet (rope_type longrope)")
+        kind = rope.get("rope_type", "")
+        if kind not in ("longrope", "su"):
+            raise LowbitError(f"Phi-3 with long and short rope factors and rope_type {kind!r}: the GGUF writer "
+                              "writes rope_type longrope")
+        scale = hp["max_position_embeddings"] / orig
+        # the attention factor llama.cpp applies with the long factors (transformers' longrope does the same)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
     n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
     w.add_context_length(hp["max_position_embeddings"])
-    w.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings") or hp["original_max_position_embeddings"])
+    w.add_rope_scaling_orig_ctx_len(orig)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(hp["intermediate_size"])
     w.add_block_count(hp["num_hidden_layers"])
     w.add_head_count(n_head)
     w.add_head_count_kv(hp["num_key_value_heads"])
     w.add_layer_norm_rms_eps(float(hp["rms_norm_eps"]))
-    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", hp.get("partial_rotary_factor") or 1.0) * n_embd)
-                               // n_head)
+    w.add_rope_dimension_count(rope_dims)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_sliding_window(hp.get("sliding_window") or 0)
 
@@ -159,11 +226,13 @@ class GGUFArch:
     permute_qk: bool = False
     norm_plus_one: bool = False
     conv1d: bool = False
+    # tensors the converter adds from the config (rope factors): (GGUF name, float32 array)
+    extra_tensors: Callable[[Hparams], list[tuple[str, Any]]] = lambda hp: []
 
 
 # transformers model_type -> how llama.cpp's converter writes it
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
-    "llama": GGUFArch("llama", llama_hparams, permute_qk=True),
+    "llama": GGUFArch("llama", llama_hparams, permute_qk=True, extra_tensors=llama3_rope_factors),
     "mistral": GGUFArch("llama", llama_hparams, permute_qk=True),
     "mixtral": GGUFArch("llama", llama_hparams, permute_qk=True),
     "qwen2": GGUFArch("qwen2"),
@@ -172,7 +241,7 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "olmoe": GGUFArch("olmoe", olmoe_hparams),
     "gemma": GGUFArch("gemma", gemma_hparams, norm_plus_one=True),
     "gemma2": GGUFArch("gemma2", gemma2_hparams, norm_plus_one=True),
-    "phi3": GGUFArch("phi3", phi3_hparams),
+    "phi3": GGUFArch("phi3", phi3_hparams, extra_tensors=phi3_rope_factors),
     "gpt2": GGUFArch("gpt2", gpt2_hparams, conv1d=True),
 }
 # what llama.cpp cannot run, and why

@@ -80,6 +80,7 @@ def check_gguf_writable(loaded: "LoadedModel") -> GGUFArch:
     arch = check_gguf_architecture(loaded.model)
     cfg = loaded.model.config
     arch.hparams(_DryRun(), cfg.to_dict())
+    arch.extra_tensors(cfg.to_dict())
     _add_tokenizer(_DryRun(), loaded.tokenizer, int(cfg.vocab_size))
     return arch
 
@@ -101,6 +102,7 @@ def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False, dense:
     if path.exists() and not overwrite:
         raise LowbitError(f"{path} exists (pass --overwrite to replace it)")
     tensors = list(_gguf_tensors(model, arch, dense))  # all checks before anything is written
+    tensors += [(name, data, None) for name, data in arch.extra_tensors(cfg.to_dict())]
     with gguf_file(path, arch.name, overwrite) as w:
         if getattr(cfg, "_name_or_path", None):  # llama.cpp keys tokenizer fixes on it (a name with "phi3" in it...)
             w.add_name(str(cfg._name_or_path))
