@@ -116,6 +116,42 @@ def make_byte_level_tokenizer():  # type: ignore[no-untyped-def]
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
+def make_sentencepiece_tokenizer(folder: Path, dummy_prefix: bool = True, vocab_size: int = 400):  # type: ignore[no-untyped-def]
+    """A SentencePiece BPE model with byte fallback, trained (in ``folder``, one thread, so always
+    the same) on lines of ``pydoc_data.topics``, and the fast tokenizer Hugging Face's converter
+    makes of it: the Llama 2 / Mistral layout (``dummy_prefix``: Metaspace prepending ``▁`` to the
+    text) or Gemma's (spaces escaped by the normalizer, nothing prepended). ids 0 <unk>, 1 <s>,
+    2 </s>, then the 256 byte pieces. Returns ``(fast tokenizer, SentencePieceProcessor)``."""
+    import sentencepiece as spm
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = [ln for t in sorted(topics)[:60] for ln in topics[t].splitlines() if ln.strip()]
+    (folder / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spm"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=0.995, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=dummy_prefix, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    # the converter's merges: every split of a piece into two pieces, in the order of the merged piece
+    merges = sorted(((left, piece[len(left):], i) for piece, i in vocab.items() if not sp.is_byte(i)
+                     for left in (piece[:k] for k in range(1, len(piece))) if left in vocab and piece[len(left):] in vocab),
+                    key=lambda m: (m[2], vocab[m[0]], vocab[m[1]]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    if dummy_prefix:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if dummy_prefix else []))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return fast, sp
+
+
 class CharTokenizerStub:
     """Minimal tokenizer protocol that ``lowbit.evaluation.tokenize`` needs: one id per character."""
 

@@ -172,3 +172,28 @@ def _runs_with_lowbits_numbers(model: torch.nn.Module, tmp_path: Path, content: 
     ours = perplexity_like_llama_cpp(model, torch.tensor(ids), n_ctx=32, chunks=8)
     theirs = llama_cpp_perplexity(q8, text, n_ctx=32, chunks=8, threads=1)
     assert abs(theirs - ours) / ours < 2e-2, (family, theirs, ours)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_sentencepiece_tokenizers_tokenize_and_run_as_in_transformers(family: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A SentencePiece BPE tokenizer (Llama 2's layout, with a ``▁`` prepended; Gemma's, without):
+    llama.cpp reads the GGUF vocabulary lowbit writes and tokenizes as transformers does, byte
+    fallback included, and runs the model to lowbit's perplexity. (Text that starts with a space
+    is left out: llama.cpp, like SentencePiece, prepends ``▁`` to it anyway, transformers'
+    Metaspace does not: a difference between the two tokenizers, not of the file.)"""
+    from pydoc_data.topics import topics
+
+    from conftest import build_tiny_model, make_sentencepiece_tokenizer
+
+    tok, sp = make_sentencepiece_tokenizer(tmp_path, dummy_prefix=family == "llama")
+    model = build_tiny_model(family, vocab_size=sp.get_piece_size())
+    content = topics[sorted(topics)[-1]][:3000] + "\nnaïve ∑ 漢字 🙂  two  spaces\n\n"  # held out of its training
+    text = tmp_path / "t.txt"
+    text.write_text(content)
+    f32 = save_gguf(LoadedModel(model, tok, "tiny", None), tmp_path / "f32.gguf", dense="f32")
+    ids = llama_cpp_token_ids(f32, text)
+    assert ids == tok(content, add_special_tokens=False)["input_ids"] == sp.encode(content)
+    assert any(sp.is_byte(i) for i in ids)
+    ours = perplexity_like_llama_cpp(model, torch.tensor(ids), n_ctx=32, chunks=8)
+    theirs = llama_cpp_perplexity(f32, text, n_ctx=32, chunks=8, threads=1)
+    assert abs(theirs - ours) / ours < 2e-4, (theirs, ours)

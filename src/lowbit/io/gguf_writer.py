@@ -4,8 +4,8 @@ What goes in (gguf-py writes the bytes), as llama.cpp's own converter writes it 
 (:mod:`lowbit.io.gguf_architectures`: llama, mistral, mixtral, qwen2, qwen3, qwen3-moe, olmoe,
 gemma, gemma2, phi3, gpt2):
 
-* metadata: the family's hyper-parameters, ``general.file_type`` and the tokenizer (BPE
-  vocabulary, token types, merges, special ids, the pre-tokenizer name, chat template);
+* metadata: the family's hyper-parameters, ``general.file_type`` and the tokenizer
+  (:mod:`lowbit.io.gguf_tokenizer`: byte-level or SentencePiece BPE, special ids, chat template);
 * tensors under llama.cpp's names (gguf-py's tensor-name map): linears quantized with one of
   llama.cpp's block codecs as their ggml bytes; other quantized linears are refused (their grid
   has no GGUF type); the experts of an MoE block stacked into one 3-D tensor per projection;
@@ -21,7 +21,6 @@ The file is written to a hidden temporary name and renamed, so a failure never l
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,29 +34,12 @@ from lowbit.codecs.ggml_legacy import GGMLBlockCodec
 from lowbit.errors import LowbitError
 from lowbit.io.folder import atomic_file
 from lowbit.io.gguf_architectures import GGUFArch, gguf_architecture
+from lowbit.io.gguf_tokenizer import add_tokenizer
 from lowbit.io.ggml_blocks import to_ggml_blocks
 from lowbit.modules import QuantLinear
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
-
-
-# HF tokenizer.json pre-tokenizer (as canonical JSON) -> llama.cpp's pre-tokenizer name.
-_PRE_TOKENIZERS = {
-    json.dumps({"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel", "use_regex": True},
-               sort_keys=True): "gpt-2",
-    json.dumps({"pretokenizers": [{"individual_digits": True, "type": "Digits"},
-                                  {"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel",
-                                   "use_regex": True}], "type": "Sequence"}, sort_keys=True): "smollm",
-    json.dumps({"pretokenizers": [{"behavior": "Isolated", "invert": False, "pattern": {"Regex": (
-        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-        "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")}, "type": "Split"},
-        {"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel", "use_regex": False}], "type": "Sequence"},
-        sort_keys=True): "qwen2",
-}
-
-# llama.cpp's token types
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 
 def check_gguf_architecture(model: nn.Module) -> GGUFArch:
@@ -75,13 +57,13 @@ class _DryRun:
 
 def check_gguf_writable(loaded: "LoadedModel") -> GGUFArch:
     """LowbitError, before any work, unless ``loaded`` can be written as GGUF: its architecture,
-    its hyper-parameters (what llama.cpp would compute otherwise) and its tokenizer (a BPE
-    vocabulary with a pre-tokenizer llama.cpp knows)."""
+    its hyper-parameters (what llama.cpp would compute otherwise) and its tokenizer (a byte-level
+    BPE vocabulary with a pre-tokenizer llama.cpp knows, or a SentencePiece BPE one)."""
     arch = check_gguf_architecture(loaded.model)
     cfg = loaded.model.config
     arch.hparams(_DryRun(), cfg.to_dict())
     arch.extra_tensors(cfg.to_dict())
-    _add_tokenizer(_DryRun(), loaded.tokenizer, int(cfg.vocab_size))
+    add_tokenizer(_DryRun(), loaded.tokenizer, int(cfg.vocab_size))
     return arch
 
 
@@ -107,7 +89,7 @@ def save_gguf(loaded: "LoadedModel", path: Path, overwrite: bool = False, dense:
         if getattr(cfg, "_name_or_path", None):  # llama.cpp keys tokenizer fixes on it (a name with "phi3" in it...)
             w.add_name(str(cfg._name_or_path))
         arch.hparams(w, cfg.to_dict())
-        _add_tokenizer(w, loaded.tokenizer, int(cfg.vocab_size))
+        add_tokenizer(w, loaded.tokenizer, int(cfg.vocab_size))
         mix = getattr(recipe, "gguf_mix", None)
         w.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]) if mix else _file_type(tensors, dense))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -135,52 +117,6 @@ def gguf_file(path: Path, arch: str, overwrite: bool = False) -> Iterator["gguf.
             w.write_tensors_to_file()
         finally:
             w.close()
-
-
-def _add_tokenizer(w: "gguf.GGUFWriter", tokenizer: object, n_vocab: int) -> None:  # type: ignore[name-defined]
-    """The tokenizer's BPE vocabulary, padded with unused tokens to the model's ``n_vocab``
-    embedding rows (llama.cpp checks the two agree)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise LowbitError("the GGUF writer needs a fast (tokenizers) tokenizer")
-    spec = json.loads(backend.to_str())
-    model = spec["model"]
-    if model["type"] != "BPE":
-        raise LowbitError(f"the GGUF writer handles BPE tokenizers only, not {model['type']}")
-    pre_key = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)
-    pre = _PRE_TOKENIZERS.get(pre_key)
-    if pre is None:
-        raise LowbitError(f"the GGUF writer does not know this pre-tokenizer: {pre_key}")
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    for i, t in added.items():
-        vocab[t["content"]] = i
-    n = max(vocab.values()) + 1
-    if n > n_vocab:
-        raise LowbitError(f"the tokenizer has {n} tokens but the model only {n_vocab} embedding rows")
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    for text, i in vocab.items():
-        tokens[i] = text
-    types = [(_CONTROL if added[i]["special"] else _USER_DEFINED) if i in added else _NORMAL for i in range(n)]
-    types += [_UNUSED] * (n_vocab - n)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    for attr, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
-        tid = getattr(tokenizer, attr, None)
-        if tid is not None:
-            add(int(tid))
-    # llama.cpp adds BOS only when told; the HF tokenizer's own post-processor decides here
-    probe = tokenizer("a")["input_ids"]  # type: ignore[operator]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    w.add_add_bos_token(bool(probe) and bos is not None and probe[0] == bos)
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        w.add_chat_template(template)
 
 
 def tensor_name_map(model: nn.Module, arch_name: str) -> "gguf.TensorNameMap":  # type: ignore[name-defined]
