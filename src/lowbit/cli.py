@@ -234,7 +234,7 @@ def _with_calibration(recipe, args: argparse.Namespace):  # type: ignore[no-unty
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.io.folder import check_output
     from lowbit.pipeline import quantize_model
-    from lowbit.pipeline.importance import calibrating_algorithms
+    from lowbit.pipeline.importance import calibration_users
     from lowbit.recipes import resolve_recipe
 
     recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, codec=args.codec, algorithm=args.algorithm,
@@ -249,13 +249,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from lowbit.io.imatrix import read_imatrix
 
         importance = read_imatrix(args.imatrix, loaded.model)
-        if not calibrating_algorithms(recipe, importance) and _calibration_overrides(args):
+        if not calibration_users(recipe, importance) and _calibration_overrides(args):
             raise LowbitError(f"--calib options given, but with --imatrix {recipe.label()} uses no calibration data")
     if args.save_imatrix is not None:
         from lowbit.io.imatrix import linear_gguf_names
 
         linear_gguf_names(loaded.model)  # llama.cpp names its linears: before the work, not after it
-    calibrating = bool(calibrating_algorithms(recipe, importance))
+    calibrating = bool(calibration_users(recipe, importance))
     _check_plan(args, layout, recipe, loaded, calibrating)
     calib, resume = None, None
     partial = args.out.with_name(args.out.name + ".partial")
@@ -370,9 +370,9 @@ def _check_imatrix_args(recipe, args: argparse.Namespace) -> None:  # type: igno
     if not recipe.needs_calibration:
         raise LowbitError(f"--save-imatrix: {recipe.label()} collects no calibration statistics "
                           "(use a gguf-*-imatrix or a -gptq preset)")
-    if any(a.transforms_block for a in recipe.algorithms):
-        raise LowbitError(f"--save-imatrix: {recipe.label()} rescales the inputs of its linears (AWQ), so what it "
-                          "measures is not the model's importance matrix")
+    if recipe.transforms or any(a.implied_transforms() for a in recipe.algorithms):
+        raise LowbitError(f"--save-imatrix: {recipe.label()} rescales the inputs of its linears (AWQ, SmoothQuant), so "
+                          "what it measures is not the model's importance matrix")
 
 
 def _load_for_quantization(spec: str):  # type: ignore[no-untyped-def]

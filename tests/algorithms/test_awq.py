@@ -8,12 +8,13 @@ import copy
 import pytest
 import torch
 
-from lowbit.algorithms import AWQ, RTN, LayerStats, StepContext
-from lowbit.algorithms.awq import search_scale
+from lowbit.algorithms import AWQ, RTN, LayerStats
 from lowbit.calibration.statistics import StatsRequest
 from lowbit.codecs.registry import codec_from_dict
 from lowbit.models import architecture_of
-from lowbit.pipeline.sequential import capture_block_inputs, collect_step_statistics, run_block
+from lowbit.pipeline.passes import capture_block_inputs, collect_step_statistics, run_block
+from lowbit.transforms import AWQScale, StepContext
+from lowbit.transforms.awq import search_scale
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "opt", "opt-post-ln", "phi3", "gpt2",
@@ -35,7 +36,7 @@ def test_fold_leaves_the_unquantized_model_unchanged(tiny_model, family: str) ->
         source = arch.scale_sources[s]
         before_w = {n: block.get_submodule(n).weight.detach().clone() for n in step}
         ctx = StepContext(block, "b", list(step), {n: codec for n in step}, stats[step[0]], source, arch.norm_plus_one)
-        AWQ(grid=8).transform_step(ctx)
+        AWQScale(grid=8).apply(ctx)
         folded += any(not torch.equal(before_w[n], block.get_submodule(n).weight) for n in step)
     assert folded >= (1 if family == "opt-post-ln" else 2)  # scales really were folded (post-LN OPT: no norm takes one)
     got = run_block(block, inputs, torch.float32)

@@ -15,7 +15,8 @@ from lowbit.calibration import CalibrationSet
 from lowbit.models.lazy import load_lazy
 from lowbit.modules import QuantLinear
 from lowbit.pipeline import quantize_model
-from lowbit.pipeline import sequential as seq
+from lowbit.pipeline import passes, sequential as seq
+from lowbit.pipeline import replay as rp
 from lowbit.pipeline.resume import ResumeState
 from lowbit.recipes import Recipe
 
@@ -232,16 +233,16 @@ def test_replayed_modules_give_the_same_result_as_recomputing_them(tiny_model, f
     base = tiny_model(family)
     cal = calib()
     started: list[str] = []
-    real_start = seq.LinearReplay.start
+    real_start = rp.LinearReplay.start
 
     def start(self):  # type: ignore[no-untyped-def]
         started.append(self.linear_name)
         real_start(self)
 
-    monkeypatch.setattr(seq.LinearReplay, "start", start)
+    monkeypatch.setattr(rp.LinearReplay, "start", start)
     skipped_norms = []
-    real_pass = seq._pass_through
-    monkeypatch.setattr(seq, "_pass_through", lambda x, *a, **k: skipped_norms.append(1) or real_pass(x))
+    real_pass = rp._pass_through
+    monkeypatch.setattr(rp, "_pass_through", lambda x, *a, **k: skipped_norms.append(1) or real_pass(x))
     replayed = copy.deepcopy(base)
     quantize_model(replayed, recipe("gptq"), calibration=cal, progress=False)
     expected = {"opt": {"self_attn.out_proj"}, "opt-post-ln": {"self_attn.out_proj"},
@@ -251,7 +252,7 @@ def test_replayed_modules_give_the_same_result_as_recomputing_them(tiny_model, f
     # its weights, so its modules fail the replay check and are recomputed, norms included)
     # (post-LN OPT has no norm before its attention to skip)
     assert bool(skipped_norms) == (family not in ("gemma2", "opt-post-ln"))
-    monkeypatch.setattr(seq, "REPLAY_LIMIT_BYTES", 0)  # nothing recorded: every module recomputed
+    monkeypatch.setattr(rp, "REPLAY_LIMIT_BYTES", 0)  # nothing recorded: every module recomputed
     recomputed = copy.deepcopy(base)
     quantize_model(recomputed, recipe("gptq"), calibration=cal, progress=False)
     a, b = state(replayed), state(recomputed)
@@ -281,7 +282,7 @@ def test_replay_checks_its_first_batch_against_the_real_module(module, replays: 
     torch.manual_seed(0)
     m = module()
     batches = [torch.randn(3, 4) for _ in range(3)]
-    replay = seq.LinearReplay(m, m, "out", limit_bytes=1 << 20)
+    replay = rp.LinearReplay(m, m, "out", limit_bytes=1 << 20)
     replay.record()
     expected = [m(x)[0] for x in batches]
     replay.start()
@@ -297,7 +298,7 @@ def test_replay_checks_its_first_batch_against_the_real_module(module, replays: 
 
 def test_replay_keeps_nothing_beyond_its_limit() -> None:
     m = _Plain()
-    replay = seq.LinearReplay(m, m, "out", limit_bytes=3 * 4 * 4)  # one batch of (3, 4) float32
+    replay = rp.LinearReplay(m, m, "out", limit_bytes=3 * 4 * 4)  # one batch of (3, 4) float32
     replay.record()
     for _ in range(2):
         m(torch.randn(3, 4))
@@ -329,7 +330,7 @@ def test_unusable_devices_are_refused(tiny_model, device: str, message: str) -> 
 
 def test_to_device_moves_tensors_inside_containers() -> None:
     kw = {"position_embeddings": (torch.ones(2), torch.zeros(2)), "mask": None, "ids": [torch.arange(3)], "n": 4}
-    moved = seq.to_device(kw, torch.device("meta"))
+    moved = passes.to_device(kw, torch.device("meta"))
     assert moved["position_embeddings"][0].device.type == "meta" and moved["ids"][0].device.type == "meta"
     assert moved["mask"] is None and moved["n"] == 4
     assert isinstance(moved["position_embeddings"], tuple)

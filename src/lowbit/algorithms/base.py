@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lowbit.calibration.statistics import InputStatistics, StatsRequest
+from lowbit.calibration.statistics import StatsRequest
 from lowbit.codecs import Codec, QuantizedTensor
 
 if TYPE_CHECKING:
-    from torch import nn
+    from lowbit.transforms import Transform
 
 
 @dataclass
@@ -35,23 +35,6 @@ class LayerStats:
     hessian: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     n_tokens: int = 0
-
-
-@dataclass
-class StepContext:
-    """One sub-step of a decoder block, as the pipeline hands it to :meth:`Algorithm.transform_step`:
-    the linears ``names`` (block-relative) that read one input, their codecs, that input's
-    ``stats``, and ``source``: the block-relative name of the module whose output is that input
-    and can absorb a per-channel scale (None when there is none); ``norm_plus_one``: norms
-    compute ``x * (1 + w)``."""
-
-    block: "nn.Module"
-    prefix: str
-    names: list[str]
-    codecs: dict[str, Codec]
-    stats: InputStatistics
-    source: str | None
-    norm_plus_one: bool
 
 
 class Algorithm(BaseModel, ABC):
@@ -76,19 +59,10 @@ class Algorithm(BaseModel, ABC):
         """Which statistics the pipeline must collect for each linear's input."""
         return StatsRequest()
 
-    def transform_request(self) -> StatsRequest:
-        """Which statistics :meth:`transform_step` needs (collected on the unquantized block)."""
-        return StatsRequest()
-
-    @property
-    def transforms_block(self) -> bool:
-        """Whether :meth:`transform_step` edits the block (the pipeline then runs a first pass
-        over the unquantized block to give every sub-step its statistics)."""
-        return False
-
-    def transform_step(self, ctx: StepContext) -> None:
-        """An equivalence transform of the block before anything is quantized (AWQ's scaling),
-        given one sub-step's shared input statistics. No-op by default."""
+    def implied_transforms(self) -> "list[Transform]":
+        """Transforms of the block this algorithm applies before choosing codes (AWQ's scaling),
+        after the recipe's own ``transforms``."""
+        return []
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, codec: Codec, stats: LayerStats | None = None) -> QuantizedTensor:

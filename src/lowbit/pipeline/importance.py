@@ -15,21 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms import Algorithm
 from lowbit.calibration.samples import CalibrationSet
 from lowbit.calibration.statistics import StatsRequest
 from lowbit.errors import LowbitError
 from lowbit.io.imatrix import ImportanceMatrix
 from lowbit.models import Architecture, architecture_of
 from lowbit.modules import linear_weight
-from lowbit.pipeline.sequential import (
-    LinearResult,
-    capture_block_inputs,
-    collect_step_statistics,
-    run_block,
-    supplied_importance,
-    takes_importance,
-)
+from lowbit.pipeline.linears import LinearResult, supplied_importance, takes_importance
+from lowbit.pipeline.passes import capture_block_inputs, collect_step_statistics, run_block
 from lowbit.recipes import Recipe
 
 
@@ -73,11 +66,14 @@ def empty_importance(calibration: CalibrationSet) -> ImportanceMatrix:
     return ImportanceMatrix({}, {}, [calibration.source], chunk_count=n, chunk_size=length)
 
 
-def calibrating_algorithms(recipe: Recipe, importance: ImportanceMatrix | None) -> list[Algorithm]:
-    """The algorithms of ``recipe`` that need calibration passes when ``importance`` is supplied
-    (or not): a supplied importance matrix is all that RTN with importance needs."""
+def calibration_users(recipe: Recipe, importance: ImportanceMatrix | None) -> list[str]:
+    """What in ``recipe`` needs calibration passes when ``importance`` is supplied (or not), as
+    ``algorithm NAME`` / ``transform NAME``: a supplied importance matrix is all that RTN with
+    importance needs; every transform measures the block's inputs."""
     supplied = importance is not None
-    return [a for a in recipe.algorithms if a.needs_calibration and not (supplied and takes_importance(a))]
+    users = [f"algorithm {a.name}" for a in recipe.algorithms
+             if a.needs_calibration and not (supplied and takes_importance(a))]
+    return list(dict.fromkeys(users + [f"transform {t.name}" for t in recipe.transforms]))
 
 
 def check_importance(model: nn.Module, arch: Architecture, recipe: Recipe, importance: ImportanceMatrix) -> None:

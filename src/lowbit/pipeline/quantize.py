@@ -27,18 +27,12 @@ from lowbit.io.imatrix import ImportanceMatrix
 from lowbit.models import Architecture, architecture_of, check_context
 from lowbit.models.lazy import LazyWeights
 from lowbit.modules import QuantLinear, dense_tensors, linear_weight, quantize_embeddings
-from lowbit.pipeline.importance import calibrating_algorithms, check_importance, empty_importance, record_importance
+from lowbit.pipeline.importance import calibration_users, check_importance, empty_importance, record_importance
 from lowbit.pipeline.resume import ResumeState
-from lowbit.pipeline.sequential import (
-    SequentialStats,
-    _progress,
-    capture_block_inputs,
-    quantize_block_sequential,
-    release_dense_weights,
-    supplied_importance,
-    takes_importance,
-    to_device,
-)
+from lowbit.pipeline.linears import release_dense_weights, supplied_importance, takes_importance
+from lowbit.pipeline.passes import capture_block_inputs, to_device
+from lowbit.pipeline.plan import BlockPlan, plan_block
+from lowbit.pipeline.sequential import SequentialStats, progress_bar, quantize_block_sequential
 from lowbit.recipes import Recipe
 
 
@@ -142,11 +136,10 @@ def quantize_model(
     """
     arch = architecture_of(model)
     recipe = resolve_gguf_mix(recipe, model)
-    calibrating = calibrating_algorithms(recipe, importance)
+    calibrating = calibration_users(recipe, importance)
     needs = bool(calibrating)
     if needs and calibration is None:
-        names = ", ".join(sorted({a.name for a in calibrating}))
-        raise LowbitError(f"algorithm {names} needs calibration data")
+        raise LowbitError(f"{', '.join(calibrating)} {'needs' if len(calibrating) == 1 else 'need'} calibration data")
     if needs:
         check_context(model, int(calibration.tokens.shape[1]), "calibration seq_len")  # type: ignore[union-attr]
     check_selection(model, arch, recipe)
@@ -172,7 +165,7 @@ def quantize_model(
                 if weights is not None:
                     weights.materialize(block, prefix)
                     check_finite(block, prefix)
-                _quantize_block(block, prefix, arch, recipe, report, supplied)
+                _quantize_block(block, plan_block(block, prefix, arch, recipe), report, supplied)
         if recipe.embedding is not None or recipe.lm_head is not None:
             quantize_embeddings(model, recipe.embedding, recipe.lm_head)
         round_dense_tensors(model, getattr(torch, recipe.dense_dtype))
@@ -214,7 +207,7 @@ def _run_sequential(
         inputs = to_device(inputs, device)  # type: ignore[assignment]
     t_start = time.perf_counter()
     desc = f"quantize {recipe.label()}"
-    with _progress(len(blocks), desc, progress, done) as bar:
+    with progress_bar(len(blocks), desc, progress, done) as bar:
         for i in range(done, len(blocks)):
             block, prefix = blocks[i], f"{arch.blocks}.{i}"
             if weights is not None:
@@ -224,9 +217,9 @@ def _run_sequential(
             home = first.device if first is not None else torch.device("cpu")
             if device is not None:
                 block.to(device)
-            results, inputs = quantize_block_sequential(
-                block, prefix, arch, recipe, inputs, compute_dtype, report.skipped, importance
-            )
+            plan = plan_block(block, prefix, arch, recipe)
+            report.skipped.extend(plan.skipped)
+            results, inputs = quantize_block_sequential(block, plan, arch, recipe, inputs, compute_dtype, importance)
             # bounded memory is the point of loading blocks from disk; a model held whole in
             # memory keeps its working set mapped (see release_dense_weights)
             release_dense_weights(block, trim_heap=weights is not None)
@@ -246,23 +239,16 @@ def _run_sequential(
     seq.forward_seconds = time.perf_counter() - t_start - sum(r.seconds for r in seq.linears)
 
 
-def _quantize_block(
-    block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe, report: QuantizationReport,
-    importance: Mapping[str, torch.Tensor] | None,
-) -> None:
-    for step in arch.block_steps(block):
-        for name in step:
-            full = f"{prefix}.{name}"
-            plan = recipe.assignment(full)
-            if plan is None:
-                report.skipped.append(full)
-                continue
-            codec, algorithm = plan
-            try:
-                module = block.get_submodule(name)
-            except AttributeError:
-                raise LowbitError(f"{arch.family}: block has no module {name}") from None
-            weight, bias = linear_weight(module)
+def _quantize_block(block: nn.Module, plan: BlockPlan, report: QuantizationReport,
+                    importance: Mapping[str, torch.Tensor] | None) -> None:
+    """Quantize the linears ``plan`` selects, each from its weight alone (RTN, or RTN weighted by
+    a supplied importance)."""
+    report.skipped.extend(plan.skipped)
+    for step in plan.steps:
+        for name in step.names:
+            full = f"{plan.prefix}.{name}"
+            codec, algorithm = step.assignments[name]
+            weight, bias = linear_weight(block.get_submodule(name))
             stats = None
             if importance is not None and takes_importance(algorithm):
                 stats = LayerStats(importance=supplied_importance(importance, full).to(weight.device))

@@ -21,6 +21,7 @@ from lowbit.algorithms import Algorithm
 from lowbit.calibration.samples import CalibrationConfig
 from lowbit.codecs import Codec
 from lowbit.errors import LowbitError, validation_message
+from lowbit.transforms import Transform
 
 DenseDType = Literal["float16", "bfloat16", "float32"]
 
@@ -87,6 +88,9 @@ class Recipe(BaseModel):
     targets: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of linears to quantize")
     ignore: list[str] = Field(default_factory=list, description="fnmatch patterns of linears to keep dense")
     rules: list[Rule] = Field(default_factory=list, description="per-module codec/algorithm overrides, first match wins")
+    transforms: list[SerializeAsAny[Transform]] = Field(
+        default_factory=list, description="equivalence transforms of each block before codes are chosen, in order "
+        "(smoothquant, awq); an algorithm's own (AWQ's scaling) follow them")
     calibration: CalibrationConfig | None = Field(None, description="calibration data (default: CalibrationConfig())")
     dense_dtype: DenseDType = Field("float16", description="storage dtype of everything not quantized")
     gguf_mix: str | None = Field(None, description="a llama-quantize type mix (q4_k_m, q3_k_m, ...), resolved "
@@ -115,6 +119,22 @@ class Recipe(BaseModel):
     @classmethod
     def _algorithm(cls, v: Any) -> Any:
         return _dispatch(v, Algorithm, "algorithm")
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _transforms(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            raise ValueError(f"must be a list of transforms, got {_kind(v)}")
+        return [_dispatch({"name": t} if isinstance(t, str) else t, Transform, "transform") for t in v]
+
+    @model_validator(mode="after")
+    def _no_transform_twice(self) -> "Recipe":
+        for algorithm in self.algorithms:
+            for t in algorithm.implied_transforms():
+                if any(own.name == t.name for own in self.transforms):
+                    raise ValueError(f"transforms: {t.name!r} is already part of algorithm {algorithm.name!r} (it would "
+                                     "be applied twice); drop one of them")
+        return self
 
     @field_validator("embedding", "lm_head", mode="before")
     @classmethod
@@ -149,13 +169,13 @@ class Recipe(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        return any(a.needs_calibration for a in self.algorithms)
+        return bool(self.transforms) or any(a.needs_calibration for a in self.algorithms)
 
     def calibration_config(self) -> CalibrationConfig:
         return self.calibration or CalibrationConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        optional = ("rules", "calibration", "gguf_mix", "embedding", "lm_head")
+        optional = ("rules", "transforms", "calibration", "gguf_mix", "embedding", "lm_head")
         return self.model_dump(mode="json", exclude_defaults=False, exclude={k for k in optional if not getattr(self, k)})
 
     def digest(self) -> str:
@@ -167,7 +187,9 @@ class Recipe(BaseModel):
     def label(self) -> str:
         if self.name:
             return self.name
-        return f"{self.codec.describe()} {self.algorithm.name}" if self.codec is not None else "dense (nothing quantized)"
+        if self.codec is None:
+            return "dense (nothing quantized)"
+        return f"{self.codec.describe()} {'+'.join([*(t.name for t in self.transforms), self.algorithm.name])}"
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":

@@ -1,0 +1,70 @@
+"""What a recipe does to one decoder block, worked out once: for each sub-step of the
+architecture (linears that read one input, in execution order), which of its linears are
+quantized, with which codec and algorithm, and which transforms run on it first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lowbit.algorithms import Algorithm
+from lowbit.codecs import Codec
+from lowbit.errors import LowbitError
+from lowbit.models import Architecture
+from lowbit.recipes import Recipe
+from lowbit.transforms import Transform
+
+
+@dataclass
+class StepPlan:
+    index: int  # the sub-step's position in the block's steps (and in ``Architecture.scale_sources``)
+    names: list[str]  # block-relative names of its quantized linears, in the architecture's order
+    assignments: dict[str, tuple[Codec, Algorithm]]
+    transforms: list[Transform] = field(default_factory=list)  # applied in order before codes are chosen
+
+
+@dataclass
+class BlockPlan:
+    prefix: str  # the block's full name, e.g. model.layers.3
+    block_steps: list[tuple[str, ...]]  # every sub-step's linears (MoE experts expanded)
+    steps: list[StepPlan]  # the sub-steps with at least one quantized linear
+    skipped: list[str]  # full names of the linears left dense
+
+    @property
+    def quantized(self) -> set[str]:
+        return {n for s in self.steps for n in s.names}
+
+    @property
+    def transforming(self) -> list[StepPlan]:
+        return [s for s in self.steps if s.transforms]
+
+
+def step_transforms(recipe: Recipe, algorithms: set[Algorithm]) -> list[Transform]:
+    """The transforms of a sub-step: the recipe's, then those of its algorithm when all its
+    quantized linears share one (AWQ's scaling needs every linear that reads the input)."""
+    implied = next(iter(algorithms)).implied_transforms() if len(algorithms) == 1 else []
+    return [*recipe.transforms, *implied]
+
+
+def plan_block(block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe) -> BlockPlan:
+    """The :class:`BlockPlan` of ``block`` (full name ``prefix``) under ``recipe``; LowbitError when
+    the block lacks a linear its architecture names."""
+    block_steps = arch.block_steps(block)
+    steps, skipped = [], []
+    for s, step in enumerate(block_steps):
+        assignments = {n: recipe.assignment(f"{prefix}.{n}") for n in step}
+        skipped.extend(f"{prefix}.{n}" for n in step if assignments[n] is None)
+        names = [n for n in step if assignments[n] is not None]
+        for n in names:
+            try:
+                block.get_submodule(n)
+            except AttributeError:
+                raise LowbitError(f"{arch.family}: block has no module {n}") from None
+        if names:
+            chosen = {n: assignments[n] for n in names}
+            # a scale folded into the input would need every linear that reads it rescaled: a step
+            # with a dense linear beside its quantized ones is not transformed
+            transforms = step_transforms(recipe, {a for _, a in chosen.values()}) if len(names) == len(step) else []
+            steps.append(StepPlan(s, names, chosen, transforms))  # type: ignore[misc]
+    return BlockPlan(prefix, block_steps, steps, skipped)

@@ -1,0 +1,68 @@
+"""The transform interface: equivalence transforms of a decoder block, applied before any code is
+chosen.
+
+A transform rewrites one sub-step's linears together with the module that produces their input
+(``W <- W diag(s)``, the source's output divided by ``s``) so that the unquantized block computes
+the same function in a form that quantizes with less error: AWQ's activation-aware scales,
+SmoothQuant's migration of activation outliers into the weights; rotations later. Transforms are
+pydantic models, registered by name like codecs and algorithms, so that a recipe lists them as
+data (``transforms: [smoothquant, awq]``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from lowbit.calibration.statistics import InputStatistics, StatsRequest
+from lowbit.codecs import Codec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lowbit.codecs.activations import ActivationQuantizer
+
+
+@dataclass
+class StepContext:
+    """One sub-step of a decoder block, as the pipeline hands it to a transform: the linears
+    ``names`` (block-relative) that read one input, their weight codecs, that input's ``stats``
+    (collected on the unquantized block), and ``source``: the block-relative name of the module
+    whose output is that input and can absorb a per-channel scale (None when there is none);
+    ``norm_plus_one``: norms compute ``x * (1 + w)``; ``activations``: the quantizer of each
+    linear's input, where the recipe quantizes activations."""
+
+    block: "nn.Module"
+    prefix: str
+    names: list[str]
+    codecs: dict[str, Codec]
+    stats: InputStatistics
+    source: str | None
+    norm_plus_one: bool
+    activations: dict[str, "ActivationQuantizer | None"] = field(default_factory=dict)
+
+
+class Transform(BaseModel, ABC):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    registry: ClassVar[dict[str, type["Transform"]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: object) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        f = cls.model_fields.get("name")
+        if f is not None and isinstance(f.default, str):
+            Transform.registry[f.default] = cls
+
+    def request(self) -> StatsRequest:
+        """Which statistics of each sub-step's input :meth:`apply` needs."""
+        return StatsRequest()
+
+    @abstractmethod
+    def apply(self, ctx: StepContext) -> bool:
+        """Transform the sub-step (in place, an exact equivalence of the unquantized block);
+        whether anything changed. ``ctx.stats`` is updated to the statistics of the new input."""
