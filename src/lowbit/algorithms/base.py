@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from lowbit.calibration.statistics import StatsRequest
 from lowbit.codecs import Codec, QuantizedTensor
+from lowbit.registry import Registered
 
 if TYPE_CHECKING:
     from lowbit.transforms import Transform
@@ -37,18 +38,8 @@ class LayerStats:
     n_tokens: int = 0
 
 
-class Algorithm(BaseModel, ABC):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
+class Algorithm(Registered, ABC):
     registry: ClassVar[dict[str, type["Algorithm"]]] = {}
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: object) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        field = cls.model_fields.get("name")
-        if field is not None and isinstance(field.default, str):
-            Algorithm.registry[field.default] = cls
 
     @property
     def needs_calibration(self) -> bool:

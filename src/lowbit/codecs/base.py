@@ -21,10 +21,11 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from lowbit.codecs.grouping import Granularity, Grouping
 from lowbit.codecs.quantized_tensor import QuantizedTensor
+from lowbit.registry import Registered
 
 ScaleData = dict[str, torch.Tensor]
 
@@ -43,20 +44,10 @@ class GroupHessian:
         self.blocks = h.view(G, g, G, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
 
 
-class Codec(BaseModel, ABC):
+class Codec(Registered, ABC):
     """A number format. Subclasses declare ``name: Literal[...]`` and their parameters."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     registry: ClassVar[dict[str, type["Codec"]]] = {}
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: object) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        field = cls.model_fields.get("name")
-        if field is not None and isinstance(field.default, str):
-            Codec.registry[field.default] = cls
 
     # -- layout -------------------------------------------------------------------------
     @property

@@ -15,10 +15,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
 from lowbit.calibration.statistics import InputStatistics, StatsRequest
 from lowbit.codecs import Codec
+from lowbit.registry import Registered
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,18 +44,8 @@ class StepContext:
     activations: dict[str, "ActivationQuantizer | None"] = field(default_factory=dict)
 
 
-class Transform(BaseModel, ABC):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
+class Transform(Registered, ABC):
     registry: ClassVar[dict[str, type["Transform"]]] = {}
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: object) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        f = cls.model_fields.get("name")
-        if f is not None and isinstance(f.default, str):
-            Transform.registry[f.default] = cls
 
     def request(self) -> StatsRequest:
         """Which statistics of each sub-step's input :meth:`apply` needs."""
