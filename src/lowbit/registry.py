@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 
 class Registered(BaseModel):
@@ -16,6 +16,18 @@ class Registered(BaseModel):
 
     name: str
     registry: ClassVar[dict[str, Any]]
+    #: fields added after files and recipe digests existed: left out of every dump while at their
+    #: default, so that stored codec dicts and the digests of earlier recipes stay what they were
+    late_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _without_late_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for f in self.late_fields:
+                if f in data and getattr(self, f) == type(self).model_fields[f].default:
+                    del data[f]
+        return data
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: object) -> None:

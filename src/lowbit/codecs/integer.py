@@ -15,6 +15,9 @@ Codes are unsigned ``q`` in ``[0, 2**bits - 1]`` and decode as ``x = scale * (q 
   ``scale = absmax / ((2**bits - 1) / 2)``, the convention of GPTQ and compressed-tensors:
   codes reach ``-2**(bits-1)`` steps below zero and ``2**(bits-1) - 1`` above, so the largest
   positive value clips by half a step. 4-bit g128 symmetric costs 4.125 bits per weight.
+  With ``restricted`` (activations) the codes stay within ``2**(bits-1) - 1`` steps either side
+  and ``scale = absmax / (2**(bits-1) - 1)``: int8 ``[-127, 127]``, nothing clips, as vLLM's,
+  bitsandbytes' and torchao's dynamic int8 quantization of activations.
 
 ``scale_dtype`` (default fp16) is the storage dtype of ``scale`` and ``zero``: bf16 or fp32
 checkpoints of other tools (llm-compressor keeps a float32 model's scales in float32) are read
@@ -28,7 +31,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowbit.codecs.base import GroupedCodec, ScaleData
 from lowbit.codecs.grouping import Granularity
@@ -49,6 +52,16 @@ class IntCodec(GroupedCodec):
     )
     scale_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="storage dtype of the scales and zero points")
+    late_fields = frozenset({"restricted"})
+    restricted: bool = Field(
+        False, description="symmetric only: codes within +-(2**(bits-1) - 1) steps of zero and scale absmax / "
+        "(2**(bits-1) - 1), so nothing clips: the activation convention of vLLM, bitsandbytes and torchao")
+
+    @model_validator(mode="after")
+    def _restricted_is_symmetric(self) -> "IntCodec":
+        if self.restricted and not self.symmetric:
+            raise ValueError("restricted: only a symmetric codec has a restricted range")
+        return self
 
     @property
     def code_bits(self) -> int:
@@ -85,7 +98,7 @@ class IntCodec(GroupedCodec):
         groups = groups.to(torch.float32)
         if self.symmetric:
             absmax = groups.abs().amax(dim=-1) * shrink
-            scale = absmax / (self.qmax / 2)
+            scale = absmax / ((1 << (self.bits - 1)) - 1 if self.restricted else self.qmax / 2)
             return {"scale": self._scale(scale)}
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
         if self.zero_point == "float":
@@ -112,7 +125,7 @@ class IntCodec(GroupedCodec):
             q = torch.round((values.to(torch.float32) - scale["zero"].to(torch.float32).unsqueeze(-1)) / s)
             return q.clamp(0, self.qmax).to(torch.uint8)
         q = torch.round(values.to(torch.float32) / s) + self._zero(scale)
-        return q.clamp(0, self.qmax).to(torch.uint8)
+        return q.clamp(1 if self.restricted else 0, self.qmax).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, scale: ScaleData) -> torch.Tensor:
         s = scale["scale"].to(torch.float32).unsqueeze(-1)
@@ -122,6 +135,6 @@ class IntCodec(GroupedCodec):
 
     def describe(self) -> str:
         kind = self.granularity_label()
-        mode = "sym" if self.symmetric else ("asym-f" if self._float_zero else "asym")
+        mode = ("sym127" if self.restricted else "sym") if self.symmetric else ("asym-f" if self._float_zero else "asym")
         scales = {"float16": "", "bfloat16": " bf16 scales", "float32": " fp32 scales"}[self.scale_dtype]
         return f"int{self.bits} {kind} {mode}{scales}"

@@ -1,0 +1,103 @@
+"""Codecs on activations: the inputs of a linear, ``(..., features)``, rather than 2-D weights.
+
+An :class:`ActivationQuantizer` is a number format (int8 or FP8, the codecs of the weights) and a
+granularity along the input, applied through the same fit / encode / decode steps:
+
+* ``token``: one scale per row (token) of the flattened input ``(N, K)``: the codec's per-channel
+  grouping on ``(N, K)``;
+* ``tensor``: one scale for the whole input;
+* ``group``: one scale per ``group_size`` features of each token;
+* ``channel``: one scale per input feature, static only (from calibration): the per-channel
+  grouping on ``(K, N)``.
+
+Scales are dynamic (fitted to each input as it comes, :meth:`ActivationQuantizer.fit`) or static:
+fitted once to a range an observer chose (:meth:`ActivationQuantizer.from_range`, the same fit
+applied to the two values ``lo, hi``), then applied to every input. Symmetric int8 uses the
+restricted range ``[-127, 127]`` with ``scale = absmax / 127``, as vLLM and bitsandbytes quantize
+activations; FP8 ``scale = absmax / 448`` (E4M3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lowbit.codecs.base import GroupedCodec, ScaleData
+from lowbit.codecs.fp8 import FP8Codec
+from lowbit.codecs.integer import IntCodec
+
+ActivationFormat = Literal["int8", "fp8_e4m3", "fp8_e5m2"]
+ActivationGranularity = Literal["token", "tensor", "group", "channel"]
+
+
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    format: ActivationFormat = "int8"
+    granularity: ActivationGranularity = "token"
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.granularity == "group" and not self.group_size:
+            raise ValueError("activation granularity 'group' needs a group_size")
+        if not self.symmetric and self.format != "int8":
+            raise ValueError(f"{self.format} activations are symmetric")
+
+    @property
+    def codec(self) -> GroupedCodec:
+        """The codec applied to the 2-D view of the input (:meth:`view`)."""
+        granularity = {"token": "channel", "channel": "channel", "tensor": "tensor", "group": "group"}[self.granularity]
+        group = self.group_size if self.granularity == "group" else None
+        if self.format == "int8":
+            return IntCodec(bits=8, symmetric=self.symmetric, restricted=self.symmetric, granularity=granularity,  # type: ignore[arg-type]
+                            group_size=group, scale_dtype="float32")
+        return FP8Codec(fmt=self.format.removeprefix("fp8_"), granularity=granularity, group_size=group)  # type: ignore[arg-type]
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(..., K)`` as the 2-D tensor the codec groups: ``(N, K)``, or ``(K, N)`` per channel."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.t() if self.granularity == "channel" else flat
+
+    def unview(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (v.t() if self.granularity == "channel" else v).reshape(like.shape)
+
+    def fit(self, x: torch.Tensor) -> ScaleData:
+        """Dynamic scale data for ``x`` ``(..., K)``."""
+        if self.granularity == "channel":
+            raise ValueError("per-channel activation scales are static (from calibration), not dynamic")
+        v = self.view(x.to(torch.float32))
+        return self.codec.fit(self.codec.grouping.split(v))
+
+    def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> ScaleData:
+        """Static scale data for inputs within ``[lo, hi]``: scalars (per tensor) or ``(K,)``
+        (per channel); exactly the scales a dynamic fit gives an input whose extremes they are."""
+        lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+        ends = torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=-1)  # (R, 2)
+        if self.granularity == "tensor":
+            if ends.shape[0] != 1:
+                raise ValueError(f"a per-tensor range is two numbers, got {tuple(lo.shape)}")
+        elif self.granularity != "channel":
+            raise ValueError(f"static activation scales are per tensor or per channel, not per {self.granularity}")
+        return self.codec.fit(ends.unsqueeze(1))
+
+    def encode(self, x: torch.Tensor, scale: ScaleData | None = None) -> tuple[torch.Tensor, ScaleData]:
+        """Codes of ``x`` in the 2-D grouped view ``(R, G, g)`` and the scale data used (``scale``
+        when given: static, else fitted to ``x``)."""
+        v = self.view(x.to(torch.float32))
+        groups = self.codec.grouping.split(v)
+        s = self.codec.fit(groups) if scale is None else scale
+        return self.codec.encode(groups, s), s
+
+    def fake_quantize(self, x: torch.Tensor, scale: ScaleData | None = None) -> torch.Tensor:
+        """The values ``x`` takes through this format, in ``x``'s dtype and shape."""
+        codes, s = self.encode(x, scale)
+        shape = tuple(self.view(x).shape)
+        values = self.codec.grouping.merge(self.codec.decode(codes, s), shape)
+        return self.unview(values, x).to(x.dtype)
+
+    def describe(self) -> str:
+        kind = {"token": "per-token", "tensor": "per-tensor", "channel": "per-channel"}.get(
+            self.granularity, f"g{self.group_size}")
+        return f"{self.format} {kind}{'' if self.symmetric else ' asym'}"
