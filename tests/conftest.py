@@ -48,6 +48,14 @@ def tiny_config(family: str = "llama", **overrides: Any):  # type: ignore[no-unt
         cfg = tf.Gemma2Config(**llama_like, head_dim=16)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=256, **ids)
+    elif family == "mixtral":  # the MoE families as their released models are (renormalized experts or not)
+        cfg = tf.MixtralConfig(**{**llama_like, "intermediate_size": 96}, num_local_experts=4, num_experts_per_tok=2)
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**llama_like, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    elif family == "olmoe":  # OLMoE has no grouped-query attention
+        cfg = tf.OlmoeConfig(**{**llama_like, "intermediate_size": 64, "num_key_value_heads": 4}, num_experts=4,
+                             num_experts_per_tok=2)
     elif family in ("opt", "opt-post-ln"):  # post-LN: opt-350m's layout, each norm after its sub-layer
         cfg = tf.OPTConfig(do_layer_norm_before=family == "opt",
             hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=VOCAB,

@@ -1,7 +1,8 @@
 """Statistics of a linear's input, accumulated over calibration tokens.
 
 One :class:`InputStatistics` per distinct input of a block's sub-step (q/k/v share one): the
-Hessian proxy ``X^T X`` (one matrix product per batch), per-column mean ``|x|`` and ``x^2``,
+Hessian proxy ``X^T X`` (one matrix product per batch), per-column mean ``|x|`` and ``x^2`` and
+max ``|x|``,
 and an evenly spread sample of input rows for algorithms that evaluate output errors (AWQ).
 """
 
@@ -24,11 +25,13 @@ class StatsRequest:
     hessian_dtype: torch.dtype = torch.float32
     input_rows: int = 0
     means: bool = False  # per-column mean |x| and x^2 (the Hessian's diagonal gives x^2 anyway)
+    absmax: bool = False  # per-column max |x| (SmoothQuant)
 
     def merge(self, other: "StatsRequest") -> "StatsRequest":
         wide = torch.float64 if torch.float64 in (self.hessian_dtype, other.hessian_dtype) else torch.float32
         return StatsRequest(
-            self.hessian or other.hessian, wide, max(self.input_rows, other.input_rows), self.means or other.means
+            self.hessian or other.hessian, wide, max(self.input_rows, other.input_rows), self.means or other.means,
+            self.absmax or other.absmax,
         )
 
 
@@ -53,6 +56,7 @@ class InputStatistics:
         self.abs_sum = torch.zeros(n_features, dtype=torch.float64, device=device) if request.means else None
         self.sq_sum = torch.zeros(n_features, dtype=torch.float64, device=device) if request.means else None
         self.hessian_sum = torch.zeros(n_features, n_features, dtype=request.hessian_dtype, device=device) if request.hessian else None
+        self.abs_max = torch.zeros(n_features, dtype=torch.float32, device=device) if request.absmax else None
         self._rows_per_batch = -(-request.input_rows // max(n_batches, 1)) if request.input_rows else 0
         self._rows: list[torch.Tensor] = []
 
@@ -63,6 +67,8 @@ class InputStatistics:
             xf = x.to(torch.float32)
             self.abs_sum += xf.abs().sum(0, dtype=torch.float64)
             self.sq_sum += xf.square().sum(0, dtype=torch.float64)
+        if self.abs_max is not None:
+            torch.maximum(self.abs_max, x.abs().amax(0).to(torch.float32), out=self.abs_max)
         if self.hessian_sum is not None:
             # Only the block rows' upper parts: X^T X is symmetric, and skipping the blocks below
             # the diagonal saves about a third of the product's time (read back by `hessian`).
@@ -116,6 +122,8 @@ class InputStatistics:
         if self.abs_sum is not None and self.sq_sum is not None:
             self.abs_sum /= s64
             self.sq_sum /= s64.square()
+        if self.abs_max is not None:
+            self.abs_max /= s.to(torch.float32)
         if self.hessian_sum is not None:
             sh = s.to(self.hessian_sum.dtype)
             self.hessian_sum /= sh.unsqueeze(0) * sh.unsqueeze(1)

@@ -2,5 +2,6 @@
 
 from lowbit.transforms.awq import AWQScale
 from lowbit.transforms.base import StepContext, Transform
+from lowbit.transforms.smoothquant import SmoothQuant
 
-__all__ = ["AWQScale", "StepContext", "Transform"]
+__all__ = ["AWQScale", "SmoothQuant", "StepContext", "Transform"]
