@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.algorithms import GPTQ, LayerStats
+from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs import IntCodec, QuantizedTensor
 from lowbit.codecs.registry import codec_from_dict
 from lowbit.modules import QuantLinear, enable_fast_kernels
@@ -126,7 +127,7 @@ def test_tiny_model_logits_follow_the_reference(tiny_model) -> None:  # type: ig
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_w8a8_is_int8_activations_times_the_stored_weight(symmetric: bool) -> None:
     qt = IntCodec(bits=8, granularity="channel", symmetric=symmetric).quantize(_weight())
-    kernel = build_kernel(qt, w8a8=True)
+    kernel = build_kernel(qt, ActivationQuantizer("int8", "token"))
     assert kernel is not None and kernel.name == "w8a8-int8-cpu"
     assert torch.equal(kernel.codes(), codec_from_dict(qt.codec).unpack(qt)[0].reshape(qt.shape))
     x = torch.randn(2, 5, 576, generator=torch.Generator().manual_seed(2)) * 3
@@ -143,3 +144,24 @@ def test_w8a8_is_int8_activations_times_the_stored_weight(symmetric: bool) -> No
     assert torch.allclose(y.reshape(-1, 96).double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
     exact = xd @ qt.dequantize().double().t()  # and close to the unquantized activations' product
     assert ((y.reshape(-1, 96).double() - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_static_w8a8_uses_the_calibrated_scale_and_clips_beyond_it() -> None:
+    qt = IntCodec(bits=8, granularity="channel").quantize(_weight())
+    quantizer = ActivationQuantizer("int8", "tensor")
+    x = torch.randn(7, 576, generator=torch.Generator().manual_seed(3))
+    scale = quantizer.from_range(torch.tensor(-2.0), torch.tensor(2.0))  # the tails beyond 2 clip
+    kernel = build_kernel(qt, quantizer, scale)
+    assert kernel is not None and kernel.name == "w8a8-static-int8-cpu"
+    xd = x.double()
+    sx = 2.0 / 127
+    expected = (torch.round(xd / sx).clamp(-127, 127) * sx) @ qt.dequantize().double().t()
+    assert torch.allclose(kernel(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    # a layer that runs the kernel computes what its reference path computes
+    layer = QuantLinear(qt, None, quantizer, scale)
+    ref = layer(x)
+    layer.use_kernel(kernel)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    # other input formats stay on the layer: it quantizes, the plain int8 kernel multiplies
+    fp8 = build_kernel(qt, ActivationQuantizer("fp8_e4m3", "token"))
+    assert fp8 is not None and fp8.name == "int8-cpu" and not fp8.quantizes_input

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.codecs import QuantizedTensor
-from lowbit.codecs.base import group_order
+from lowbit.codecs.activations import ActivationQuantizer
+from lowbit.codecs.base import ScaleData, group_order
 
 #: rows of the input up to which each packed operator runs; above it, dequantize + bf16 matmul
 #: (the crossover table of ``scripts/benchmark_speed.py``, BENCHMARKS.md "Speed and memory")
@@ -41,6 +42,8 @@ class LinearKernel(Protocol):
     name: str
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    quantizes_input: bool  # the kernel quantizes its input itself (W8A8): the layer must not
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -82,6 +85,7 @@ class Int4PackedKernel:
     ``(scale, zero)`` per group as ``w = (q - 8) * scale + zero``."""
 
     name = "int4-packed-cpu"
+    quantizes_input = False
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
                  order: torch.Tensor | None) -> None:
@@ -215,6 +219,7 @@ class Int8PackedKernel:
 
     name = "int8-cpu"
     scale_dtype = KERNEL_DTYPE  # of the per-row scale and shift, as the operator takes them
+    quantizes_input = False  # whether the kernel quantizes its input itself (W8A8)
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
         self.shape = tuple(codes.shape)
@@ -260,11 +265,16 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
 
     name = "w8a8-int8-cpu"
     scale_dtype = torch.float32
+    quantizes_input = True
+
+    def input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, 1)`` float32: each row's ``absmax / 127``."""
+        return x.abs().amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x (M, K) @ W.T`` in float32 from int8 activations and weights."""
         x = x.to(torch.float32)
-        sx = x.abs().amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
+        sx = self.input_scale(x)
         xq = torch.round(x / sx).clamp_(-127, 127).to(torch.int8)
         y = torch._int_mm(xq, self.weight.t()).to(torch.float32).mul_(sx).mul_(self.scale)
         return y if self.shift is None else y.addcmul_(x.sum(-1, keepdim=True), self.shift)
@@ -274,10 +284,33 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
         return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
 
-def build_kernel(qt: QuantizedTensor, w8a8: bool = False) -> LinearKernel | None:
+class Int8StaticActivationKernel(Int8DynamicActivationKernel):
+    """W8A8 with a static per-tensor input scale from calibration: ``xq = round(x / sx)`` clamped to
+    ``[-127, 127]`` (values beyond the calibrated range clip), then as the dynamic kernel. No
+    per-call reduction over the input, and the scale vLLM reads as ``input_scale``."""
+
+    name = "w8a8-static-int8-cpu"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, input_scale: torch.Tensor) -> None:
+        super().__init__(codes, scale, offset)
+        self.sx = input_scale.to(torch.float32).reshape(1, 1)
+
+    def input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sx
+
+
+def _int8_activations(q: "ActivationQuantizer | None", granularity: str) -> bool:
+    return q is not None and q.format == "int8" and q.symmetric and q.granularity == granularity
+
+
+def build_kernel(qt: QuantizedTensor, input_quant: "ActivationQuantizer | None" = None,
+                 input_scale: "ScaleData | None" = None) -> LinearKernel | None:
     """The fastest CPU kernel that computes ``x @ W.T`` for this stored weight, or None (the
-    reference path) when no kernel holds its codec; ``w8a8``: int8 weights also quantize their
-    inputs to int8 (:class:`Int8DynamicActivationKernel`)."""
+    reference path) when no kernel holds its codec. ``input_quant``: how the layer quantizes its
+    input; int8 weights with symmetric int8 inputs, dynamic per token or static per tensor
+    (``input_scale``), multiply in int8 (:class:`Int8DynamicActivationKernel`,
+    :class:`Int8StaticActivationKernel`); for other input formats the layer quantizes the input
+    itself before the kernel."""
     codec = qt.get_codec()
     grouping = getattr(codec, "grouping", None)
     if grouping is None:
@@ -299,7 +332,11 @@ def build_kernel(qt: QuantizedTensor, w8a8: bool = False) -> LinearKernel | None
         return None
     codes, scale, offset = form
     if bits == 8:
-        return (Int8DynamicActivationKernel if w8a8 else Int8PackedKernel)(codes, scale, offset)
+        if _int8_activations(input_quant, "token") and input_scale is None:
+            return Int8DynamicActivationKernel(codes, scale, offset)
+        if _int8_activations(input_quant, "tensor") and input_scale is not None:
+            return Int8StaticActivationKernel(codes, scale, offset, input_scale["scale"])
+        return Int8PackedKernel(codes, scale, offset)
     assert group_size is not None
     if granularity != "group":
         groups = cols // group_size

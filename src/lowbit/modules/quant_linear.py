@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.codecs import QuantizedTensor
+from lowbit.codecs.activations import ActivationQuantizer
+from lowbit.codecs.base import ScaleData
 from lowbit.codecs.packing import pack_codes
 from lowbit.modules.kernels import LinearKernel, build_kernel
 
@@ -29,7 +31,8 @@ class QuantLinear(nn.Module):
 
     kernel_capable = True  # whether enable_fast_kernels may give it a kernel
 
-    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
+                 input_quant: ActivationQuantizer | None = None, input_scale: ScaleData | None = None) -> None:
         super().__init__()
         self.codec = dict(qweight.codec)
         self.out_features, self.in_features = qweight.shape
@@ -42,6 +45,23 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self._dense: torch.Tensor | None = None
         self.kernel: LinearKernel | None = None
+        # how the input is quantized (None: it is not); static scale data (float32), None when dynamic
+        self.input_quant: ActivationQuantizer | None = None
+        self.input_scale: ScaleData | None = None
+        if input_quant is not None:
+            self.set_input_quant(input_quant, input_scale)
+
+    def set_input_quant(self, quantizer: ActivationQuantizer | None, scale: ScaleData | None = None) -> None:
+        """Quantize the input with ``quantizer`` (static ``scale`` data, or dynamic when None), or
+        not at all (None). A kernel already built is dropped: its choice depends on the input's."""
+        self.input_quant = quantizer
+        self.input_scale = None if scale is None else {k: v.detach().to(torch.float32) for k, v in scale.items()}
+        if self.kernel is not None:
+            self.use_kernel(None)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the layer's input quantization leaves it (unchanged when there is none)."""
+        return x if self.input_quant is None else self.input_quant.fake_quantize(x, self.input_scale)
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -101,28 +121,37 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
-            y = self.kernel(x)
+            y = self.kernel(x if self.kernel.quantizes_input else self.quantize_input(x))
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype), bias)
+        return F.linear(self.quantize_input(x), self.dense_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         qt = self.qweight
         kernel = "" if self.kernel is None else f", kernel={self.kernel.name}"
+        if self.input_quant is not None:
+            kernel += f", input={self.input_quant.describe()} {'static' if self.input_scale else 'dynamic'}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"codec={json.dumps(self.codec, sort_keys=True)}, bpw={qt.bits_per_weight:.4f}{kernel}"
         )
 
 
+#: what ``--w8a8`` gives int8 layers that do not quantize their input already
+W8A8_DYNAMIC = ActivationQuantizer("int8", "token")
+
+
 def enable_fast_kernels(model: nn.Module, w8a8: bool = False) -> dict[str, int]:
     """Give every CPU QuantLinear whose codec a kernel holds that kernel (its layout built now,
-    once); ``w8a8``: int8 layers also quantize their inputs (dynamic, per token). Returns how
-    many layers each kernel (and the reference path) took."""
+    once); ``w8a8``: int8-weight layers that do not quantize their inputs yet quantize them too
+    (dynamic, per token). Returns how many layers each kernel (and the reference path) took."""
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel_capable:
-            kernel = build_kernel(m.qweight, w8a8) if m.qweight_codes.device.type == "cpu" else None
+            if w8a8 and m.input_quant is None and m.qweight.get_codec().code_bits == 8:
+                m.set_input_quant(W8A8_DYNAMIC)
+            kernel = (build_kernel(m.qweight, m.input_quant, m.input_scale)
+                      if m.qweight_codes.device.type == "cpu" else None)
             m.use_kernel(kernel)
             name = "reference" if kernel is None else kernel.name
             counts[name] = counts.get(name, 0) + 1
