@@ -446,7 +446,12 @@ BROKEN: dict[str, tuple[Callable[[dict[str, torch.Tensor], dict[str, Any]], None
     "unexpected": (lambda t, qc: t.__setitem__("model.extra.weight", torch.zeros(3)),
                    r"unexpected tensors.*model\.extra"),
     "missing-dense": (lambda t, qc: t.pop("model.norm.weight"), r"missing tensors.*model\.norm\.weight"),
-    "w8a8": (lambda t, qc: _group0(qc).__setitem__("input_activations", {"num_bits": 8, "type": "int"}), "W8A8"),
+    "w8a8-no-scale": (lambda t, qc: _group0(qc).__setitem__("input_activations", {"num_bits": 8, "type": "int"}),
+                      f"missing tensor model.layers.0.self_attn.q_proj.input_scale"),
+    "a4-groups": (lambda t, qc: _group0(qc).__setitem__("input_activations", {"num_bits": 4, "type": "int", "strategy": "group",
+                                                                             "group_size": 32, "dynamic": True}),
+                  "4-bit int inputs, strategy 'group', dynamic: lowbit reads int8 and fp8 inputs"),
+    "outputs": (lambda t, qc: _group0(qc).__setitem__("output_activations", {"num_bits": 8}), "output_activations"),
     "format": (lambda t, qc: _group0(qc).__setitem__("format", "nvfp4-pack-quantized"),
                "'nvfp4-pack-quantized' is not read"),
     "block": (lambda t, qc: _group0(qc)["weights"].update(strategy="block", group_size=None, block_structure=[32, 32]),
@@ -493,3 +498,57 @@ def test_missing_and_corrupt_files(saved: Path) -> None:
     assert not is_compressed_tensors_folder(saved)
     with pytest.raises(LowbitError, match="no config.json"):
         load_compressed_tensors(saved)
+
+
+# -- quantized inputs (W8A8, FP8 dynamic) ----------------------------------------------------------
+
+W8 = {"name": "int", "bits": 8, "granularity": "channel", "group_size": None}
+INPUTS: dict[str, dict[str, Any]] = {
+    "w8a8-dynamic": {"codec": W8, "activations": {}},
+    "w8a8-static": {"codec": W8, "activations": {"dynamic": False}},
+    "w8a8-static-asym-w-asym": {"codec": {**W8, "symmetric": False}, "activations": {"dynamic": False, "symmetric": False}},
+    "fp8-dynamic": {"codec": {"name": "fp8", "granularity": "channel"}, "activations": {"format": "fp8_e4m3"}},
+    "w4a8-dynamic": {"codec": CODECS["int4-g32-sym"], "activations": {}},
+}
+
+
+@pytest.mark.parametrize("case", list(INPUTS))
+def test_quantized_inputs_round_trip(tiny_model, char_tokenizer, tmp_path: Path, case: str) -> None:  # type: ignore[no-untyped-def]
+    calib = CalibrationSet(tokens=IDS, source="ids")
+    loaded = _quantized(tiny_model, char_tokenizer, INPUTS[case], calibration=calib)
+    out = save_compressed_tensors(loaded, tmp_path / "q", source="the-source")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    acts = group["input_activations"]
+    static = not INPUTS[case]["activations"].get("dynamic", True)
+    assert acts["dynamic"] is (not static) and acts["strategy"] == ("tensor" if static else "token")
+    assert group["format"] == {"w8a8": "int-quantized", "fp8-": "float-quantized", "w4a8": "pack-quantized"}[case[:4]]
+    tensors = load_file(str(out / "model.safetensors"))
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert (f"{q_proj}.input_scale" in tensors) is static
+    if group["format"] == "int-quantized":
+        assert tensors[f"{q_proj}.weight"].dtype == torch.int8
+    back = load_compressed_tensors(out)
+    _assert_same_quantized(loaded.model, back.model)
+    for name, m in _quant_linears(loaded.model).items():
+        b = _quant_linears(back.model)[name]
+        assert b.input_quant == m.input_quant, name
+        assert (b.input_scale is None) == (m.input_scale is None), name
+        for k, v in (m.input_scale or {}).items():
+            assert torch.equal(b.input_scale[k], v), name  # type: ignore[index]
+    assert torch.equal(_logits(back.model), _logits(loaded.model))
+    assert back.model.lowbit_recipe == loaded.model.lowbit_recipe
+
+
+def test_input_quantization_it_cannot_hold_is_refused_before_writing(tiny_model, char_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.io.formats import check_layout
+
+    for acts, why in (({"granularity": "group", "group_size": 16}, "dynamic per-group"),
+                      ({"outlier_threshold": 6.0}, "LLM.int8"), ({"format": "fp8_e5m2"}, "fp8_e5m2")):
+        recipe = Recipe.from_dict({"codec": W8, "activations": acts})
+        with pytest.raises(LowbitError, match=why):
+            check_layout("compressed-tensors", recipe, tiny_model("llama"))
+    recipe = Recipe.from_dict({"codec": W8, "activations": {}})
+    for layout in ("gguf", "gptq", "awq"):
+        with pytest.raises(LowbitError, match="weights only"):
+            check_layout(layout, recipe, tiny_model("llama"))

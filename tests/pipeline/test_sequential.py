@@ -105,8 +105,8 @@ def test_unreached_linear_falls_back_to_rtn(tiny_model, monkeypatch: pytest.Monk
     model = tiny_model("llama")
     real = seq.collect_step_statistics
 
-    def starve_up_proj(block, names, inputs, request, dtype):  # type: ignore[no-untyped-def]
-        stats = real(block, names, inputs, request, dtype)
+    def starve_up_proj(block, names, inputs, request, dtype, *rest):  # type: ignore[no-untyped-def]
+        stats = real(block, names, inputs, request, dtype, *rest)
         if "mlp.up_proj" in names:  # pretend no token reached it (an MoE expert nobody routed to)
             from lowbit.calibration.statistics import InputStatistics
 

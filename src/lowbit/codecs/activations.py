@@ -38,12 +38,15 @@ class ActivationQuantizer:
     granularity: ActivationGranularity = "token"
     group_size: int | None = None
     symmetric: bool = True
+    outlier_threshold: float | None = None  # LLM.int8(): columns with some |x| >= it stay exact
 
     def __post_init__(self) -> None:
         if self.granularity == "group" and not self.group_size:
             raise ValueError("activation granularity 'group' needs a group_size")
         if not self.symmetric and self.format != "int8":
             raise ValueError(f"{self.format} activations are symmetric")
+        if self.outlier_threshold is not None and (self.format, self.granularity, self.symmetric) != ("int8", "token", True):
+            raise ValueError("an outlier threshold (LLM.int8()) needs symmetric int8 per-token inputs")
 
     @property
     def codec(self) -> GroupedCodec:
@@ -90,8 +93,25 @@ class ActivationQuantizer:
         s = self.codec.fit(groups) if scale is None else scale
         return self.codec.encode(groups, s), s
 
+    def outlier_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM.int8()'s decomposition of ``x`` ``(..., K)`` as bitsandbytes makes it: the elements
+        with ``|x| >= threshold`` ``(N, K)`` and the columns ``(K,)`` that hold one (for this whole
+        input: the batch)."""
+        assert self.outlier_threshold is not None
+        flat = x.reshape(-1, x.shape[-1])
+        elements = flat.abs() >= self.outlier_threshold
+        return elements, elements.any(0)
+
     def fake_quantize(self, x: torch.Tensor, scale: ScaleData | None = None) -> torch.Tensor:
-        """The values ``x`` takes through this format, in ``x``'s dtype and shape."""
+        """The values ``x`` takes through this format, in ``x``'s dtype and shape. With an outlier
+        threshold (LLM.int8(), as bitsandbytes): each token's scale comes from its values without
+        the outlier elements, and the outlier columns keep their exact values."""
+        if self.outlier_threshold is not None:
+            elements, cols = self.outlier_columns(x)
+            flat = x.reshape(-1, x.shape[-1])
+            plain = ActivationQuantizer(self.format, self.granularity, self.group_size, self.symmetric)
+            q = plain.fake_quantize(flat.masked_fill(elements, 0), scale)
+            return torch.where(cols, flat, q).reshape(x.shape)
         codes, s = self.encode(x, scale)
         shape = tuple(self.view(x).shape)
         values = self.codec.grouping.merge(self.codec.decode(codes, s), shape)
@@ -100,4 +120,5 @@ class ActivationQuantizer:
     def describe(self) -> str:
         kind = {"token": "per-token", "tensor": "per-tensor", "channel": "per-channel"}.get(
             self.granularity, f"g{self.group_size}")
-        return f"{self.format} {kind}{'' if self.symmetric else ' asym'}"
+        outliers = f", |x| >= {self.outlier_threshold:g} in 16-bit" if self.outlier_threshold is not None else ""
+        return f"{self.format} {kind}{'' if self.symmetric else ' asym'}{outliers}"

@@ -28,6 +28,12 @@ Per quantized linear with an ``(out, in)`` weight, as compressed-tensors 0.20 re
   reader also accepts that older layout for 3, 5, 6 and 7 bits.
 * ``float-quantized``, lowbit's ``fp8`` codec (E4M3): ``NAME.weight`` float8_e4m3fn ``(out, in)``
   and ``NAME.weight_scale`` float32, shaped as above.
+* ``int-quantized``, lowbit's 8-bit ``int`` codec on a linear whose inputs are quantized to int8
+  (W8A8, what vLLM's int8 kernels read): ``NAME.weight`` int8, the signed code, and
+  ``NAME.weight_scale``; asymmetric: ``NAME.weight_zero_point`` int8 ``(out, G)``.
+* quantized inputs (the recipe's ``activations``, the scheme's ``input_activations``): int8 or FP8
+  E4M3, dynamic per token (no tensor) or static per tensor: ``NAME.input_scale`` float32 ``(1,)``
+  and, for asymmetric int8, ``NAME.input_zero_point`` int8 ``(1,)`` (lowbit's zero minus 128).
 
 The bytes are those of compressed-tensors' own compressors (the tests compare them), and both
 decode as lowbit does (``(q - zp) * scale``, ``fp8 * scale``) in the scale's dtype. What that
@@ -46,9 +52,10 @@ divisible" on them) are written as finer whole groups repeating their scale data
 (:func:`whole_groups`: the same weights). What the layout cannot hold is refused before anything
 is written: other codecs (:func:`unsupported_reason`), act-order with a ``g_idx`` (``actorder: group`` was dropped after compressed-tensors 0.18),
 linears that transformers does not build as ``nn.Linear`` (GPT-2's Conv1D, fused experts) and
-quantized embeddings. The reader also takes ``weight_g_idx`` from older files and int8
-``naive-quantized`` weights, and refuses activation or KV-cache quantization, transforms and
-sparsity, which lowbit's linears cannot run.
+quantized embeddings, and input quantization other than the above (per-group or per-channel
+scales, LLM.int8()'s outlier columns). The reader also takes ``weight_g_idx`` from older files and
+int8 ``naive-quantized`` weights, and refuses output activations, KV-cache quantization,
+transforms and sparsity, which lowbit's linears cannot run.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from torch import nn
 
 import lowbit
 from lowbit.codecs import Codec, QuantizedTensor, codec_from_dict, pack_codes, unpack_codes
+from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs.base import GroupedCodec, group_order
 from lowbit.codecs.fp8 import FP8Codec
 from lowbit.codecs.ggml_legacy import GGMLBlockCodec
@@ -118,6 +126,32 @@ def unsupported_reason(codec: dict[str, Any]) -> str | None:
             f"as float-quantized); {where} holds it")
 
 
+def activations_reason(act: Any) -> str | None:
+    """Why compressed-tensors (as vLLM serves it) cannot hold this input quantization (a recipe's
+    ``Activations``), or None: it holds int8 and FP8 E4M3 inputs, dynamic per token or static per
+    tensor (int8 static ones asymmetric too)."""
+    if act.outlier_threshold is not None:
+        return "LLM.int8()'s 16-bit outlier columns have no compressed-tensors scheme; lowbit's own format holds them"
+    if act.format not in ("int8", "fp8_e4m3"):
+        return f"{act.format} inputs have no compressed-tensors scheme (int8 and fp8 E4M3 do)"
+    if (act.dynamic, act.granularity) not in ((True, "token"), (False, "tensor")):
+        how = "dynamic" if act.dynamic else "static"
+        return (f"{how} per-{act.granularity} input scales: compressed-tensors' W8A8 schemes are dynamic per token or "
+                "static per tensor")
+    if not act.symmetric and act.dynamic:
+        return "dynamic asymmetric inputs: compressed-tensors' dynamic schemes are symmetric"
+    return None
+
+
+def input_args(q: QuantLinear) -> dict[str, Any] | None:
+    """The compressed-tensors ``input_activations`` arguments of a linear's input quantization."""
+    a = q.input_quant
+    if a is None:
+        return None
+    return {"num_bits": 8, "type": "int" if a.format == "int8" else "float", "symmetric": a.symmetric,
+            "strategy": a.granularity, "group_size": None, "dynamic": q.input_scale is None, "observer": None}
+
+
 def _export_problem(name: str, qt: QuantizedTensor, module: nn.Module | None) -> str | None:
     """Why the quantized linear ``name`` cannot be written (``module``: its meta twin in the
     transformers model), or None."""
@@ -137,6 +171,22 @@ def _export_problem(name: str, qt: QuantizedTensor, module: nn.Module | None) ->
             return (f"{name}: act-order with a g_idx (GPTQ act_order without static_groups) cannot be stored: "
                     "compressed-tensors no longer reads a g_idx (actorder='group', dropped after 0.18); quantize "
                     "with static_groups (act-order without g_idx), or write the GPTQ layout or lowbit's own format")
+    return None
+
+
+def _input_problem(name: str, layer: QuantLinear) -> str | None:
+    """Why the input quantization of ``layer`` cannot be written, or None."""
+    q = layer.input_quant
+    if q is None:
+        return None
+    static = layer.input_scale is not None
+    if getattr(layer, "outlier_threshold", None) is not None:
+        return f"{name}: LLM.int8()'s 16-bit outlier columns have no compressed-tensors scheme"
+    if q.format not in ("int8", "fp8_e4m3") or (static, q.granularity) not in ((False, "token"), (True, "tensor")) \
+            or (not static and not q.symmetric):
+        how = "static" if static else "dynamic"
+        return (f"{name}: {how} {q.describe()} inputs: compressed-tensors holds int8 and FP8 E4M3 inputs, dynamic "
+                "symmetric per token or static per tensor")
     return None
 
 
@@ -209,49 +259,77 @@ def _scale_shape(granularity: str, rows: int, groups: int) -> tuple[int, ...]:
     return (1,) if granularity == "tensor" else (rows, groups)
 
 
-def ct_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one quantized linear, by local name (``weight_packed``, ...)."""
+def weight_format(codec: dict[str, Any], inputs: dict[str, Any] | None) -> str:
+    """The compressed-tensors format of a weight: int8 weights beside quantized int8 inputs are
+    ``int-quantized`` (one signed byte each, what vLLM's W8A8 kernels read), other int weights
+    ``pack-quantized``, FP8 ``float-quantized``."""
+    if codec["name"] == "int" and codec.get("bits") == 8 and inputs is not None and inputs["type"] == "int":
+        return "int-quantized"
+    return _FORMATS[codec["name"]]
+
+
+def ct_tensors(qt: QuantizedTensor, fmt: str | None = None, input_scale: dict[str, torch.Tensor] | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized linear, by local name (``weight_packed``, ...),
+    in format ``fmt`` (default: the codec's), with static ``input_scale`` data as ``input_scale``
+    (and ``input_zero_point``)."""
     codec = qt.get_codec()
     assert isinstance(codec, (IntCodec, FP8Codec))
     rows, cols = qt.shape
     codes = unpack_codes(qt.data["codes"], codec.code_bits, rows * cols).view(rows, cols)
     scale = qt.data["scale"]
     scale = scale.reshape(_scale_shape(codec.granularity, *scale.shape))
+    inputs: dict[str, torch.Tensor] = {}
+    if input_scale is not None:
+        inputs["input_scale"] = input_scale["scale"].reshape(1).to(torch.float32).contiguous()
+        if "zero" in input_scale:  # lowbit's unsigned zero point; compressed-tensors' is signed
+            inputs["input_zero_point"] = (input_scale["zero"].reshape(1).to(torch.int64) - 128).to(torch.int8)
     if isinstance(codec, FP8Codec):
-        return {"weight": codes.view(torch.float8_e4m3fn), "weight_scale": scale.to(torch.float32).contiguous()}
-    out = {
-        "weight_packed": pack_rows(codes, codec.bits),
-        "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
-        "weight_scale": scale.contiguous(),
-    }
+        return {"weight": codes.view(torch.float8_e4m3fn), "weight_scale": scale.to(torch.float32).contiguous(), **inputs}
+    half = 1 << (codec.bits - 1)
+    if fmt == "int-quantized":
+        out = {"weight": (codes.to(torch.int16) - half).to(torch.int8), "weight_scale": scale.contiguous(), **inputs}
+    else:
+        out = {
+            "weight_packed": pack_rows(codes, codec.bits),
+            "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
+            "weight_scale": scale.contiguous(),
+            **inputs,
+        }
     if not codec.symmetric:
         zero = qt.data["zero"].to(torch.int64)  # integer-valued fp16 in [0, 2**bits - 1]
         if codec.granularity == "tensor":
-            out["weight_zero_point"] = (zero.reshape(1) - (1 << (codec.bits - 1))).to(torch.int8)
+            out["weight_zero_point"] = (zero.reshape(1) - half).to(torch.int8)
+        elif fmt == "int-quantized":
+            out["weight_zero_point"] = (zero - half).to(torch.int8).contiguous()
         else:
             out["weight_zero_point"] = pack_rows(zero.t(), codec.bits).t().contiguous()
     return out
 
 
-def quantization_config(quantized: dict[str, QuantizedTensor], dense_linears: list[str]) -> dict[str, Any]:
-    """``config.json``'s ``quantization_config``: one config group per distinct codec; a single
+def quantization_config(quantized: dict[str, QuantizedTensor], dense_linears: list[str],
+                        inputs: dict[str, dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config``: one config group per distinct codec and input
+    quantization (``inputs``: a linear's ``input_activations``, see :func:`input_args`); a single
     group targets every ``Linear`` but the dense ones (llm-compressor's way), several name their
     modules."""
-    by_codec: dict[str, list[str]] = {}
+    inputs = inputs or {}
+    by_scheme: dict[str, list[str]] = {}
     for name, qt in quantized.items():
-        by_codec.setdefault(json.dumps(qt.codec, sort_keys=True), []).append(name)
-    single = len(by_codec) == 1
+        by_scheme.setdefault(json.dumps([qt.codec, inputs.get(name)], sort_keys=True), []).append(name)
+    single = len(by_scheme) == 1
     groups = {}
     formats = set()
-    for i, (key, names) in enumerate(by_codec.items()):
-        codec = json.loads(key)
-        formats.add(_FORMATS[codec["name"]])
+    for i, (key, names) in enumerate(by_scheme.items()):
+        codec, acts = json.loads(key)
+        fmt = weight_format(codec, acts)
+        formats.add(fmt)
         groups[f"group_{i}"] = {
             "targets": ["Linear"] if single else names,
             "weights": _scheme(codec),
-            "input_activations": None,
+            "input_activations": acts,
             "output_activations": None,
-            "format": _FORMATS[codec["name"]],
+            "format": fmt,
         }
     return {
         "quant_method": QUANT_METHOD,
@@ -280,16 +358,20 @@ def save_compressed_tensors(
         raise LowbitError("the model is not quantized (no quantized linears)")
     twin = meta_model(model.config)
     twins = dict(twin.named_modules())
-    problems = [p for n, qt in quantized.items() if (p := _export_problem(n, qt, twins.get(n))) is not None]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    problems = [p for n, qt in quantized.items()
+                if (p := _export_problem(n, qt, twins.get(n)) or _input_problem(n, layers[n])) is not None]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LowbitError(f"cannot write compressed-tensors: {problems[0]}{more}")
     quantized = {n: whole_groups(qt) for n, qt in quantized.items()}
     dense_linears = [n for n, m in twin.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     recipe = getattr(model, "lowbit_recipe", None)
+    inputs = {n: input_args(m) for n, m in layers.items()}
     tensors: dict[str, torch.Tensor] = {}
     for name, qt in quantized.items():
-        tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt).items()})
+        fmt = weight_format(qt.codec, inputs[name])
+        tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt, fmt, layers[name].input_scale).items()})
     marker = {
         "format": QUANT_METHOD,
         "lowbit_version": lowbit.__version__,
@@ -297,7 +379,7 @@ def save_compressed_tensors(
         "recipe_digest": None if recipe is None else recipe.digest(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return write_folder(loaded, out, overwrite, tensors, quantization_config(quantized, dense_linears),
+    return write_folder(loaded, out, overwrite, tensors, quantization_config(quantized, dense_linears, inputs),
                         {MARKER: marker}, sort_config_keys=True)
 
 
@@ -329,10 +411,9 @@ class _Group:
         where = f"{path}: quantization_config.config_groups.{name}"
         if not isinstance(group, dict) or not _strings(group.get("targets")):
             raise LowbitError(f"{where}: not a scheme with a list of targets")
-        for side in ("input_activations", "output_activations"):
-            if group.get(side):
-                raise LowbitError(f"{where}: quantizes {side} (e.g. W8A8), which lowbit's linears cannot run; "
-                                  "only weight-only schemes are read")
+        if group.get("output_activations"):
+            raise LowbitError(f"{where}: quantizes output_activations, which lowbit's linears cannot run")
+        self.inputs, self.static_inputs = _inputs_of(where, group.get("input_activations"))
         self.targets: list[str] = group["targets"]
         self.format = group.get("format") or default_format
         if self.format not in _READABLE_FORMATS:
@@ -343,6 +424,23 @@ class _Group:
     def matches(self, name: str, module: nn.Module, ignore: list[str]) -> bool:
         hit = any(_target_hit(t, name, module) for t in self.targets)
         return hit and not any(_target_hit(t, name, module) for t in ignore)
+
+
+def _inputs_of(where: str, a: Any) -> tuple[ActivationQuantizer | None, bool]:
+    """The quantizer of a scheme's ``input_activations`` and whether its scales are static."""
+    if a is None:
+        return None, False
+    if not isinstance(a, dict):
+        raise LowbitError(f"{where}.input_activations: not a mapping")
+    kind, bits, strategy = a.get("type", "int"), a.get("num_bits", 8), a.get("strategy") or "tensor"
+    dynamic, symmetric = bool(a.get("dynamic", False)), bool(a.get("symmetric", True))
+    fmt = {("int", 8): "int8", ("float", 8): "fp8_e4m3"}.get((kind, bits))
+    if fmt is None or (dynamic, strategy) not in ((True, "token"), (False, "tensor")) or (dynamic and not symmetric) \
+            or (fmt != "int8" and not symmetric):
+        raise LowbitError(f"{where}.input_activations: {bits}-bit {kind} inputs, strategy {strategy!r}, "
+                          f"{'dynamic' if dynamic else 'static'}{'' if symmetric else ' asymmetric'}: lowbit reads int8 and "
+                          "fp8 inputs, dynamic symmetric per token or static per tensor")
+    return ActivationQuantizer(fmt, strategy, None, symmetric), not dynamic  # type: ignore[arg-type]
 
 
 def _strings(value: Any) -> bool:
@@ -447,6 +545,25 @@ class _Reader:
                 raise LowbitError(f"{self.path}: {name}.weight_g_idx: {e}") from None
         return QuantizedTensor(codec.model_dump(), shape, data)
 
+    def input_scale(self, name: str, quantizer: ActivationQuantizer) -> dict[str, torch.Tensor]:
+        """Static per-tensor input scale data (``input_scale``, and ``input_zero_point`` when
+        asymmetric) as lowbit's ``(1, 1)`` float32 scale and unsigned zero."""
+        scale = self.take(f"{name}.input_scale")
+        assert scale is not None
+        if scale.numel() != 1 or not scale.dtype.is_floating_point:
+            raise LowbitError(f"{self.path}: {name}.input_scale should be one float, found {scale.dtype} "
+                              f"{tuple(scale.shape)}")
+        out = {"scale": scale.reshape(1, 1).to(torch.float32)}
+        zp = self.take(f"{name}.input_zero_point", required=not quantizer.symmetric)
+        if not quantizer.symmetric:
+            assert zp is not None
+            if zp.numel() != 1 or zp.dtype.is_floating_point:
+                raise LowbitError(f"{self.path}: {name}.input_zero_point should be one integer")
+            out["zero"] = (zp.reshape(1, 1).to(torch.float32) + 128)
+        elif zp is not None and zp.any():
+            raise LowbitError(f"{self.path}: {name} has symmetric inputs but a non-zero input_zero_point")
+        return out
+
     def _fp8_codes(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
         w = self.take(f"{name}.weight")
         assert w is not None
@@ -495,6 +612,8 @@ class _Reader:
                 raise LowbitError(f"{self.path}: {name}.weight_zero_point must be one integer, got {zp.dtype} "
                                   f"{tuple(zp.shape)}")
             zero = zp.reshape(1, 1).to(torch.int64) + half
+        elif zp.dtype == torch.int8 and tuple(zp.shape) == (R, G):  # int-quantized: one signed byte each
+            zero = zp.to(torch.int64) + half
         else:
             legacy = self._legacy(codec.bits, rows, zp.shape[0])
             want = (packed_width(rows, codec.bits, legacy), G)
@@ -539,6 +658,7 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "
     model, tokenizer = empty_model(path, dtype, tensors)
     reader = _Reader(path, tensors, _version(qc))
     quantized: dict[str, QuantizedTensor] = {}
+    inputs: dict[str, tuple[ActivationQuantizer, dict[str, torch.Tensor] | None]] = {}
     for name, module in list(model.named_modules()):
         group = next((g for g in groups if g.codec is not None and g.matches(name, module, ignore)), None)
         if group is None:
@@ -548,9 +668,13 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "
                               "nn.Linear layers only")
         assert group.codec is not None
         quantized[name] = reader.quantized(name, group.codec, (module.out_features, module.in_features))
+        if group.inputs is not None:
+            inputs[name] = (group.inputs, reader.input_scale(name, group.inputs) if group.static_inputs else None)
     if not quantized:
         raise LowbitError(f"{path}: no linear of the model matches the quantization_config's targets")
     assemble(model, path, quantized, tensors, reader.consumed, dtype)
+    for name, (quantizer, scale) in inputs.items():
+        model.get_submodule(name).set_input_quant(quantizer, scale)
     source = _attach_recipe(path, model, quantized)
     return LoadedModel(model, tokenizer, source or str(path), path)
 

@@ -29,6 +29,19 @@ class Layout:
     #: why a weight of ``codec`` (``Codec.model_dump()``) and shape ``(out, in)`` cannot be held
     #: (``act_order``: GPTQ act-order with a stored g_idx), or None; no function: every weight
     reason: Callable[[dict[str, Any], tuple[int, int], bool], str | None] | None = None
+    #: why this input quantization (a recipe's ``Activations``) cannot be held, or None; no
+    #: function: weights only, no input quantization at all
+    activations: Callable[[Any], str | None] | None = None
+
+
+def _any_activations(act: Any) -> str | None:
+    return None
+
+
+def _ct_activations(act: Any) -> str | None:
+    from lowbit.io.compressed_tensors import activations_reason
+
+    return activations_reason(act)
 
 
 def _lazy(module: str, name: str, **fixed: Any) -> Callable[..., Any]:
@@ -58,11 +71,12 @@ def _save_gguf(loaded: "LoadedModel", out: Path, overwrite: bool, source: str | 
 
 _GPTQ_REASON = _lazy("lowbit.io.gptq_format", "unsupported_reason")
 LAYOUTS: dict[str, Layout] = {
-    "native": Layout("lowbit's own folder: every codec, read back by lowbit",
-                     _lazy("lowbit.io.lowbit_format", "save_quantized")),
+    "native": Layout("lowbit's own folder: every codec and input quantization, read back by lowbit",
+                     _lazy("lowbit.io.lowbit_format", "save_quantized"), activations=_any_activations),
     "compressed-tensors": Layout(
         "HF folder that transformers (with compressed-tensors) and vLLM load: int 2..8 bit pack-quantized, FP8 E4M3 "
-        "float-quantized", _lazy("lowbit.io.compressed_tensors", "save_compressed_tensors"), _ct_reason),
+        "float-quantized, W8A8 int8 and FP8 inputs", _lazy("lowbit.io.compressed_tensors", "save_compressed_tensors"),
+        _ct_reason, _ct_activations),
     "gptq": Layout("GPTQ checkpoint (v1, AutoGPTQ's zero-point offset) for transformers/vLLM/GPTQModel: int 2/3/4/8 "
                    "bit, act-order g_idx", _lazy("lowbit.io.gptq_format", "save_gptq"), _GPTQ_REASON),
     "gptq_v2": Layout("GPTQModel's v2 layout (zero points stored as they are)",
@@ -83,13 +97,20 @@ def check_layout(layout: str, recipe: "Recipe", model: nn.Module) -> None:
     if layout != "gguf" and (recipe.gguf_mix or recipe.embedding or recipe.lm_head):
         raise LowbitError(f"{recipe.label()} is a GGUF type mix (it quantizes the token embedding): "
                           "write a GGUF file (--out FILE.gguf)")
-    if lay.reason is None:
-        return
     for name, module in model.named_modules():
         if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
             continue
         plan = recipe.assignment(name)
         if plan is None:
+            continue
+        act = recipe.activations_for(name)
+        if act is not None:
+            why = ("it stores weights only (GGUF has no activation quantization; GPTQ and AWQ checkpoints are "
+                   "weight-only)" if lay.activations is None else lay.activations(act))
+            if why is not None:
+                raise LowbitError(f"--format {layout} cannot hold the input quantization of {name} "
+                                  f"({act.describe()}): {why}")
+        if lay.reason is None:
             continue
         weight, _ = linear_weight(module)
         codec, algorithm = plan

@@ -8,7 +8,9 @@ A folder::
     model.safetensors    dense tensors in the recipe's dense dtype, and for each quantized
                          linear NAME: NAME.weight.codes (packed uint8) plus its scale data
                          (NAME.weight.scale, NAME.weight.zero, ...); the safetensors metadata
-                         key "lowbit.quantized" maps NAME to its codec and logical shape
+                         key "lowbit.quantized" maps NAME to its codec and logical shape; with
+                         static input scales (the recipe's activations), NAME.input_scale
+                         (and NAME.input_zero) in float32
     tokenizer files
 
 It is written into a hidden temporary folder beside the target and renamed only when complete,
@@ -28,6 +30,8 @@ from torch import nn
 
 import lowbit
 from lowbit.codecs import QuantizedTensor
+from lowbit.codecs.activations import ActivationQuantizer
+from lowbit.codecs.base import ScaleData
 from lowbit.errors import LowbitError
 from lowbit.io.folder import atomic_folder
 from lowbit.io.hf_checkpoint import RECIPE, WEIGHTS, assemble, dense_state, empty_model, read_json, read_safetensors
@@ -35,6 +39,7 @@ from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from lowbit.models.loading import LoadedModel
+    from lowbit.recipes import Recipe
 
 FORMAT_VERSION = 1
 MARKER = "lowbit.json"
@@ -51,6 +56,8 @@ def quantized_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict[st
             headers[mod_name] = qt.header()
             prefix = f"{mod_name}." if mod_name else ""
             tensors.update({k: v.contiguous() for k, v in qt.state_dict(f"{prefix}weight").items()})
+            for k, v in (module.input_scale or {}).items():  # static input scales, float32 as calibrated
+                tensors[f"{prefix}input_{k}"] = v.contiguous()
     tensors.update(dense_state(model, dense_dtype))
     return tensors, headers
 
@@ -141,7 +148,11 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         except (ValueError, KeyError, AttributeError) as e:
             raise LowbitError(f"{path}: bad quantized tensor {name}: {e}") from None
         consumed.update(qt.state_dict(f"{name}.weight"))
+    inputs = input_quantization(recipe, quantized, tensors, path)
+    consumed.update(f"{name}.input_{k}" for name, (_, scale) in inputs.items() for k in scale or {})
     result = assemble(model, path, quantized, tensors, consumed, dtype)
+    for name, (quantizer, scale) in inputs.items():
+        model.get_submodule(name).set_input_quant(quantizer, scale)
     # lowbit writes every persistent tensor: one the folder lacks is missing even when the
     # model could build it (a buffer), unless it is tied or a quantized linear's own
     missing = [k for k in result.missing_keys if not _is_tied_or_quantized(model, k)]
@@ -149,6 +160,32 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         raise LowbitError(f"{path}: missing tensors {missing[:5]}")
     model.lowbit_recipe = recipe
     return LoadedModel(model, tokenizer, str(marker.get("source", path)), path)
+
+
+def input_quantization(recipe: Recipe, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],
+                       path: Path) -> dict[str, tuple[ActivationQuantizer, ScaleData | None]]:
+    """Per quantized linear whose input the recipe quantizes: its quantizer and, for static
+    scales, the scale data stored as ``NAME.input_scale`` (``NAME.input_zero``), exactly the parts
+    the format has; LowbitError for a missing or ill-shaped one."""
+    out: dict[str, tuple[ActivationQuantizer, ScaleData | None]] = {}
+    for name, qt in quantized.items():
+        act = recipe.activations_for(name)
+        if act is None:
+            continue
+        quantizer = act.quantizer()
+        scale = None
+        if not act.dynamic:
+            rows = qt.shape[1] if act.granularity == "channel" else 1
+            scale = {}
+            for part, dtype in quantizer.codec.scale_dtypes().items():
+                t = tensors.get(f"{name}.input_{part}")
+                if t is None or tuple(t.shape) != (rows, 1) or t.dtype != dtype:
+                    found = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+                    raise LowbitError(f"{path}: {name}.input_{part} should be ({rows}, 1) {dtype} (static input scales "
+                                      f"of the recipe), found {found}")
+                scale[part] = t
+        out[name] = (quantizer, scale)
+    return out
 
 
 def _is_tied_or_quantized(model: nn.Module, key: str) -> bool:

@@ -71,9 +71,11 @@ def affine_form(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     R, G, _ = codes.shape
     every_code = torch.arange(1 << codec.code_bits, dtype=torch.uint8).expand(R, G, -1)
     values = codec.decode(every_code, scale_data).to(torch.float64)  # (R, G, codes)
-    offset, scale = values[..., 0], values[..., 1] - values[..., 0]
+    # the step from the two ends: float32 scales decode each value with its own rounding, and a
+    # step taken from two neighbouring codes would carry theirs 255-fold
+    offset, scale = values[..., 0], (values[..., -1] - values[..., 0]) / ((1 << codec.code_bits) - 1)
     line = offset.unsqueeze(-1) + every_code.to(torch.float64) * scale.unsqueeze(-1)
-    if not torch.allclose(values, line, rtol=1e-6, atol=1e-30):
+    if not bool(((values - line).abs() <= 1e-6 * values.abs().amax(-1, keepdim=True) + 1e-30).all()):
         return None
     rows = qt.shape[0]
     return (grouping.merge(codes, qt.shape), scale.to(torch.float32).expand(rows, -1),
@@ -284,6 +286,41 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
         return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
 
+class LLMInt8Kernel(Int8DynamicActivationKernel):
+    """LLM.int8() (Dettmers et al., 2022), as bitsandbytes computes it: the input columns where
+    some token's ``|x|`` reaches ``threshold`` (for the whole input at hand: the batch) multiply the
+    dequantized weight's columns in floating point; every other column goes through int8, each
+    token scaled by its largest value outside the outlier elements."""
+
+    name = "llm-int8-cpu"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, threshold: float) -> None:
+        super().__init__(codes, scale, offset)
+        self.threshold = threshold
+        self.outlier_counts = [0, 0]  # outlier columns seen, columns seen (for reports)
+
+    def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        elements = x.abs() >= self.threshold
+        cols = elements.any(0).nonzero().view(-1)
+        self.outlier_counts[0] += int(cols.numel())
+        self.outlier_counts[1] += x.shape[1]
+        inner = x.masked_fill(elements, 0) if cols.numel() else x
+        sx = self.input_scale(inner)
+        xq = torch.round(inner / sx).clamp_(-127, 127)
+        if cols.numel():
+            xq[:, cols] = 0
+        y = torch._int_mm(xq.to(torch.int8), self.weight.t()).to(torch.float32).mul_(sx).mul_(self.scale)
+        if self.shift is not None:
+            y.addcmul_((xq * sx).sum(-1, keepdim=True), self.shift)
+        if cols.numel():
+            w = self.weight[:, cols].to(torch.float32) * self.scale.unsqueeze(1)
+            if self.shift is not None:
+                w = w + self.shift.unsqueeze(1)
+            y.addmm_(x[:, cols], w.t())
+        return y
+
+
 class Int8StaticActivationKernel(Int8DynamicActivationKernel):
     """W8A8 with a static per-tensor input scale from calibration: ``xq = round(x / sx)`` clamped to
     ``[-127, 127]`` (values beyond the calibrated range clip), then as the dynamic kernel. No
@@ -333,6 +370,9 @@ def build_kernel(qt: QuantizedTensor, input_quant: "ActivationQuantizer | None" 
     codes, scale, offset = form
     if bits == 8:
         if _int8_activations(input_quant, "token") and input_scale is None:
+            assert input_quant is not None
+            if input_quant.outlier_threshold is not None:
+                return LLMInt8Kernel(codes, scale, offset, input_quant.outlier_threshold)
             return Int8DynamicActivationKernel(codes, scale, offset)
         if _int8_activations(input_quant, "tensor") and input_scale is not None:
             return Int8StaticActivationKernel(codes, scale, offset, input_scale["scale"])

@@ -73,7 +73,8 @@ def calibration_users(recipe: Recipe, importance: ImportanceMatrix | None) -> li
     supplied = importance is not None
     users = [f"algorithm {a.name}" for a in recipe.algorithms
              if a.needs_calibration and not (supplied and takes_importance(a))]
-    return list(dict.fromkeys(users + [f"transform {t.name}" for t in recipe.transforms]))
+    static = [f"static input scales ({a.observer.name})" for a in recipe.all_activations if not a.dynamic]  # type: ignore[union-attr]
+    return list(dict.fromkeys(users + [f"transform {t.name}" for t in recipe.transforms] + static))
 
 
 def check_importance(model: nn.Module, arch: Architecture, recipe: Recipe, importance: ImportanceMatrix) -> None:

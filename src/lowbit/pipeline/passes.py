@@ -8,10 +8,12 @@ are always accumulated in float32 or wider.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from lowbit.calibration.observers import ObserverState
 from lowbit.calibration.statistics import InputStatistics, StatsRequest
 from lowbit.errors import LowbitError
 from lowbit.modules import linear_weight
@@ -96,9 +98,11 @@ def collect_step_statistics(
     inputs: BlockInputs,
     request: StatsRequest,
     compute_dtype: torch.dtype,
+    observers: Mapping[str, ObserverState] | None = None,
 ) -> dict[str, InputStatistics]:
     """Run ``block`` on ``inputs`` until the linears ``names`` have seen their input, per batch;
-    linears fed the same tensor share one :class:`InputStatistics`."""
+    linears fed the same tensor share one :class:`InputStatistics`. ``observers``: per linear
+    name, a state that also sees each batch of its input (static activation scales)."""
     stats: dict[str, InputStatistics] = {}
     seen: set[str] = set()
     fed: set[int] = set()
@@ -116,6 +120,8 @@ def collect_step_statistics(
             if id(st) not in fed:
                 st.add(x)
                 fed.add(id(st))
+            if observers is not None and name in observers:
+                observers[name].add(x)
             last[0], last[1] = x, st
             seen.add(name)
             if len(seen) == len(names):

@@ -1,6 +1,7 @@
 """What a recipe does to one decoder block, worked out once: for each sub-step of the
 architecture (linears that read one input, in execution order), which of its linears are
-quantized, with which codec and algorithm, and which transforms run on it first."""
+quantized, with which codec and algorithm, how their inputs are quantized, and which transforms
+run on it first."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from torch import nn
 
 from lowbit.algorithms import Algorithm
 from lowbit.codecs import Codec
+from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.errors import LowbitError
 from lowbit.models import Architecture
-from lowbit.recipes import Recipe
+from lowbit.recipes import Activations, Recipe
 from lowbit.transforms import Transform
 
 
@@ -22,6 +24,15 @@ class StepPlan:
     names: list[str]  # block-relative names of its quantized linears, in the architecture's order
     assignments: dict[str, tuple[Codec, Algorithm]]
     transforms: list[Transform] = field(default_factory=list)  # applied in order before codes are chosen
+    activations: dict[str, Activations | None] = field(default_factory=dict)  # input quantization per linear
+
+    def input_quantizers(self) -> dict[str, ActivationQuantizer | None]:
+        return {n: (a.quantizer() if a is not None else None) for n, a in self.activations.items()}
+
+    @property
+    def static(self) -> dict[str, Activations]:
+        """The linears whose input scales come from calibration, with their activations."""
+        return {n: a for n, a in self.activations.items() if a is not None and not a.dynamic}
 
 
 @dataclass
@@ -66,5 +77,6 @@ def plan_block(block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe
             # a scale folded into the input would need every linear that reads it rescaled: a step
             # with a dense linear beside its quantized ones is not transformed
             transforms = step_transforms(recipe, {a for _, a in chosen.values()}) if len(names) == len(step) else []
-            steps.append(StepPlan(s, names, chosen, transforms))  # type: ignore[misc]
+            activations = {n: recipe.activations_for(f"{prefix}.{n}") for n in names}
+            steps.append(StepPlan(s, names, chosen, transforms, activations))  # type: ignore[misc]
     return BlockPlan(prefix, block_steps, steps, skipped)

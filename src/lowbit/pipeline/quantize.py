@@ -256,7 +256,8 @@ def _quantize_block(block: nn.Module, plan: BlockPlan, report: QuantizationRepor
                 qt = algorithm.quantize(weight, codec, stats)
             except ValueError as e:
                 raise LowbitError(f"cannot quantize {full}: {e}") from None
-            block.set_submodule(name, QuantLinear(qt, bias))
+            act = step.activations.get(name)
+            block.set_submodule(name, QuantLinear(qt, bias, act.quantizer() if act is not None else None))
             report.quantized.append(full)
 
 

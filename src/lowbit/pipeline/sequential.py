@@ -27,7 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.calibration.observers import ObserverState
+from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.models import Architecture
+from lowbit.modules import QuantLinear
 from lowbit.modules.experts import UnfusedExperts
 from lowbit.pipeline.linears import (
     LinearResult,
@@ -100,7 +103,10 @@ def quantize_block_sequential(
             for r in recording:
                 r.record()  # before the statistics hooks, which stop the pass at this linear
             request = merge_requests(a.stats_request() for _, a in assigned.values())
-            stats = collect_step_statistics(block, names, inputs, request, compute_dtype)
+            quantizers = step.input_quantizers()
+            observers = {n: a.observer.start(a.granularity == "channel", quantizers[n])  # type: ignore[union-attr, arg-type]
+                         for n, a in step.static.items()}
+            stats = collect_step_statistics(block, names, inputs, request, compute_dtype, observers)
             for run in shared_runs(names, assigned, stats, importance is not None):
                 codec, algorithm = assigned[run[0]]
                 full = [f"{prefix}.{n}" for n in run]
@@ -109,6 +115,7 @@ def quantize_block_sequential(
                     given = supplied_importance(importance, full[0])
                 done = quantize_linears([block.get_submodule(n) for n in run], full, codec, algorithm, stats[run[0]], given)
                 for n, (q, result) in zip(run, done):
+                    set_input_quantization(q, quantizers[n], observers.get(n), result)
                     block.set_submodule(n, q)
                     results.append(result)
             for r in recording:
@@ -120,6 +127,21 @@ def quantize_block_sequential(
         for r in replays:
             r.close()
     return results, next_inputs
+
+
+def set_input_quantization(q: QuantLinear, quantizer: ActivationQuantizer | None, observer: ObserverState | None,
+                           result: LinearResult) -> None:
+    """Give a freshly quantized linear its input quantization: dynamic, or static with the scales
+    its observer's range gives (dynamic, with a note, when no calibration token reached it)."""
+    if quantizer is None:
+        return
+    scale = None
+    if observer is not None:
+        if observer.n:
+            scale = quantizer.from_range(*observer.range())
+        else:
+            result.note = (result.note + "; " if result.note else "") + "no calibration token reached it: dynamic input scales"
+    q.set_input_quant(quantizer, scale)
 
 
 def apply_transforms(block: nn.Module, plan: BlockPlan, arch: Architecture, inputs: BlockInputs,
@@ -136,7 +158,7 @@ def apply_transforms(block: nn.Module, plan: BlockPlan, arch: Architecture, inpu
             continue
         source = arch.scale_sources[step.index] if arch.scale_sources else None
         ctx = StepContext(block, plan.prefix, step.names, {n: c for n, (c, _) in step.assignments.items()},
-                          first[step.names[0]], source, arch.norm_plus_one)
+                          first[step.names[0]], source, arch.norm_plus_one, step.input_quantizers())
         for transform in step.transforms:
             transform.apply(ctx)
 

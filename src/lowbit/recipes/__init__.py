@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.recipes.activations import Activations
 from lowbit.recipes.presets import PRESET_HELP, get_preset, preset_names
 from lowbit.recipes.recipe import Recipe
 
@@ -46,4 +47,4 @@ def resolve_recipe(
     return Recipe.from_dict(data, source="recipe with overrides")
 
 
-__all__ = ["PRESET_HELP", "Recipe", "get_preset", "preset_names", "resolve_recipe"]
+__all__ = ["PRESET_HELP", "Activations", "Recipe", "get_preset", "preset_names", "resolve_recipe"]

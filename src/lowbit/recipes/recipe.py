@@ -21,6 +21,7 @@ from lowbit.algorithms import Algorithm
 from lowbit.calibration.samples import CalibrationConfig
 from lowbit.codecs import Codec
 from lowbit.errors import LowbitError, validation_message
+from lowbit.recipes.activations import Activations
 from lowbit.transforms import Transform
 
 DenseDType = Literal["float16", "bfloat16", "float32"]
@@ -50,6 +51,8 @@ class Rule(BaseModel):
     match: str = Field(description="glob, or re:REGEX, over full module names")
     codec: SerializeAsAny[Codec] | None = None
     algorithm: SerializeAsAny[Algorithm] | None = None
+    activations: Activations | Literal[False] | None = Field(
+        None, description="input quantization of the matching linears (false: none; default: the recipe's)")
 
     @field_validator("match")
     @classmethod
@@ -88,6 +91,8 @@ class Recipe(BaseModel):
     targets: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of linears to quantize")
     ignore: list[str] = Field(default_factory=list, description="fnmatch patterns of linears to keep dense")
     rules: list[Rule] = Field(default_factory=list, description="per-module codec/algorithm overrides, first match wins")
+    activations: Activations | None = Field(None, description="how the inputs of the quantized linears are "
+                                            "quantized (default: not at all, weight-only)")
     transforms: list[SerializeAsAny[Transform]] = Field(
         default_factory=list, description="equivalence transforms of each block before codes are chosen, in order "
         "(smoothquant, awq); an algorithm's own (AWQ's scaling) follow them")
@@ -163,19 +168,32 @@ class Recipe(BaseModel):
                 return rule.codec or self.codec, rule.algorithm or self.algorithm
         return self.codec, self.algorithm
 
+    def activations_for(self, module_name: str) -> Activations | None:
+        """How the input of a quantized linear is quantized: the first matching rule that says,
+        else the recipe's ``activations``."""
+        for rule in self.rules:
+            if rule.activations is not None and matches(rule.match, module_name):
+                return rule.activations or None
+        return self.activations
+
+    @property
+    def all_activations(self) -> list[Activations]:
+        return [a for a in (self.activations, *(r.activations for r in self.rules)) if a]
+
     @property
     def algorithms(self) -> list[Algorithm]:
         return [self.algorithm, *(r.algorithm for r in self.rules if r.algorithm is not None)]
 
     @property
     def needs_calibration(self) -> bool:
-        return bool(self.transforms) or any(a.needs_calibration for a in self.algorithms)
+        static = any(not a.dynamic for a in self.all_activations)
+        return static or bool(self.transforms) or any(a.needs_calibration for a in self.algorithms)
 
     def calibration_config(self) -> CalibrationConfig:
         return self.calibration or CalibrationConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        optional = ("rules", "transforms", "calibration", "gguf_mix", "embedding", "lm_head")
+        optional = ("rules", "activations", "transforms", "calibration", "gguf_mix", "embedding", "lm_head")
         return self.model_dump(mode="json", exclude_defaults=False, exclude={k for k in optional if not getattr(self, k)})
 
     def digest(self) -> str:
@@ -189,7 +207,8 @@ class Recipe(BaseModel):
             return self.name
         if self.codec is None:
             return "dense (nothing quantized)"
-        return f"{self.codec.describe()} {'+'.join([*(t.name for t in self.transforms), self.algorithm.name])}"
+        acts = f", inputs {self.activations.describe()}" if self.activations else ""
+        return f"{self.codec.describe()} {'+'.join([*(t.name for t in self.transforms), self.algorithm.name])}{acts}"
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":

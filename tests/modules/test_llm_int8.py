@@ -1,0 +1,70 @@
+"""LLM.int8() against bitsandbytes' own output, on random inputs with planted outlier columns."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lowbit.codecs import IntCodec
+from lowbit.codecs.activations import ActivationQuantizer
+from lowbit.modules import QuantLinear
+from lowbit.modules.kernels import build_kernel
+
+bnb = pytest.importorskip("bitsandbytes")
+K, N = 256, 96
+
+
+def _case(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(N, K, generator=gen) * 0.05).half().float()
+    x = torch.randn(2, 7, K, generator=gen)
+    x[..., [5, 77, 200]] *= 20  # planted outlier columns
+    x[0, 3, 9] = 6.0  # exactly at the threshold: bitsandbytes counts |x| >= threshold
+    return w, x.half().float()
+
+
+def _bitsandbytes(w: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lin = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=threshold)
+        lin.weight = bnb.nn.Int8Params(w.half(), requires_grad=False, has_fp16_weights=False)
+        lin.eval()  # in training mode its CPU path multiplies dequantized weights, no int8 inputs
+        with torch.no_grad():
+            return lin(x.half()).float()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_llm_int8_matches_bitsandbytes(seed: int) -> None:
+    w, x = _case(seed)
+    exact = x @ w.t()
+    qt = IntCodec(bits=8, granularity="channel", restricted=True, scale_dtype="float32").quantize(w)
+    quantizer = ActivationQuantizer("int8", "token", outlier_threshold=6.0)
+    layer = QuantLinear(qt, None, quantizer)
+    with torch.no_grad():
+        ours = layer(x)
+        kernel = build_kernel(qt, quantizer)
+        assert kernel is not None and kernel.name == "llm-int8-cpu"
+        layer.use_kernel(kernel)
+        fast = layer(x)
+    theirs = _bitsandbytes(w, x, 6.0)
+    plain = _bitsandbytes(w, x, 0.0)  # bitsandbytes' W8A8 without the decomposition
+    err = lambda y: float((y - exact).norm() / exact.norm())  # noqa: E731
+    assert err(theirs) < 0.5 * err(plain)  # the planted outliers matter
+    for y in (ours, fast):
+        assert float((y - theirs).norm() / exact.norm()) < 0.1 * err(theirs)  # fp16 roundings apart
+        assert err(y) == pytest.approx(err(theirs), rel=0.1)
+    assert kernel.outlier_counts == [4, K]  # three planted columns and the one at the threshold exactly
+
+
+def test_outlier_columns_keep_their_exact_values() -> None:
+    _, x = _case(0)
+    q = ActivationQuantizer("int8", "token", outlier_threshold=6.0)
+    out = q.fake_quantize(x)
+    flat, got = x.reshape(-1, K), out.reshape(-1, K)
+    _, cols = q.outlier_columns(x)
+    assert torch.equal(got[:, cols], flat[:, cols]) and int(cols.sum()) == 4
+    assert not torch.equal(got[:, ~cols], flat[:, ~cols])
+    with pytest.raises(ValueError, match="symmetric int8 per-token"):
+        ActivationQuantizer("int8", "tensor", outlier_threshold=6.0)

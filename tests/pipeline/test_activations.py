@@ -1,0 +1,109 @@
+"""Recipes that quantize activations, through the pipeline on tiny models: dynamic and static input
+scales, SmoothQuant before them, and a lowbit folder that keeps them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit import LowbitError
+from lowbit.calibration import CalibrationSet
+from lowbit.modules import QuantLinear
+from lowbit.pipeline import quantize_model
+from lowbit.recipes import Recipe
+
+W8 = {"name": "int", "bits": 8, "granularity": "channel"}
+
+
+def calib(n: int = 8, length: int = 32) -> CalibrationSet:
+    return CalibrationSet(tokens=torch.randint(2, 256, (n, length), generator=torch.Generator().manual_seed(0)),
+                          source="random")
+
+
+def with_outliers(model: torch.nn.Module) -> torch.nn.Module:
+    """Plant outlier channels in the norms' outputs, as real LLM activations have."""
+    with torch.no_grad():
+        for block in model.model.layers:
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                norm.weight[[3, 20, 41]] *= 40
+    return model
+
+
+def kld(model: torch.nn.Module, ref: torch.nn.Module, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        lp = torch.log_softmax(model(tokens).logits.double(), -1)
+        lr = torch.log_softmax(ref(tokens).logits.double(), -1)
+    return float((lr.exp() * (lr - lp)).sum(-1).mean())
+
+
+def test_dynamic_int8_inputs_are_quantized_without_calibration(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    base = tiny_model("llama")
+    w8, w8a8 = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_model(w8, Recipe.from_dict({"codec": W8}), progress=False)
+    quantize_model(w8a8, Recipe.from_dict({"codec": W8, "activations": {}}), progress=False)
+    linears = [m for m in w8a8.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.input_quant is not None and m.input_scale is None for m in linears)
+    tokens = calib().tokens[:2]
+    assert 0 < kld(w8, base, tokens) < kld(w8a8, base, tokens)  # the inputs really lose precision
+
+
+def test_static_scales_come_from_the_observed_inputs(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    seen: list[torch.Tensor] = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    cal = calib()
+    with torch.no_grad():
+        for batch in cal.tokens.split(8):
+            model(batch)
+    handle.remove()
+    recipe = Recipe.from_dict({"codec": W8, "activations": {"dynamic": False}})
+    with pytest.raises(LowbitError, match=r"static input scales \(minmax\) needs calibration data"):
+        quantize_model(copy.deepcopy(model), recipe, progress=False)
+    quantize_model(model, recipe, calibration=cal, progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.input_scale is not None
+    # block 0's q_proj reads the unquantized model's normed embeddings: its range is theirs
+    absmax = float(torch.cat(seen).abs().max())
+    assert float(q.input_scale["scale"]) == pytest.approx(absmax / 127, rel=1e-6)
+
+
+def test_smoothquant_before_w8a8_cuts_the_error_of_outlier_channels(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    base = with_outliers(tiny_model("llama"))
+    cal = calib()
+    errors = {}
+    for name, extra in (("plain", {}), ("smoothquant", {"transforms": ["smoothquant"]})):
+        model = copy.deepcopy(base)
+        quantize_model(model, Recipe.from_dict({"codec": W8, "activations": {}, **extra}), calibration=cal, progress=False)
+        errors[name] = kld(model, base, cal.tokens[:4])
+    assert errors["smoothquant"] < 0.5 * errors["plain"], errors
+
+
+@pytest.mark.parametrize("activations", [{"dynamic": False, "observer": "percentile"},
+                                         {"dynamic": False, "granularity": "channel", "symmetric": False},
+                                         {"format": "fp8_e4m3"}])
+def test_a_lowbit_folder_keeps_the_input_quantization(tiny_model, tmp_path: Path, activations: dict) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.io.formats import save_model
+    from lowbit.models import LoadedModel, load_model
+
+    model = tiny_model("llama")
+    recipe = Recipe.from_dict({"codec": W8, "activations": activations,
+                               "rules": [{"match": "*.mlp.down_proj", "activations": False}]})
+    quantize_model(model, recipe, calibration=calib(), progress=False)
+    from conftest import make_char_tokenizer
+
+    out = save_model("native", LoadedModel(model, make_char_tokenizer(), "tiny", None), tmp_path / "m")
+    back = load_model(str(out)).model
+    tokens = calib().tokens[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            b = back.get_submodule(name)
+            assert b.input_quant == m.input_quant
+            assert (b.input_scale is None) == (m.input_scale is None)
+            for k, v in (m.input_scale or {}).items():
+                assert b.input_scale[k].dtype == torch.float32 and torch.equal(b.input_scale[k], v)
+    assert back.model.layers[0].mlp.down_proj.input_quant is None  # the rule's activations: false
