@@ -485,3 +485,42 @@ def test_bench_json_stays_json_while_gptq_reports_its_blocks(capsys, model_dir, 
     rows = json.loads(stdout)
     assert [r["recipe"] for r in rows] == ["unquantized", "w4a16-gptq"]
     assert "relative output error" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantization presets
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("preset", "layout"), [
+    ("w8a8", "compressed-tensors"), ("w8a8-smoothquant", "compressed-tensors"), ("w8a8-static", "compressed-tensors"),
+    ("fp8-dynamic", "compressed-tensors"), ("w4a8", "native"), ("llm-int8", "native"),
+    ("w4a16-g64-awq-gptq", "compressed-tensors"),
+])
+def test_activation_presets_quantize_save_and_evaluate(capsys, model_dir, text_file, tmp_path, lowbit_cache,  # type: ignore[no-untyped-def]
+                                                       preset: str, layout: str) -> None:
+    from lowbit.recipes import get_preset
+
+    out = tmp_path / preset
+    calib = ("--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "64") \
+        if get_preset(preset).needs_calibration else ()
+    extra = ("--group-size", "32") if "g64" in preset else ()
+    code, stdout, err = quantize(capsys, model_dir, out, "--recipe", preset, "--format", layout, *calib, *extra)
+    assert code == 0, err
+    assert f"quantized 14 linears with {preset}" in stdout
+    code, stdout, err = run(capsys, "eval", str(out), "--ref", str(model_dir), "--text", str(text_file), "--seq-len", "32",
+                            "--max-windows", "2", "--json")
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["kld"] > 0  # the inputs (or the weights) really are quantized
+    if preset in ("w8a8", "w8a8-static", "llm-int8"):  # as generate runs them: the int8 input kernels
+        code, stdout, err = run(capsys, "eval", str(out), "--ref", str(model_dir), "--text", str(text_file), "--seq-len",
+                                "32", "--max-windows", "2", "--kernels", "--json")
+        assert code == 0, err
+        fast = json.loads(stdout.strip().splitlines()[-1])
+        assert fast["kld"] == pytest.approx(result["kld"], rel=0.5, abs=1e-3)  # bf16 around the int8 products
+
+
+def test_activations_on_a_weight_only_layout_are_refused_before_any_work(capsys, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, _, err = quantize(capsys, model_dir, out, "--recipe", "w8a8", "--format", "gptq")
+    assert_one_line_error(code, err, "--format gptq cannot hold the input quantization", "weights only")
+    assert_nothing_written(out)

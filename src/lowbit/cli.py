@@ -109,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512, metavar="N", help="tokens per window (default 512)")
     e.add_argument("--stride", type=_positive, metavar="N", help="window step (default: seq-len, no overlap)")
     e.add_argument("--max-windows", type=_positive, metavar="N", help="evaluate at most N windows")
-    e.add_argument("--dtype", choices=DTYPES, default="float32",
+    e.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype of the evaluated model (default float32: bf16 itself costs KLD ~1e-3 on "
-                   "SmolLM2, see BENCHMARKS.md)")
+                   "SmolLM2, see BENCHMARKS.md; with --kernels: bfloat16 where a kernel runs, as generate)")
+    e.add_argument("--kernels", action="store_true",
+                   help="run the model exactly as generate and bench-speed do: fast kernels (int8/int4, W8A8, "
+                   "LLM.int8()) in their dtype, other quantized layers dequantized once (default: the reference "
+                   "path, every weight dequantized in float32)")
+    e.add_argument("--w8a8", action="store_true",
+                   help="with --kernels: int8 layers that do not quantize their inputs yet do, dynamic per token")
     e.add_argument("--ref-dtype", choices=DTYPES, default="float32", help="compute dtype of the reference")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the reference logits cache")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -403,13 +409,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.models import cache_dir, check_context, load_model
 
     text = load_text(args.text)
-    loaded = load_model(args.model, keep_quantized=True)  # a .gguf file's linears stay packed
+    loaded, dtype = _load_for_eval(args)
     check_context(loaded.model, args.seq_len, f"--seq-len {args.seq_len}")
     ref_spec = _reference_spec(args, loaded)
     ref = load_model(ref_spec, _dtype(args.ref_dtype)).model if ref_spec else None
     result = evaluate(
         loaded.model, loaded.tokenizer, text, ref=ref, seq_len=args.seq_len, stride=args.stride,
-        max_windows=args.max_windows, dtype=_dtype(args.dtype), ref_dtype=_dtype(args.ref_dtype),
+        max_windows=args.max_windows, dtype=_dtype(dtype), ref_dtype=_dtype(args.ref_dtype),
         cache_dir=None if args.no_cache else cache_dir(), progress=not args.no_progress,
     )
     size = model_size(loaded.model, block_linear_names(loaded.model))
@@ -425,6 +431,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if v is not None:
                 print(f"{k:16s} {v:.6g}" if isinstance(v, float) else f"{k:16s} {v}")
     return 0
+
+
+def _load_for_eval(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The evaluated model and its compute dtype's name: as generate runs it (``--kernels``), or
+    every linear on the reference path (a .gguf file's linears stay packed)."""
+    from lowbit.models import load_model
+
+    if args.w8a8 and not args.kernels:
+        raise LowbitError("--w8a8 runs on a kernel: add --kernels")
+    if args.kernels:
+        from lowbit.evaluation.speed import load_for_running
+
+        loaded, dtype, _, _ = load_for_running(args.model, args.dtype or "auto", kernels=True, w8a8=args.w8a8)
+        return loaded, dtype
+    return load_model(args.model, keep_quantized=True), args.dtype or "float32"
 
 
 def _reference_spec(args: argparse.Namespace, loaded) -> str | None:  # type: ignore[no-untyped-def]
@@ -443,8 +464,8 @@ def _eval_humaneval(args: argparse.Namespace) -> int:
     validate_humaneval_args(args)  # before the slow model load
     if args.lm_eval_tasks:
         raise LowbitError("--task humaneval and --lm-eval-tasks exclude each other")
-    loaded = load_model(args.model, keep_quantized=True)
-    loaded.model.to(_dtype(args.dtype))
+    loaded, dtype = _load_for_eval(args)
+    loaded.model.to(_dtype(dtype))
     ref_spec = _reference_spec(args, loaded)
     ref = load_model(ref_spec, _dtype(args.ref_dtype)).model if ref_spec else None
     out = eval_humaneval(args, loaded.model, loaded.tokenizer, ref)

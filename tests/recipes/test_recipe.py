@@ -31,13 +31,16 @@ def test_presets_resolve(name: str) -> None:
     r = resolve_recipe(name)
     assert r == get_preset(name)
     assert r.name == name and r.label() == name
-    calibrated = name.endswith(("-gptq", "-awq", "-imatrix"))
+    # RTN presets that calibrate: a transform's statistics, static input scales
+    calibrated_rtn = {"w8a8-smoothquant", "w8a8-static"}
+    calibrated = name.endswith(("-gptq", "-awq", "-imatrix")) or name in calibrated_rtn
     assert isinstance(r.algorithm, RTN) != name.endswith(("-gptq", "-awq"))
     assert r.needs_calibration == calibrated
     if calibrated:  # the calibration: 128 x 512 tokens of the built-in calibration split
         assert r.calibration is not None
         assert (r.calibration.source, r.calibration.samples, r.calibration.seq_len) == ("pydoc-calib", 128, 512)
-        assert r.algorithm.name == {"imatrix": "rtn"}.get(name.rsplit("-", 1)[1], name.rsplit("-", 1)[1])
+        suffix = "rtn" if name in calibrated_rtn else name.rsplit("-", 1)[1]
+        assert r.algorithm.name == {"imatrix": "rtn"}.get(suffix, suffix)
     assert name in PRESET_HELP
     if name in EXPECTED:  # the integer presets of the walking skeleton
         c = r.codec

@@ -24,6 +24,11 @@ def _calibrated(algorithm: dict[str, Any], base: dict[str, Any]) -> dict[str, An
     return {**base, "algorithm": algorithm, "calibration": {"source": "pydoc-calib", "samples": 128, "seq_len": 512}}
 
 
+# dynamic per-token int8 inputs, as vLLM's W8A8 kernels quantize them
+_W8A8_INPUTS: dict[str, Any] = {"format": "int8", "granularity": "token"}
+# the observer of w8a8-static
+_STATIC_OBSERVER: dict[str, Any] = {"name": "percentile", "q": 99.99}
+
 # llama-quantize's mixes: preset name -> mix (Q4_0 and Q8_0 as mixes; gguf-q4_0 / gguf-q8_0 are one type
 # on every linear, embeddings F16)
 _MIXES = {"q2_k": "q2_k", "q3_k_m": "q3_k_m", "q4_k_s": "q4_k_s", "q4_k_m": "q4_k_m", "q5_k_m": "q5_k_m",
@@ -75,6 +80,30 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                   _calibrated({"name": "awq"}, _int(4, symmetric=False, group_size=128))),
     "w4a16-g64-awq": ("int4 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(4, group_size=64))),
     "w3a16-awq": ("int3 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(3, group_size=64))),
+    # weights and inputs (activations) quantized: vLLM's W8A8 and FP8 schemes, SmoothQuant, LLM.int8()
+    "w8a8": ("int8 per-channel weights, int8 inputs dynamic per token (no smoothing), RTN",
+             {**_int(8, group_size=None), "activations": _W8A8_INPUTS}),
+    "w8a8-smoothquant": ("w8a8 after SmoothQuant (a = 0.5) folds the inputs' outlier channels into the weights",
+                         _calibrated({"name": "rtn"}, {**_int(8, group_size=None), "activations": _W8A8_INPUTS,
+                                                       "transforms": [{"name": "smoothquant", "alpha": 0.5}]})),
+    "w8a8-static": (f"int8 per-channel weights, int8 inputs with static per-tensor scales ({_STATIC_OBSERVER['name']} "
+                    "observer on calibration data), RTN",
+                    _calibrated({"name": "rtn"}, {**_int(8, group_size=None), "activations": {
+                        "format": "int8", "dynamic": False, "granularity": "tensor", "observer": _STATIC_OBSERVER}})),
+    "fp8-dynamic": ("FP8 E4M3 per-channel weights, FP8 E4M3 inputs dynamic per token (compressed-tensors FP8_DYNAMIC)",
+                    {**_rtn("fp8", fmt="e4m3", granularity="channel"),
+                     "activations": {"format": "fp8_e4m3", "granularity": "token"}}),
+    "w4a8": ("int4 groups of 128 symmetric weights, int8 inputs dynamic per token, RTN",
+             {**_int(4, group_size=128), "activations": _W8A8_INPUTS}),
+    "llm-int8": ("LLM.int8(): int8 per-channel weights (absmax / 127, as bitsandbytes), int8 inputs per token with "
+                 "the columns where some |x| >= 6 in 16-bit",
+                 {**_rtn("int", bits=8, granularity="channel", group_size=None, restricted=True, scale_dtype="float32"),
+                  "activations": {**_W8A8_INPUTS, "outlier_threshold": 6.0}}),
+    "w4a16-awq-gptq": ("int4 groups of 128 symmetric, AWQ's scaling then GPTQ's codes (act-order, static groups)",
+                       _calibrated({"name": "gptq", "act_order": True}, {**_int(4, group_size=128), "transforms": ["awq"]})),
+    "w4a16-g64-awq-gptq": ("int4 groups of 64 symmetric, AWQ's scaling then GPTQ's codes (act-order, static groups)",
+                           _calibrated({"name": "gptq", "act_order": True},
+                                       {**_int(4, group_size=64), "transforms": ["awq"]})),
     # llama.cpp's legacy block types (embeddings and LM head stay F16; write with --out FILE.gguf)
     **{f"gguf-{t}": (f"llama.cpp {t.upper()} on every linear, RTN (llama.cpp's reference rounding)", _rtn(t))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")},
