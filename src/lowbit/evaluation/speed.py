@@ -139,9 +139,24 @@ def load_for_running(spec: str, dtype: str = "auto", kernels: bool = True, w8a8:
     dequantized = keep_dequantized_weights(loaded.model, torch_dtype)  # once, not per call
     if dequantized:
         counts["dequantized once"] = dequantized
+    simulated = fake_quantized_inputs(loaded.model)
+    if simulated:  # e.g. FP8 inputs: this CPU has no FP8 matmul
+        counts[f"inputs fake-quantized ({', '.join(sorted(simulated))}: no such matmul here)"] = sum(simulated.values())
     rss = resident_bytes()
     return loaded, dtype, counts, {"model_mb": held_bytes(loaded.model) / 1e6,
                                    "rss_after_load_mb": None if rss is None else rss / 1e6}
+
+
+def fake_quantized_inputs(model: nn.Module) -> dict[str, int]:
+    """Per input format, how many linears quantize their inputs without a kernel that multiplies
+    in that format: the inputs are rounded to it and multiplied in floating point (simulated)."""
+    from lowbit.modules import QuantLinear
+
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.input_quant is not None and not (m.kernel and m.kernel.quantizes_input):
+            out[m.input_quant.format] = out.get(m.input_quant.format, 0) + 1
+    return out
 
 
 def _first_linear_has_kernel(spec: str) -> bool:
