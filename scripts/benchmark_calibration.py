@@ -48,7 +48,7 @@ from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.bench.store import RowStore as Store
 from lowbit.calibration import CalibrationConfig, calibration_set, load_text
 from lowbit.evaluation import evaluate, model_size
-from lowbit.evaluation.reference import model_fingerprint
+from lowbit.models.fingerprint import model_fingerprint
 from lowbit.models import builtin_model_path, cache_dir, load_model
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import Recipe

@@ -55,7 +55,7 @@ from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.bench.store import RowStore
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
-from lowbit.evaluation.reference import model_fingerprint
+from lowbit.models.fingerprint import model_fingerprint
 from lowbit.io.gguf_writer import save_gguf
 from lowbit.io.imatrix import read_imatrix
 from lowbit.models import LoadedModel, cache_dir, load_model

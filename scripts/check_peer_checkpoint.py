@@ -29,7 +29,7 @@ from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import bench_model
 from lowbit.calibration import load_text
 from lowbit.evaluation import evaluate
-from lowbit.evaluation.reference import model_fingerprint
+from lowbit.models.fingerprint import model_fingerprint
 from lowbit.models import builtin_model_path, cache_dir, load_model
 from lowbit.modules import QuantLinear
 from lowbit.pipeline import quantize_model

@@ -80,9 +80,9 @@ def build_tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> 
     """
     from transformers import AutoModelForCausalLM
 
-    from lowbit.models.loading import _quiet_transformers
+    from lowbit.models.loaded import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     gen = torch.Generator().manual_seed(seed + 1)

@@ -404,7 +404,7 @@ def build_targets(root: Path) -> dict[str, Target]:
     from lowbit.io.hf_checkpoint import read_safetensors
     from lowbit.io.imatrix import ImportanceMatrix, linear_gguf_names, read_imatrix, write_imatrix
     from lowbit.io.lowbit_format import save_quantized
-    from lowbit.models.loading import check_gguf
+    from lowbit.io.gguf_reader import check_gguf
     from lowbit.recipes import Recipe, resolve_recipe
 
     targets: dict[str, Target] = {}

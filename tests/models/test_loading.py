@@ -11,7 +11,7 @@ import torch
 
 from lowbit import LowbitError
 from lowbit.models import cache_dir, load_model
-from lowbit.models.loading import check_gguf
+from lowbit.io.gguf_reader import check_gguf
 
 
 def test_missing_path(tmp_path) -> None:  # type: ignore[no-untyped-def]

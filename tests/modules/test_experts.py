@@ -21,9 +21,9 @@ from lowbit.recipes import Recipe
 def tiny_moe(family: str = "mixtral", seed: int = 0) -> torch.nn.Module:
     import transformers as tf
 
-    from lowbit.models.loading import _quiet_transformers
+    from lowbit.models.loaded import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                   max_position_embeddings=128, bos_token_id=1, eos_token_id=1, pad_token_id=0)
     if family == "mixtral":

@@ -206,7 +206,7 @@ def source_facts(source: str, quantized: Path | None) -> dict[str, Any]:
     import torch
 
     from lowbit.bench.compare import block_linear_names
-    from lowbit.evaluation.reference import model_fingerprint
+    from lowbit.models.fingerprint import model_fingerprint
     from lowbit.models import load_model
     from lowbit.modules import linear_weight
 

@@ -19,7 +19,7 @@ import torch
 import lowbit
 from lowbit.calibration import Text
 from lowbit.evaluation import evaluate, model_size
-from lowbit.evaluation.reference import model_fingerprint
+from lowbit.models.fingerprint import model_fingerprint
 from lowbit.models import LoadedModel, architecture_of, cache_dir
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import Recipe

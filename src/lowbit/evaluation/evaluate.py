@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import Text
 from lowbit.errors import LowbitError
-from lowbit.evaluation.reference import compute_reference, model_fingerprint, reference_key, window_logprobs
+from lowbit.evaluation.reference import compute_reference, reference_key, window_logprobs
+from lowbit.models.fingerprint import model_fingerprint
 from lowbit.evaluation.windows import make_windows
 from lowbit.models import check_context
 from lowbit.modules import cache_dequantized_weights

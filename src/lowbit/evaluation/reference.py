@@ -36,16 +36,6 @@ CACHE_VERSION = 2
 CODE_RANGE = 40.0
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every tensor of the state dict (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def reference_key(fingerprint: str, ids: torch.Tensor, windows: list[Window], dtype: torch.dtype) -> str:
     ids_digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
     spec = {

@@ -54,7 +54,7 @@ from lowbit.io.int_checkpoint import (
 )
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
 BITS = 4
 PACK = 32 // BITS  # outputs per int32 word

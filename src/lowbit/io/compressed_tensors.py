@@ -92,7 +92,7 @@ from lowbit.io.int32_packing import pack_int32, unpack_int32
 from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
 QUANT_METHOD = "compressed-tensors"
 LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose reader this layout was checked against
@@ -649,7 +649,7 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "
     """Read a compressed-tensors folder (written by lowbit, llm-compressor or anyone else) into a
     lowbit model: its quantized linears become :class:`QuantLinear` with the equivalent codec and
     the same weights bit for bit, never materialized as floats; dense tensors are cast to ``dtype``."""
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
     path = Path(path)
     qc = _read_quantization_config(path)

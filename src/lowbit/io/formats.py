@@ -18,7 +18,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
     from lowbit.recipes import Recipe
 
 

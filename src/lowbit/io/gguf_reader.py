@@ -31,12 +31,11 @@ from torch import nn
 from lowbit.codecs import Codec, QuantizedTensor, codec_from_dict
 from lowbit.errors import LowbitError
 from lowbit.io.gguf_architectures import GGUF_ARCHITECTURES, GGUFArch
+from lowbit.models.loaded import LoadedModel, first_line, quiet_transformers
 from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
-
-    from lowbit.models.loading import LoadedModel
 
 # GGUF general.architecture -> how its tensors are laid out (the writer's table, by GGUF name)
 READABLE_ARCHITECTURES: dict[str, GGUFArch] = {
@@ -56,10 +55,24 @@ class UnknownGGUFArchitecture(LowbitError):
     """The file is valid GGUF, but of an architecture this reader does not know."""
 
 
+def check_gguf(path: Path) -> "GGUFReader":
+    """Parse a GGUF file's header and tensor table (returned as gguf-py's reader, the tensors
+    memory-mapped); LowbitError naming the damaged field or tensor if it is truncated or corrupt
+    (:func:`lowbit.io.gguf_layout.read_gguf_layout` walks it, bounds checked, before gguf-py)."""
+    from gguf import GGUFReader
+
+    from lowbit.io.gguf_layout import check_model_fields, read_gguf_layout
+
+    check_model_fields(read_gguf_layout(path))
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the walk above found nothing wrong: what gguf-py refuses is said as it says it
+        raise LowbitError(f"{path}: corrupt GGUF file ({first_line(e)})") from None
+
+
 def read_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
     """The model of the GGUF file ``path``: linears of ggml types lowbit knows as packed
     :class:`QuantLinear`\\ s, every other tensor float in ``dtype`` (module docstring)."""
-    from lowbit.models.loading import LoadedModel, check_gguf
 
     path = Path(path)
     reader = check_gguf(path)
@@ -124,9 +137,8 @@ def _empty_model(path: Path, dtype: torch.dtype, reader: "GGUFReader") -> tuple[
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lowbit.models.loading import _first_line, _quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         _complete_config(config, reader)
@@ -134,7 +146,7 @@ def _empty_model(path: Path, dtype: torch.dtype, reader: "GGUFReader") -> tuple[
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many types for metadata it cannot convert
-        raise LowbitError(f"cannot build the model of GGUF file {path}: {_first_line(e)}") from None
+        raise LowbitError(f"cannot build the model of GGUF file {path}: {first_line(e)}") from None
     return model, tokenizer
 
 

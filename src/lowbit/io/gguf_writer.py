@@ -39,7 +39,7 @@ from lowbit.io.ggml_blocks import to_ggml_blocks
 from lowbit.modules import QuantLinear
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
 
 def check_gguf_architecture(model: nn.Module) -> GGUFArch:

@@ -64,7 +64,7 @@ from lowbit.io.int_checkpoint import (
 )
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
 QUANTIZE_CONFIG = "quantize_config.json"
 BITS = (2, 3, 4, 8)

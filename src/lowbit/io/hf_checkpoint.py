@@ -31,7 +31,7 @@ from lowbit.io.folder import atomic_folder
 from lowbit.modules import QuantLinear, dense_tensors, linear_weight
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -149,20 +149,20 @@ def empty_model(path: Path, dtype: torch.dtype, tensors: dict[str, torch.Tensor]
     against a model built wholly on ``meta``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from lowbit.models.loading import _first_line, _quiet_transformers
+    from lowbit.models.loaded import first_line, quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if not keep_quantization_config and hasattr(config, "quantization_config"):
             del config.quantization_config
     except Exception as e:  # transformers raises many types for corrupt or partial folders
-        raise LowbitError(f"cannot rebuild the model of {path}: {config_problem(path) or _first_line(e)}") from None
+        raise LowbitError(f"cannot rebuild the model of {path}: {config_problem(path) or first_line(e)}") from None
     _check_block_count(path, config, tensors)
     try:
         probe = meta_model(config, dtype, buffers=False)
     except Exception as e:
-        raise LowbitError(f"cannot rebuild the model of {path}: {config_problem(path) or _first_line(e)}") from None
+        raise LowbitError(f"cannot rebuild the model of {path}: {config_problem(path) or first_line(e)}") from None
     for k, t in probe.state_dict(keep_vars=True).items():
         if k in tensors and tuple(tensors[k].shape) != tuple(t.shape):
             raise LowbitError(f"{path}: tensor {k} has shape {list(tensors[k].shape)}, the model that {CONFIG} describes "
@@ -171,11 +171,11 @@ def empty_model(path: Path, dtype: torch.dtype, tensors: dict[str, torch.Tensor]
     try:
         model = meta_model(config, dtype)
     except Exception as e:
-        raise LowbitError(f"cannot rebuild the model of {path}: {_first_line(e)}") from None
+        raise LowbitError(f"cannot rebuild the model of {path}: {first_line(e)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise LowbitError(f"cannot load the tokenizer of {path}: {_first_line(e)}") from None
+        raise LowbitError(f"cannot load the tokenizer of {path}: {first_line(e)}") from None
     return model, tokenizer
 
 

@@ -32,7 +32,7 @@ from lowbit.modules import QuantEmbedding, QuantLinear
 from lowbit.modules.experts import UnfusedExperts
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
 
 # -- the quantization config -------------------------------------------------------------------
@@ -297,7 +297,7 @@ def load_folder(
     each read by ``read_linear(tensors, NAME, (out, in))`` (a ValueError says what is wrong) and
     stored as ``NAME.{parts}``; the rest as :func:`assemble` does, then lowbit's recipe if the
     folder has one."""
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
 
     tensors = read_tensors(path)
     model, tokenizer = empty_model(path, dtype, tensors)

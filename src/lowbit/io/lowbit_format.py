@@ -38,7 +38,7 @@ from lowbit.io.hf_checkpoint import RECIPE, WEIGHTS, assemble, dense_state, empt
 from lowbit.modules import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
     from lowbit.recipes import Recipe
 
 FORMAT_VERSION = 1
@@ -118,7 +118,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedModel":
     """Rebuild a quantized model from a lowbit folder; dense tensors are cast to ``dtype``."""
-    from lowbit.models.loading import LoadedModel
+    from lowbit.models.loaded import LoadedModel
     from lowbit.recipes import Recipe
 
     path = Path(path)

@@ -10,7 +10,6 @@ its packed codes, so peak memory is one float block plus the activations.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import architecture_of
-from lowbit.models.loading import LoadedModel, _first_line, _quiet_transformers
+from lowbit.models.loaded import LoadedModel, first_line, quiet_transformers
 
 
 class LazyWeights:
@@ -102,7 +101,7 @@ def _tensor_names(file: Path) -> list[str]:
         with safe_open(str(file), framework="pt") as f:
             return list(f.keys())
     except Exception as e:  # the header walk found nothing wrong: what the library refuses is said as it says it
-        raise LowbitError(f"{file}: corrupt safetensors file ({_first_line(e)})") from None
+        raise LowbitError(f"{file}: corrupt safetensors file ({first_line(e)})") from None
 
 
 def lazy_source(spec: str) -> Path | None:
@@ -130,7 +129,7 @@ def load_lazy(path: Path, dtype: torch.dtype = torch.float32, source: str | None
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path}: no config.json, not a Hugging Face model folder")
@@ -141,7 +140,7 @@ def load_lazy(path: Path, dtype: torch.dtype = torch.float32, source: str | None
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise LowbitError(f"cannot build the model of {path}: {_first_line(e)}") from None
+        raise LowbitError(f"cannot build the model of {path}: {first_line(e)}") from None
     arch = architecture_of(model)
     blocks_prefix = arch.blocks + "."
     outside = [

@@ -3,32 +3,16 @@ lowbit quantized folder, or a built-in name."""
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from lowbit.errors import LowbitError
-
-if TYPE_CHECKING:
-    from gguf import GGUFReader
+from lowbit.models.loaded import LoadedModel, first_line, quiet_transformers
 
 LOWBIT_MARKER = "lowbit.json"
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run: ``model`` in eval mode, its ``tokenizer``, and where it came from."""
-
-    model: nn.Module
-    tokenizer: object
-    source: str
-    path: Path | None = None
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
@@ -62,19 +46,10 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.endswith((".gguf", ".safetensors")) or max(spec.count("/"), spec.count(os.sep)) > 1
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="transformers")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 def _load_hf_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path}: no config.json, not a Hugging Face model folder")
     try:
@@ -83,7 +58,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     except Exception as e:  # transformers raises many types for corrupt or partial folders
         from lowbit.io.hf_checkpoint import config_problem
 
-        raise LowbitError(f"cannot load model from {path}: {config_problem(path) or _first_line(e)}") from None
+        raise LowbitError(f"cannot load model from {path}: {config_problem(path) or first_line(e)}") from None
     model.eval()
     return LoadedModel(model, tokenizer, source, path)
 
@@ -93,7 +68,7 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
     once (instead of retrying for half a minute) when the hub's host does not even resolve."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
@@ -108,7 +83,7 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(repo_id)
         except Exception as e:
-            raise LowbitError(f"cannot load {repo_id!r} from the Hugging Face hub: {_first_line(e)}") from None
+            raise LowbitError(f"cannot load {repo_id!r} from the Hugging Face hub: {first_line(e)}") from None
     model.eval()
     return LoadedModel(model, tokenizer, repo_id, None)
 
@@ -123,21 +98,6 @@ def _hub_resolves() -> bool:
     except OSError:
         return False
     return True
-
-
-def check_gguf(path: Path) -> "GGUFReader":
-    """Parse a GGUF file's header and tensor table (returned as gguf-py's reader, the tensors
-    memory-mapped); LowbitError naming the damaged field or tensor if it is truncated or corrupt
-    (:func:`lowbit.io.gguf_layout.read_gguf_layout` walks it, bounds checked, before gguf-py)."""
-    from gguf import GGUFReader
-
-    from lowbit.io.gguf_layout import check_model_fields, read_gguf_layout
-
-    check_model_fields(read_gguf_layout(path))
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # the walk above found nothing wrong: what gguf-py refuses is said as it says it
-        raise LowbitError(f"{path}: corrupt GGUF file ({_first_line(e)})") from None
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
@@ -155,13 +115,15 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, keep_quantized: bo
             return read_gguf_model(path, dtype)
         except UnknownGGUFArchitecture as e:
             warnings.warn(f"{e}; loading it dequantized to float", stacklevel=2)
+    from lowbit.io.gguf_reader import check_gguf
+
     check_gguf(path)
-    _quiet_transformers()
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
-        raise LowbitError(f"cannot load GGUF file {path}: {_gguf_problem(path) or _first_line(e)}") from None
+        raise LowbitError(f"cannot load GGUF file {path}: {_gguf_problem(path) or first_line(e)}") from None
     # The weights are now plain dense tensors; drop the marker so that saving writes an HF model.
     model.config.quantization_config = None
     if hasattr(model.config, "_pre_quantization_dtype"):
@@ -183,8 +145,3 @@ def _gguf_problem(path: Path) -> str | None:
     except Exception:  # noqa: BLE001 - a diagnosis only: the caller reports transformers' own error
         return None
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

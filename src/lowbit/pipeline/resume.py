@@ -46,7 +46,7 @@ def run_fingerprint(
     caller knows its identity, else a hash of its weights), the recipe, the calibration tokens,
     the compute dtype and a supplied importance matrix."""
     if model_id is None:
-        from lowbit.evaluation.reference import model_fingerprint
+        from lowbit.models.fingerprint import model_fingerprint
 
         model_id = model_fingerprint(model)
     spec = {"model": model_id, "recipe": recipe.digest(), "calibration": calibration.digest, "dtype": compute_dtype}

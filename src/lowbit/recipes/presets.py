@@ -43,7 +43,7 @@ _MIX_VARIANTS = [
 
 
 def _mix(preset: str, algorithm: dict[str, Any] | None) -> dict[str, Any]:
-    from lowbit.io.gguf_mixes import MIXES
+    from lowbit.recipes.gguf_mix_table import MIXES
 
     mix = _MIXES[preset]
     base = {**_rtn(MIXES[mix].default), "gguf_mix": mix}

@@ -149,7 +149,7 @@ class Recipe(BaseModel):
     @field_validator("gguf_mix")
     @classmethod
     def _mix(cls, v: str | None) -> str | None:
-        from lowbit.io.gguf_mixes import MIXES
+        from lowbit.recipes.gguf_mix_table import MIXES
 
         if v is not None and v not in MIXES:
             raise ValueError(f"unknown GGUF mix {v!r}; known: {', '.join(MIXES)}")
