@@ -311,6 +311,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{report.seconds:.1f}s{resumed}: {size.bits_per_weight:.3f} bits per weight, "
         f"{folder_bytes(args.out) / 1e6:.1f} MB on disk -> {args.out}"
     )
+    if report.untransformed:
+        names = "+".join(t.name for t in recipe.transforms)
+        print(f"{names} left these sub-steps of every block as they are: {'; '.join(report.untransformed)}",
+              file=sys.stderr)
     return 0
 
 

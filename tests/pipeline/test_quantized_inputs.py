@@ -107,3 +107,26 @@ def test_a_lowbit_folder_keeps_the_input_quantization(tiny_model, tmp_path: Path
             for k, v in (m.input_scale or {}).items():
                 assert b.input_scale[k].dtype == torch.float32 and torch.equal(b.input_scale[k], v)
     assert back.model.layers[0].mlp.down_proj.input_quant is None  # the rule's activations: false
+
+
+def test_transforms_that_fold_nowhere_or_partly_are_said_before_any_work(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    recipe = Recipe.from_dict({"codec": W8, "activations": {}, "transforms": ["smoothquant"]})
+    # phi3: fused q/k/v and gate/up after their norms fold; o_proj and down_proj have no source
+    report = quantize_model(tiny_model("phi3"), recipe, calibration=calib(), progress=False)
+    assert any(w.startswith("self_attn.o_proj: no module produces its input alone") for w in report.untransformed)
+    assert any(w.startswith("mlp.down_proj:") for w in report.untransformed) and len(report.untransformed) == 2
+    # a recipe whose transformed linears can fold nowhere: refused before any work
+    only_o = Recipe.from_dict({"codec": W8, "activations": {}, "transforms": ["smoothquant"],
+                               "targets": ["*.o_proj"]})
+    with pytest.raises(LowbitError, match="smoothquant cannot fold into any sub-step of this phi3 model"):
+        quantize_model(tiny_model("phi3"), only_o, calibration=calib(), progress=False)
+
+
+def test_static_scales_need_enough_calibration_tokens(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    recipe = Recipe.from_dict({"codec": W8, "activations": {"dynamic": False, "observer": {"name": "percentile", "q": 99.999}}})
+    few = CalibrationSet(tokens=calib().tokens[:4, :25], source="random")  # 100 tokens of 64 features: 6400 values
+    with pytest.raises(LowbitError, match=r"static input scales \(percentile 99.999\) from 100 calibration tokens: at least 1563"):
+        quantize_model(tiny_model("llama"), recipe, calibration=few, progress=False)
+    with pytest.raises(LowbitError, match=r"\(minmax\) from 32 calibration tokens: at least 64"):
+        quantize_model(tiny_model("llama"), Recipe.from_dict({"codec": W8, "activations": {"dynamic": False}}),
+                       calibration=CalibrationSet(tokens=calib().tokens[:2, :16], source="random"), progress=False)

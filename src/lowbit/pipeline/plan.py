@@ -80,3 +80,39 @@ def plan_block(block: nn.Module, prefix: str, arch: Architecture, recipe: Recipe
             activations = {n: recipe.activations_for(f"{prefix}.{n}") for n in names}
             steps.append(StepPlan(s, names, chosen, transforms, activations))  # type: ignore[misc]
     return BlockPlan(prefix, block_steps, steps, skipped)
+
+
+def transform_reach(block: nn.Module, arch: Architecture, plan: BlockPlan) -> tuple[list[str], list[str]]:
+    """Which transforming sub-steps of a block a scale can fold into (the names of their first
+    linears), and why each other one cannot."""
+    from lowbit.modules import linear_weight
+    from lowbit.transforms.scaling import can_absorb
+
+    reach, why = [], []
+    for step in plan.transforming:
+        first = step.names[0]
+        source = arch.scale_sources[step.index] if arch.scale_sources else None
+        if "{e}" in "".join(arch.steps[step.index]):
+            why.append(f"{first}: MoE experts do not read one input tensor")
+        elif source is None:
+            why.append(f"{first}: no module produces its input alone (a fused projection, a non-linearity before it, "
+                       "or a post-LN block)")
+        elif not can_absorb(block.get_submodule(source), int(linear_weight(block.get_submodule(first))[0].shape[1])):
+            why.append(f"{first}: {source}'s outputs are not its input's channels (grouped-query attention?)")
+        else:
+            reach.append(first)
+    return reach, why
+
+
+def check_transforms(model: nn.Module, arch: Architecture, recipe: Recipe) -> list[str]:
+    """Before any work: LowbitError when the recipe's transforms can fold into no sub-step of the
+    model (naming why); else the sub-steps they leave alone, and why (o_proj under grouped-query
+    attention, as llm-compressor's SmoothQuant mappings skip it too)."""
+    if not recipe.transforms:
+        return []
+    block = arch.block_list(model)[0]
+    reach, why = transform_reach(block, arch, plan_block(block, f"{arch.blocks}.0", arch, recipe))
+    if not reach and why:
+        names = "+".join(t.name for t in recipe.transforms)
+        raise LowbitError(f"{names} cannot fold into any sub-step of this {arch.family} model: {'; '.join(why)}")
+    return why

@@ -9,6 +9,7 @@ first when the model is lazy).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -31,7 +32,7 @@ from lowbit.pipeline.importance import calibration_users, check_importance, empt
 from lowbit.pipeline.resume import ResumeState
 from lowbit.pipeline.linears import release_dense_weights, supplied_importance, takes_importance
 from lowbit.pipeline.passes import capture_block_inputs, to_device
-from lowbit.pipeline.plan import BlockPlan, plan_block
+from lowbit.pipeline.plan import BlockPlan, check_transforms, plan_block
 from lowbit.pipeline.sequential import SequentialStats, progress_bar, quantize_block_sequential
 from lowbit.recipes import Recipe
 
@@ -46,6 +47,7 @@ class QuantizationReport:
     # mean x^2 per input column of the linears whose statistics a calibrated run collected (as
     # each saw its input: earlier linears quantized); blocks restored by a resume are absent
     importance: ImportanceMatrix | None = None
+    untransformed: list[str] = field(default_factory=list)  # sub-steps of every block the transforms leave alone, why
 
 
 def check_finite(model: nn.Module, prefix: str = "") -> None:
@@ -78,6 +80,26 @@ def check_selection(model: nn.Module, arch: Architecture, recipe: Recipe, warn: 
                 warnings.warn(f"{recipe.label()}: {field_name}[{i}] {p!r} matches no linear of the model "
                               f"(they are named like {names[0]})", stacklevel=3)
     return chosen
+
+
+MIN_OBSERVED_TOKENS = 64  # calibration tokens below which a static input range means little
+
+
+def check_observed_tokens(recipe: Recipe, calibration: CalibrationSet, width: int) -> None:
+    """LowbitError, before any work, when static input scales would rest on too little calibration
+    data: fewer than MIN_OBSERVED_TOKENS tokens, or for a percentile ``q`` of a per-tensor input
+    of ``width`` features (the narrowest quantized linear's) fewer than ``100 / (100 - q)`` values."""
+    tokens = calibration.n_tokens
+    for act in recipe.all_activations:
+        if act.dynamic:
+            continue
+        q = getattr(act.observer, "q", None)
+        values = math.ceil(100 / (100 - q)) if q is not None and q < 100 else 0
+        need = max(MIN_OBSERVED_TOKENS, math.ceil(values / width))
+        if tokens < need:
+            what = f"{act.observer.name}{'' if q is None else f' {q:g}'}"  # type: ignore[union-attr]
+            raise LowbitError(f"static input scales ({what}) from {tokens} calibration tokens: at least {need} are "
+                              "needed (raise --calib-samples or --calib-seq-len)")
 
 
 def planned_bytes(model: nn.Module, recipe: Recipe) -> int:
@@ -143,12 +165,17 @@ def quantize_model(
     if needs:
         check_context(model, int(calibration.tokens.shape[1]), "calibration seq_len")  # type: ignore[union-attr]
     check_selection(model, arch, recipe)
+    untransformed = check_transforms(model, arch, recipe)
+    if calibration is not None and needs:
+        widths = [linear_weight(block.get_submodule(n))[0].shape[1] for block in arch.block_list(model)[:1]
+                  for step in arch.block_steps(block) for n in step if recipe.assignment(f"{arch.blocks}.0.{n}")]
+        check_observed_tokens(recipe, calibration, min(widths, default=1))
     if importance is not None:
         check_importance(model, arch, recipe, importance)
     supplied = importance.values if importance is not None else None
     if weights is None:
         check_finite(model)
-    report = QuantizationReport(recipe=recipe, seconds=0.0)
+    report = QuantizationReport(recipe=recipe, seconds=0.0, untransformed=untransformed)
     t0 = time.perf_counter()
     blocks = arch.block_list(model)
     with torch.no_grad():
