@@ -23,7 +23,7 @@ import torch
 from lowbit.bench.compare import folder_bytes
 from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
-from lowbit.calibration import load_text
+from lowbit.calibration import calibration_set, load_text
 from lowbit.io.formats import save_model
 from lowbit.models import LoadedModel, load_model
 from lowbit.pipeline import quantize_model
@@ -35,6 +35,10 @@ CASES = [
     ("w4a16-asym-g64 (int4 g64 asym)", "w4a16-asym-g64", ("native", "compressed-tensors", "gptq_v2", "awq")),
     ("int8 (per channel)", "int8", ("native", "compressed-tensors", "gptq")),
     ("fp8 (E4M3 per channel)", "fp8", ("native", "compressed-tensors")),
+    ("w8a8 (int8 inputs dynamic per token)", "w8a8", ("native", "compressed-tensors")),
+    ("w8a8-static (int8 inputs, static per-tensor scales)", "w8a8-static", ("native", "compressed-tensors")),
+    ("fp8-dynamic (FP8 inputs dynamic per token)", "fp8-dynamic", ("native", "compressed-tensors")),
+    ("llm-int8 (LLM.int8(), threshold 6)", "llm-int8", ("native",)),
 ]
 
 
@@ -49,7 +53,9 @@ def main() -> int:
     lines = [
         f"Printed by {command}. {bench_model(args.model).name} quantized (RTN) in memory, written in "
         "each layout, read back by `load_model` (what every `lowbit` command does with a folder); logits on 256 "
-        "held-out `pydoc` tokens against the in-memory quantized model. transformers: "
+        "held-out `pydoc` tokens against the in-memory quantized model (both with their inputs quantized where the "
+        "recipe says: transformers' compressed-tensors fake-quantizes dynamic int8 inputs at absmax / 127.5, clipping "
+        "each token's largest value by half a step, where vLLM's kernels and lowbit use absmax / 127). transformers: "
         "`AutoModelForCausalLM.from_pretrained` with compressed-tensors installed (GPTQ and AWQ need GPTQModel or "
         "AutoAWQ, which do not install on this CPU-only torch: their layouts are checked against reimplemented "
         "readers in the tests).",
@@ -61,7 +67,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lowbit-exports-") as tmp:
         for label, preset, layouts in CASES:
             model = copy.deepcopy(base.model)
-            quantize_model(model, get_preset(preset), progress=False)
+            recipe = get_preset(preset)
+            calib = calibration_set(base.tokenizer, recipe.calibration_config()) if recipe.needs_calibration else None
+            quantize_model(model, recipe, progress=False, calibration=calib)
             with torch.no_grad():
                 want = model(ids).logits
             loaded = LoadedModel(model, base.tokenizer, args.model, None)
