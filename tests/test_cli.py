@@ -524,3 +524,32 @@ def test_activations_on_a_weight_only_layout_are_refused_before_any_work(capsys,
     code, _, err = quantize(capsys, model_dir, out, "--recipe", "w8a8", "--format", "gptq")
     assert_one_line_error(code, err, "--format gptq cannot hold the input quantization", "weights only")
     assert_nothing_written(out)
+
+
+def test_kv_cache_on_eval_generate_and_bench_speed(capsys, model_dir, text_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # the tiny model's heads are 16 values: the presets' groups of 32 do not fit them
+    spec = tmp_path / "kv.yaml"
+    spec.write_text("keys: {bits: 2, axis: channel, group_size: 8}\nvalues: {bits: 2, axis: token, group_size: 8}\n"
+                    "residual: 8\n")
+    base = ("--text", str(text_file), "--seq-len", "48", "--max-windows", "2", "--json", "--no-ref")
+    code, stdout, err = run(capsys, "eval", str(model_dir), *base)
+    assert code == 0, err
+    plain = json.loads(stdout.strip().splitlines()[-1])
+    code, stdout, err = run(capsys, "eval", str(model_dir), *base, "--kv-cache", str(spec))
+    assert code == 0, err
+    quantized = json.loads(stdout.strip().splitlines()[-1])
+    assert quantized["kv_cache"].startswith("keys int2 per-channel g8") and plain["kv_cache"] is None
+    assert quantized["ppl"] != plain["ppl"]
+    code, stdout, err = run(capsys, "generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "4",
+                            "--kv-cache", str(spec))
+    assert code == 0, err
+    assert "KV cache keys int2 per-channel g8" in err
+    code, stdout, err = run(capsys, "bench-speed", str(model_dir), "--batch", "1", "--prompt-tokens", "64",
+                            "--new-tokens", "4", "--repeats", "1", "--kv-cache", str(spec), "--json")
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["runs"][0]["kv_bytes_per_token"] > 0
+    code, _, err = run(capsys, "eval", str(model_dir), *base, "--kv-cache", "int3")
+    assert_one_line_error(code, err, "unknown KV cache 'int3'")
+    code, _, err = run(capsys, "eval", str(model_dir), *base, "--kv-cache", "int4")
+    assert_one_line_error(code, err, "kv_cache.values: per-token groups of 32 do not divide a head of 16")

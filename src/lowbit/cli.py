@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "path, every weight dequantized in float32)")
     e.add_argument("--w8a8", action="store_true",
                    help="with --kernels: int8 layers that do not quantize their inputs yet do, dynamic per token")
+    from lowbit.evaluation.kv_cache import kv_cache_args
+
+    kv_cache_args(e)
     e.add_argument("--ref-dtype", choices=DTYPES, default="float32", help="compute dtype of the reference")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the reference logits cache")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -201,6 +204,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w8a8", action="store_true",
                    help="int8 linears also quantize their inputs to int8 (per token, dynamic) and multiply in "
                         "int8 (torch._int_mm): faster, less exact")
+    from lowbit.evaluation.kv_cache import kv_cache_args
+
+    kv_cache_args(p)
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -417,17 +423,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_context(loaded.model, args.seq_len, f"--seq-len {args.seq_len}")
     ref_spec = _reference_spec(args, loaded)
     ref = load_model(ref_spec, _dtype(args.ref_dtype)).model if ref_spec else None
-    result = evaluate(
-        loaded.model, loaded.tokenizer, text, ref=ref, seq_len=args.seq_len, stride=args.stride,
-        max_windows=args.max_windows, dtype=_dtype(dtype), ref_dtype=_dtype(args.ref_dtype),
-        cache_dir=None if args.no_cache else cache_dir(), progress=not args.no_progress,
-    )
+    from lowbit.evaluation.kv_cache import emulated, resolve_kv_cache
+
+    kv = resolve_kv_cache(loaded.model, args.kv_cache)
+    with emulated(loaded.model, kv):
+        result = evaluate(
+            loaded.model, loaded.tokenizer, text, ref=ref, seq_len=args.seq_len, stride=args.stride,
+            max_windows=args.max_windows, dtype=_dtype(dtype), ref_dtype=_dtype(args.ref_dtype),
+            cache_dir=None if args.no_cache else cache_dir(), progress=not args.no_progress,
+        )
     size = model_size(loaded.model, block_linear_names(loaded.model))
     result.bits_per_weight = size.bits_per_weight
     result.model_bytes = size.model_bytes
     out = result.to_dict()
     out["model"] = args.model
     out["ref"] = ref_spec
+    out["kv_cache"] = None if kv is None else kv.describe()
     if args.json:
         print(json.dumps(out))
     else:
@@ -466,6 +477,9 @@ def _eval_humaneval(args: argparse.Namespace) -> int:
     from lowbit.models import load_model
 
     validate_humaneval_args(args)  # before the slow model load
+    if args.kv_cache not in (None, "none"):
+        raise LowbitError("--kv-cache with --task humaneval is not supported yet (its batched generation reorders the "
+                          "cache); measure the cache with --task ppl")
     if args.lm_eval_tasks:
         raise LowbitError("--task humaneval and --lm-eval-tasks exclude each other")
     loaded, dtype = _load_for_eval(args)
@@ -584,7 +598,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LowbitError(f"--prompt {args.prompt!r} is no tokens at all for {args.model}'s tokenizer")
     check_context(loaded.model, ids.shape[1] + args.max_new_tokens,
                   f"a prompt of {ids.shape[1]} tokens and --max-new-tokens {args.max_new_tokens}")
-    print(_describe_run(dtype, counts, memory), file=sys.stderr)
+    from lowbit.evaluation.kv_cache import new_cache, resolve_kv_cache
+
+    kv = resolve_kv_cache(loaded.model, args.kv_cache)
+    print(_describe_run(dtype, counts, memory) + ("" if kv is None else f"; KV cache {kv.describe()}"), file=sys.stderr)
     sample = args.temperature > 0
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -593,6 +610,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=sample,
             temperature=args.temperature if sample else None, top_p=None, top_k=None,
             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+            **({} if kv is None else {"past_key_values": new_cache(loaded.model, kv)}),
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
     seconds = time.perf_counter() - t0
@@ -622,23 +640,30 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     loaded, dtype, counts, memory = _load_for_running(args)
     check_context(loaded.model, args.prompt_tokens + args.new_tokens,
                   f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens}")
+    from lowbit.evaluation.kv_cache import new_cache, resolve_kv_cache
+
+    kv = resolve_kv_cache(loaded.model, args.kv_cache)
     load_peak = peak_resident_bytes()
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
-    rows = [measure_speed(loaded.model, vocab, b, args.prompt_tokens, args.new_tokens, args.repeats)
+    rows = [measure_speed(loaded.model, vocab, b, args.prompt_tokens, args.new_tokens, args.repeats,
+                          new_cache=None if kv is None else (lambda: new_cache(loaded.model, kv)))
             for b in batches]
     result = {
         "model": args.model, "dtype": dtype, "linears": counts, "threads": torch.get_num_threads(),
+        "kv_cache": None if kv is None else kv.describe(),
         **memory, "load_peak_mb": None if load_peak is None else load_peak / 1e6,
         "runs": [r.to_dict() for r in rows],
     }
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.model}: {_describe_run(dtype, counts, memory)}; {result['threads']} threads")
-    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak MB':>8}")
+    print(f"{args.model}: {_describe_run(dtype, counts, memory)}; {result['threads']} threads"
+          + ("" if kv is None else f"; KV cache {kv.describe()}"))
+    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak MB':>8} {'KV bytes/token':>15}")
     for r in rows:
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
-        print(f"{r.batch:>5} {r.prefill_tokens_per_s:>14.1f} {r.decode_tokens_per_s:>13.1f} {peak:>8}")
+        print(f"{r.batch:>5} {r.prefill_tokens_per_s:>14.1f} {r.decode_tokens_per_s:>13.1f} {peak:>8} "
+              f"{r.kv_bytes_per_token:>15.0f}")
     return 0
 
 

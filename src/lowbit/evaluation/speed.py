@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,13 +57,15 @@ class SpeedResult:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     peak_mb: float | None
+    kv_bytes_per_token: float = 0.0  # the cache's bytes after the run over its tokens (every sequence, every layer)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_tokens: int = 128,
-                  new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> SpeedResult:
+                  new_tokens: int = 32, repeats: int = 3, seed: int = 0,
+                  new_cache: Callable[[], object] | None = None) -> SpeedResult:
     """Median over ``repeats`` of a prefill of ``batch x prompt_tokens`` random token ids and of
     ``new_tokens`` greedy decode steps after it. One untimed warm-up run first. The prefill
     computes the logits of the last position only, as ``generate`` and llama.cpp do (all of them
@@ -74,7 +77,8 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
     with torch.inference_mode():
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            out = model(ids, use_cache=True, logits_to_keep=1)  # as generate does: only the next token's
+            kw = {} if new_cache is None else {"past_key_values": new_cache()}
+            out = model(ids, use_cache=True, logits_to_keep=1, **kw)  # as generate does: only the next token's
             t1 = time.perf_counter()
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             t2 = time.perf_counter()
@@ -85,10 +89,23 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
             if i:  # the first run warms caches and allocators
                 prefill.append(batch * prompt_tokens / (t1 - t0))
                 decode.append(batch * new_tokens / (t3 - t2))
+            kv_bytes = cache_nbytes(cache)
             del out, cache
     peak = peak_resident_bytes()
     return SpeedResult(batch, prompt_tokens, new_tokens, statistics.median(prefill), statistics.median(decode),
-                       None if peak is None else peak / 1e6)
+                       None if peak is None else peak / 1e6, kv_bytes / (batch * (prompt_tokens + new_tokens)))
+
+
+def cache_nbytes(cache: object) -> int:
+    """Bytes a KV cache holds: a quantized one's codes, scales and window, a plain one's tensors."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())  # type: ignore[attr-defined]
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def held_bytes(model: nn.Module) -> int:

@@ -22,6 +22,7 @@ from lowbit.calibration.samples import CalibrationConfig
 from lowbit.codecs import Codec
 from lowbit.errors import LowbitError, validation_message
 from lowbit.recipes.activations import Activations
+from lowbit.recipes.kv_cache import KV_PRESETS, KVCache
 from lowbit.transforms import Transform
 
 DenseDType = Literal["float16", "bfloat16", "float32"]
@@ -93,6 +94,8 @@ class Recipe(BaseModel):
     rules: list[Rule] = Field(default_factory=list, description="per-module codec/algorithm overrides, first match wins")
     activations: Activations | None = Field(None, description="how the inputs of the quantized linears are "
                                             "quantized (default: not at all, weight-only)")
+    kv_cache: KVCache | None = Field(None, description="how generation stores keys and values (default: in the "
+                                     "model's dtype); a preset name (int8, int4, int2, fp8) or the fields")
     transforms: list[SerializeAsAny[Transform]] = Field(
         default_factory=list, description="equivalence transforms of each block before codes are chosen, in order "
         "(smoothquant, awq); an algorithm's own (AWQ's scaling) follow them")
@@ -124,6 +127,15 @@ class Recipe(BaseModel):
     @classmethod
     def _algorithm(cls, v: Any) -> Any:
         return _dispatch(v, Algorithm, "algorithm")
+
+    @field_validator("kv_cache", mode="before")
+    @classmethod
+    def _kv_cache(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in KV_PRESETS:
+                raise ValueError(f"unknown KV cache preset {v!r}; known: {', '.join(KV_PRESETS)}")
+            return {"name": v, **KV_PRESETS[v][1]}
+        return v
 
     @field_validator("transforms", mode="before")
     @classmethod
@@ -193,7 +205,7 @@ class Recipe(BaseModel):
         return self.calibration or CalibrationConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        optional = ("rules", "activations", "transforms", "calibration", "gguf_mix", "embedding", "lm_head")
+        optional = ("rules", "activations", "kv_cache", "transforms", "calibration", "gguf_mix", "embedding", "lm_head")
         return self.model_dump(mode="json", exclude_defaults=False, exclude={k for k in optional if not getattr(self, k)})
 
     def digest(self) -> str:

@@ -1,0 +1,180 @@
+"""A quantized KV cache for transformers' ``generate``: keys and values stored as packed codes
+(:mod:`lowbit.codecs.kv`), the most recent ``residual`` tokens in full precision (KIVI's window).
+
+Each layer keeps, per side, a store of codes and scales for the tokens that left the window and a
+full-precision buffer for the rest. New tokens go into the buffer; whenever it holds more than
+``residual`` tokens, its oldest tokens leave it in whole chunks (one token per-token, ``group_size``
+tokens per-channel), each chunk quantized once and never again. Attention reads the decoded store
+followed by the buffer, for prefill and decode alike. Decoding one token at a time, a token attends
+to the quantized keys and values of every token that had left the window when it was added, and
+:func:`emulate_kv_cache` computes exactly that over a whole sequence at once (what ``lowbit eval
+--kv-cache`` measures). A prompt of several tokens goes in at once: its tokens attend through the
+cache as it is after the whole prompt (with a window, some earlier than one at a time would), as
+llama.cpp's quantized caches do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from lowbit.codecs.kv import KVQuantizer
+
+
+class _Side:
+    """One side (keys or values) of a layer: the store and the full-precision buffer."""
+
+    def __init__(self, quantizer: KVQuantizer, residual: int) -> None:
+        self.q = quantizer
+        self.residual = residual
+        self.store: dict[str, torch.Tensor] | None = None
+        self.buffer: torch.Tensor | None = None
+
+    def append(self, x: torch.Tensor) -> None:
+        self.buffer = x if self.buffer is None else torch.cat([self.buffer, x], dim=-2)
+        chunk = self.q.tokens_per_chunk
+        n = self.buffer.shape[-2]
+        leaving = max(0, (n - self.residual) // chunk * chunk)
+        if leaving:
+            encoded = self.q.encode(self.buffer[..., :leaving, :])
+            self.store = encoded if self.store is None else {k: torch.cat([self.store[k], v], dim=2)
+                                                             for k, v in encoded.items()}
+            self.buffer = self.buffer[..., leaving:, :]
+
+    def read(self) -> torch.Tensor:
+        assert self.buffer is not None
+        if self.store is None:
+            return self.buffer
+        return torch.cat([self.q.decode(self.store, self.buffer.dtype), self.buffer], dim=-2)
+
+    def nbytes(self) -> int:
+        stored = 0 if self.store is None else self.q.nbytes(self.store)
+        return stored + (0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size())
+
+    def stored_tokens(self) -> int:
+        return 0 if self.store is None else self.store["codes"].shape[2]
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One decoder layer's quantized cache (module docstring)."""
+
+    is_croppable = False
+
+    def __init__(self, keys: KVQuantizer, values: KVQuantizer, residual: int = 0) -> None:
+        super().__init__()
+        self.k = _Side(keys, residual)
+        self.v = _Side(values, residual)
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.k.append(key_states)
+        self.v.append(value_states)
+        return self.k.read(), self.v.read()
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def nbytes(self) -> int:
+        """Bytes the layer holds: codes and scales, and the full-precision window."""
+        return self.k.nbytes() + self.v.nbytes()
+
+    def reset(self) -> None:
+        self.k = _Side(self.k.q, self.k.residual)
+        self.v = _Side(self.v.q, self.v.residual)
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ValueError("a quantized KV cache does not reorder or select its batch rows (beam search, continuous batching)")
+
+
+class QuantizedKVCache(Cache):
+    """A cache of :class:`QuantizedKVLayer` s, one per decoder layer (models whose layers all use
+    full attention)."""
+
+    def __init__(self, n_layers: int, keys: KVQuantizer, values: KVQuantizer, residual: int = 0) -> None:
+        super().__init__(layers=[QuantizedKVLayer(keys, values, residual) for _ in range(n_layers)])
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+ATTENTION = "lowbit_kv_cache"
+
+
+def kv_cache_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                       **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a whole sequence (no past) as generation with :class:`QuantizedKVCache` runs
+    it, token by token: query ``t`` reads the quantized key (value) of every token ``j`` that had
+    left the window when ``t`` was added, ``j < F(t + 1)`` with ``F(L) = (L - residual) // chunk *
+    chunk``, and the exact one of the others. Eager attention otherwise (a float mask added to the
+    scores, softmax in float32), on the quantizers set by :func:`emulate_kv_cache`."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    keys_q, values_q, residual = module._lowbit_kv  # type: ignore[attr-defined]
+    T = key.shape[-2]
+
+    def quantized_and_mask(x: torch.Tensor, q: KVQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+        whole = T // q.tokens_per_chunk * q.tokens_per_chunk
+        xq = x.clone()
+        if whole:
+            xq[..., :whole, :] = q.fake_quantize(x[..., :whole, :])
+        t = torch.arange(T, device=x.device)
+        left = ((t + 1 - residual).clamp(min=0) // q.tokens_per_chunk) * q.tokens_per_chunk  # F(t + 1)
+        return xq, t.unsqueeze(0) < left.unsqueeze(1)  # (T, T): query t reads key j quantized
+
+    kq, km = quantized_and_mask(key, keys_q)
+    vq, vm = quantized_and_mask(value, values_q)
+    groups = module.num_key_value_groups  # type: ignore[attr-defined]
+    k, kq, v, vq = (repeat_kv(x, groups) for x in (key, kq, value, vq))
+    scores = torch.where(km, query @ kq.transpose(2, 3), query @ k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : scores.shape[-1]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    out = (probs * vm) @ vq + (probs * ~vm) @ v
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION, kv_cache_attention)
+    AttentionMaskInterface.register(ATTENTION, eager_mask)
+
+
+@contextlib.contextmanager
+def emulate_kv_cache(model: torch.nn.Module, keys: KVQuantizer, values: KVQuantizer, residual: int = 0) -> Iterator[None]:
+    """Within the block, ``model``'s attention reads keys and values as :class:`QuantizedKVCache`
+    would hold them (see :func:`kv_cache_attention`); restored afterwards."""
+    _register()
+    attentions = [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "layer_idx")]
+    if not attentions:
+        raise ValueError(f"{type(model).__name__}: no attention module with key/value groups to read the cache through")
+    before = model.config._attn_implementation
+    for m in attentions:
+        m._lowbit_kv = (keys, values, residual)
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+        for m in attentions:
+            del m._lowbit_kv
