@@ -114,3 +114,49 @@ def perplexity_like_llama_cpp(model: nn.Module, ids: torch.Tensor, n_ctx: int, c
                 count += target.numel()
             del logits
     return float(torch.exp(torch.tensor(nll / count)))
+
+
+def kld_like_llama_cpp(model: nn.Module, ref: nn.Module, ids: torch.Tensor, n_ctx: int, chunks: int,
+                       ) -> dict[str, float]:
+    """``llama-perplexity --kl-divergence``'s protocol with transformers models: on the chunks of
+    :func:`perplexity_like_llama_cpp`, over the scored second half of each, the mean
+    ``KL(ref || model)``, the share of positions whose most likely token is the same, and the
+    model's perplexity; float64 log-softmax of one chunk at a time."""
+    n = min(chunks, ids.numel() // n_ctx)
+    if n == 0:
+        raise LowbitError(f"fewer than {n_ctx} tokens: no chunk")
+    first = n_ctx // 2
+    kl = nll = 0.0
+    same = count = 0
+    with torch.no_grad():
+        for seq in ids[: n * n_ctx].view(n, n_ctx):
+            lp = torch.log_softmax(model(input_ids=seq[None]).logits[0, first:-1].to(torch.float64), -1)
+            lr = torch.log_softmax(ref(input_ids=seq[None]).logits[0, first:-1].to(torch.float64), -1)
+            target = seq[first + 1:]
+            kl += float((lr.exp() * (lr - lp)).sum())
+            nll -= float(lp.gather(-1, target.unsqueeze(-1)).sum())
+            same += int((lp.argmax(-1) == lr.argmax(-1)).sum())
+            count += target.numel()
+    return {"kld": kl / count, "top1": same / count, "ppl": float(torch.exp(torch.tensor(nll / count))), "tokens": count}
+
+
+def llama_cpp_kld(gguf: Path, text_file: Path, n_ctx: int, chunks: int, threads: int, base: Path,
+                  cache_k: str = "f16", cache_v: str = "f16") -> dict[str, float]:
+    """``llama-perplexity`` with the KV cache types ``cache_k`` / ``cache_v`` (``-ctk`` / ``-ctv``,
+    flash attention on, as a quantized value cache needs): with ``base`` missing it saves its logits
+    there (``--kl-divergence-base``) and returns its perplexity; else its mean KLD against ``base``,
+    same-top-token share and perplexity (``--kl-divergence``)."""
+    args = ["-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(chunks),
+            "-t", str(threads), "-fa", "on", "-ctk", cache_k, "-ctv", cache_v, "--kl-divergence-base", str(base)]
+    if not base.is_file():
+        out = run_tool("llama-perplexity", *args)
+        ppl = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        return {"ppl": float(ppl.group(1)) if ppl else float("nan")}
+    out = run_tool("llama-perplexity", *args, "--kl-divergence")
+    def grab(pattern: str) -> float:
+        m = re.search(pattern, out)
+        if m is None:
+            raise LowbitError(f"llama-perplexity printed no {pattern!r}: {out.strip().splitlines()[-3:]}")
+        return float(m.group(1))
+    return {"kld": grab(r"Mean\s+KLD:\s+([-0-9.e]+)"), "top1": grab(r"Same top p:\s+([0-9.]+)") / 100,
+            "ppl": grab(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)")}

@@ -94,16 +94,14 @@ KV_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
              "precision", {"keys": _int(2, "channel", 32), "values": _int(2, "token", 32), "residual": 128}),
     "fp8": ("FP8 E4M3 keys and values, a scale per token", {
         "keys": {"format": "fp8_e4m3"}, "values": {"format": "fp8_e4m3"}}),
-    # llama.cpp's cache types, for side-by-side numbers: symmetric blocks of 32 along the head
-    "q8_0": ("llama.cpp's q8_0 cache: int8 symmetric per 32 values of a head", {
+    # llama.cpp's q8_0 cache type (its rounding, up to ties), for side-by-side numbers
+    "q8_0": ("llama.cpp's q8_0 cache: int8 symmetric per 32 values of a head, a fp16 scale", {
         "keys": _int(8, "token", 32, True), "values": _int(8, "token", 32, True)}),
-    "q4_0": ("llama.cpp's q4_0 cache: int4 symmetric per 32 values of a head", {
-        "keys": _int(4, "token", 32, True), "values": _int(4, "token", 32, True)}),
 }
 
 
 def kv_cache_spec(spec: str | dict[str, Any] | KVCache) -> KVCache:
-    """A preset name (``int8``, ``int4``, ``int2``, ``fp8``, ``q8_0``, ``q4_0``), a YAML/JSON file
+    """A preset name (``int8``, ``int4``, ``int2``, ``fp8``, ``q8_0``), a YAML/JSON file
     or a mapping of the fields; LowbitError naming what is wrong."""
     if isinstance(spec, KVCache):
         return spec
