@@ -39,7 +39,8 @@ from lowbit.bench.llama_cpp import kld_like_llama_cpp, llama_cpp_bin, llama_cpp_
 from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.store import RowStore
 from lowbit.calibration import load_text
-from lowbit.evaluation.kv_cache import emulated, head_dim
+from lowbit.evaluation.kv_cache import emulated
+from lowbit.models.architectures import attention_head_dim
 from lowbit.io.gguf_writer import save_gguf
 from lowbit.models import context_length, load_model
 from lowbit.recipes.kv_cache import kv_cache_spec
@@ -94,7 +95,7 @@ def run_quality(store: RowStore, chunks: int) -> None:
                     with emulated(twin, kv):  # the reference (base) keeps an exact cache
                         r = kld_like_llama_cpp(twin, base.model, ids, n_ctx, chunks)
                     store.put(f"{label}|{key}", {"label": label, "text": text_name, "ctx": n_ctx, "spec": kv.describe(),
-                                                "bits": kv.bits_per_value(head_dim(base.model)),
+                                                "bits": kv.bits_per_value(attention_head_dim(base.model)),
                                                 "seconds": time.perf_counter() - t0, **r})
                     log(f"{label} {key}: {r}")
 

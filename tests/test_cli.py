@@ -553,3 +553,22 @@ def test_kv_cache_on_eval_generate_and_bench_speed(capsys, model_dir, text_file,
     assert_one_line_error(code, err, "unknown KV cache 'int3'")
     code, _, err = run(capsys, "eval", str(model_dir), *base, "--kv-cache", "int4")
     assert_one_line_error(code, err, "kv_cache.values: per-token groups of 32 do not divide a head of 16")
+    code, _, err = run(capsys, "eval", str(model_dir), *base, "--kv-cache", "fp8-static")
+    assert_one_line_error(code, err, "fp8-static takes static scales calibrated for the model, and it has none")
+
+
+def test_quantize_calibrates_a_static_fp8_cache(capsys, model_dir, text_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "q"
+    code, stdout, err = quantize(capsys, model_dir, out, "--recipe", "w8a16", "--kv-cache", "fp8-static",
+                                 "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32")
+    assert code == 0, err
+    assert "with w8a16+kv-fp8-static" in stdout
+    assert json.loads((out / "recipe.json").read_text())["kv_cache"]["keys"]["static"] is True
+    base = ("--text", str(text_file), "--seq-len", "48", "--max-windows", "2", "--json", "--no-ref")
+    code, stdout, err = run(capsys, "eval", str(out), *base)  # the recipe's cache by default
+    assert code == 0, err
+    with_cache = json.loads(stdout.strip().splitlines()[-1])
+    assert with_cache["kv_cache"] == "fp8-static: keys fp8_e4m3 static per-tensor scale, values fp8_e4m3 static per-tensor scale"
+    code, stdout, err = run(capsys, "eval", str(out), *base, "--kv-cache", "none")
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["ppl"] != with_cache["ppl"]

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, metavar="N", help="override the codec's bits (2..8 for int)")
     q.add_argument("--clip-search", action="store_true", default=None,
                    help="RTN/GPTQ: search each group's range shrink for the lowest squared error")
+    from lowbit.recipes.kv_cache import KV_PRESETS
+
+    q.add_argument("--kv-cache", metavar="PRESET|FILE",
+                   help="set the recipe's KV cache (what generate and eval run by default): "
+                   + ", ".join(KV_PRESETS) + ", a YAML file, or none; fp8-static calibrates vLLM's per-layer "
+                   "k_scale/v_scale on the calibration data")
     _add_calibration_args(q)
     g = q.add_argument_group("importance matrix (imatrix)")
     g.add_argument("--imatrix", type=Path, metavar="FILE",
@@ -251,6 +257,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = resolve_recipe(args.recipe, clip_search=args.clip_search, codec=args.codec, algorithm=args.algorithm,
                             group_size=args.group_size, bits=args.bits)
+    if args.kv_cache is not None:
+        recipe = recipe.with_kv_cache(args.kv_cache)
     recipe = _with_calibration(recipe, args)
     layout = _output_layout(args)
     check_output(args.out, args.overwrite)  # free and writable: before the model is even loaded
@@ -599,6 +607,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_context(loaded.model, ids.shape[1] + args.max_new_tokens,
                   f"a prompt of {ids.shape[1]} tokens and --max-new-tokens {args.max_new_tokens}")
     from lowbit.evaluation.kv_cache import new_cache, resolve_kv_cache
+    from lowbit.models.architectures import cache_argument
 
     kv = resolve_kv_cache(loaded.model, args.kv_cache)
     print(_describe_run(dtype, counts, memory) + ("" if kv is None else f"; KV cache {kv.describe()}"), file=sys.stderr)
@@ -610,7 +619,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=sample,
             temperature=args.temperature if sample else None, top_p=None, top_k=None,
             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
-            **({} if kv is None else {"past_key_values": new_cache(loaded.model, kv)}),
+            **({} if kv is None else {cache_argument(loaded.model, "generate"): new_cache(loaded.model, kv)}),
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
     seconds = time.perf_counter() - t0

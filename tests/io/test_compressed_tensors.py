@@ -457,7 +457,10 @@ BROKEN: dict[str, tuple[Callable[[dict[str, torch.Tensor], dict[str, Any]], None
     "block": (lambda t, qc: _group0(qc)["weights"].update(strategy="block", group_size=None, block_structure=[32, 32]),
               "strategy 'block'"),
     "1-bit": (lambda t, qc: _group0(qc)["weights"].update(num_bits=1), "1-bit int weights"),
-    "kv-cache": (lambda t, qc: qc.__setitem__("kv_cache_scheme", {"num_bits": 8, "type": "float"}), "KV-cache"),
+    "kv-cache-scales": (lambda t, qc: qc.__setitem__("kv_cache_scheme", {"num_bits": 8, "type": "float"}),
+                        "k_scale and v_scale for every attention module"),
+    "kv-cache-int": (lambda t, qc: qc.__setitem__("kv_cache_scheme", {"num_bits": 4, "type": "int"}),
+                     "lowbit reads the static per-tensor FP8 cache"),
     "status": (lambda t, qc: qc.__setitem__("quantization_status", "frozen"), "not stored compressed"),
     "no-match": (lambda t, qc: _group0(qc).__setitem__("targets", ["Embedding"]), "quantized Embedding"),
 }
@@ -514,7 +517,7 @@ INPUTS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("case", list(INPUTS))
 def test_quantized_inputs_round_trip(tiny_model, char_tokenizer, tmp_path: Path, case: str) -> None:  # type: ignore[no-untyped-def]
-    calib = CalibrationSet(tokens=IDS, source="ids")
+    calib = CalibrationSet(tokens=torch.randint(2, 99, (4, 20), generator=torch.Generator().manual_seed(1)), source="random")
     loaded = _quantized(tiny_model, char_tokenizer, INPUTS[case], calibration=calib)
     out = save_compressed_tensors(loaded, tmp_path / "q", source="the-source")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -552,3 +555,81 @@ def test_input_quantization_it_cannot_hold_is_refused_before_writing(tiny_model,
     for layout in ("gguf", "gptq", "awq"):
         with pytest.raises(LowbitError, match="weights only"):
             check_layout(layout, recipe, tiny_model("llama"))
+
+
+# -- the FP8 KV cache (kv_cache_scheme) --------------------------------------------------------------
+
+
+def test_fp8_kv_cache_scheme_round_trip(tiny_model, char_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.evaluation.kv_cache import emulated, resolve_kv_cache
+    from lowbit.modules.kv_cache import kv_scales
+
+    calib = CalibrationSet(tokens=IDS, source="ids")
+    loaded = _quantized(tiny_model, char_tokenizer, {"codec": CODECS["int8-channel-sym"], "kv_cache": "fp8-static"},
+                        calibration=calib)
+    scales = kv_scales(loaded.model)
+    assert len(scales) == loaded.model.config.num_hidden_layers
+    out = save_compressed_tensors(loaded, tmp_path / "q", source="the-source")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                     "symmetric": True}
+    tensors = load_file(str(out / "model.safetensors"))
+    for name, (k, v) in scales.items():
+        for attr, want in (("k_scale", k), ("v_scale", v)):
+            t = tensors[f"{name}.{attr}"]
+            assert t.dtype == torch.float32 and t.shape == (1,) and float(t) == pytest.approx(want, rel=1e-7)
+    back = load_compressed_tensors(out)
+    assert kv_scales(back.model).keys() == scales.keys()
+    for name, (k, v) in scales.items():
+        assert kv_scales(back.model)[name] == pytest.approx((k, v), rel=1e-7)
+    assert back.model.lowbit_recipe.kv_cache == loaded.model.lowbit_recipe.kv_cache
+    # a folder without lowbit's recipe (anyone's export): the scheme alone says which cache
+    (out / "recipe.json").unlink()
+    foreign = load_compressed_tensors(out)
+    kv = resolve_kv_cache(foreign.model, None)
+    assert kv is not None and kv.keys.static and kv.keys.format == "fp8_e4m3" and kv.residual == 0
+    with torch.no_grad(), emulated(foreign.model, kv):
+        ours = foreign.model(input_ids=IDS).logits
+    with torch.no_grad():
+        plain = foreign.model(input_ids=IDS).logits
+    assert (ours - plain).abs().max() > 1e-4  # the cache really is quantized
+    # compressed-tensors reads the scheme as the static per-tensor FP8 arguments vLLM runs, and its
+    # fake quantization with a stored scale is lowbit's cache codec, bit for bit
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    args = QuantizationConfig.model_validate(qc).kv_cache_scheme
+    assert args is not None and args.strategy == "tensor" and not args.dynamic and args.type == "float"
+    name, (k, _) = next(iter(scales.items()))
+    keys = torch.randn(2, 4, 20, 16, generator=torch.Generator().manual_seed(3)) * 0.3
+    theirs = fake_quantize(keys, tensors[f"{name}.k_scale"], torch.zeros(1), args)
+    assert torch.equal(theirs, kv.keys.quantizer(k).fake_quantize(keys))
+    # transformers loads the folder (its weights; it runs the cache unquantized, as vLLM's
+    # kv_cache_dtype=auto would)
+    _, loaded_by_transformers = _transformers(out)
+    torch.testing.assert_close(loaded_by_transformers, plain, rtol=0, atol=ATOL)
+
+
+def test_other_kv_caches_are_not_written(tiny_model, char_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    loaded = _quantized(tiny_model, char_tokenizer, {"codec": CODECS["int8-channel-sym"], "kv_cache": "fp8"})
+    with pytest.warns(UserWarning, match="KV cache is not written.*static scales"):
+        out = save_compressed_tensors(loaded, tmp_path / "q")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_scheme"] is None
+
+
+@pytest.mark.parametrize("case", ["asymmetric", "int8", "lone-scale", "no-scheme"])
+def test_bad_kv_cache_schemes(tiny_model, char_tokenizer, tmp_path: Path, case: str) -> None:  # type: ignore[no-untyped-def]
+    calib = CalibrationSet(tokens=IDS, source="ids")
+    loaded = _quantized(tiny_model, char_tokenizer, {"codec": CODECS["int8-channel-sym"], "kv_cache": "fp8-static"},
+                        calibration=calib)
+    out = save_compressed_tensors(loaded, tmp_path / "q")
+    edits = {
+        "asymmetric": (lambda t, qc: qc["kv_cache_scheme"].__setitem__("symmetric", False), "lowbit reads the static"),
+        "int8": (lambda t, qc: qc["kv_cache_scheme"].__setitem__("type", "int"), "lowbit reads the static"),
+        "lone-scale": (lambda t, qc: t.pop("model.layers.1.self_attn.v_scale"), "only one of k_scale and v_scale"),
+        "no-scheme": (lambda t, qc: qc.__setitem__("kv_cache_scheme", None), "has no kv_cache_scheme"),
+    }
+    edit, message = edits[case]
+    _rewrite(out, edit)
+    with pytest.raises(LowbitError, match=message):
+        load_compressed_tensors(out)

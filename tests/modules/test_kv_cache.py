@@ -3,10 +3,13 @@ packed codes, and the presets' bytes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from lowbit.codecs.kv import KVQuantizer
+from lowbit.models.architectures import cache_argument
 from lowbit.modules.kv_cache import QuantizedKVCache, emulate_kv_cache
 from lowbit.recipes.kv_cache import kv_cache_spec
 
@@ -15,7 +18,16 @@ CASES = {
     "q8_0-like": (KVQuantizer("int", 8, "token", 16, True), KVQuantizer("int", 8, "token", 16, True), 0),
     "int2 KIVI": (KVQuantizer("int", 2, "channel", 16), KVQuantizer("int", 2, "token", 16), 20),
     "fp8": (KVQuantizer("fp8_e4m3", 8, "token", None, True), KVQuantizer("fp8_e4m3", 8, "token", None, True), 3),
+    "fp8 static": (KVQuantizer("fp8_e4m3", 8, "token", None, True, 0.01), KVQuantizer("fp8_e5m2", 8, "token", None, True, 0.002), 0),
 }
+
+
+def per_layer(keys: KVQuantizer, values: KVQuantizer, layers: int) -> list[tuple[KVQuantizer, KVQuantizer]]:
+    """The same codecs in every layer; static ones with a different scale in each (the layer of a
+    scale must not get mixed up)."""
+    def scaled(q: KVQuantizer, i: int) -> KVQuantizer:
+        return q if q.static_scale is None else replace(q, static_scale=q.static_scale * (1 + i))
+    return [(scaled(keys, i), scaled(values, i)) for i in range(layers)]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -25,10 +37,11 @@ def test_teacher_forced_decoding_with_the_cache_gives_the_emulated_logits(tiny_m
     model = tiny_model(family).double()  # float64: the two computations agree far below any quantization step
     ids = torch.randint(2, 256, (2, 60), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        with emulate_kv_cache(model, keys, values, residual):
+        layers = per_layer(keys, values, model.config.num_hidden_layers)
+        with emulate_kv_cache(model, layers, residual):
             whole = model(ids, use_cache=False).logits
-        cache = QuantizedKVCache(model.config.num_hidden_layers, keys, values, residual)
-        stepped = torch.cat([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+        cache = QuantizedKVCache(layers, residual)
+        stepped = torch.cat([model(ids[:, t:t + 1], use_cache=True, **{cache_argument(model): cache}).logits
                              for t in range(ids.shape[1])], 1)  # one token at a time
         plain = model(ids, use_cache=False).logits
     torch.testing.assert_close(stepped, whole, rtol=0, atol=1e-5)
@@ -38,7 +51,7 @@ def test_teacher_forced_decoding_with_the_cache_gives_the_emulated_logits(tiny_m
 
 def test_int4_cache_holds_under_30_percent_of_bf16_bytes() -> None:
     kv = kv_cache_spec("int4")
-    cache = QuantizedKVCache(2, kv.keys.quantizer(), kv.values.quantizer(), kv.residual)
+    cache = QuantizedKVCache([(kv.keys.quantizer(), kv.values.quantizer())] * 2, kv.residual)
     gen = torch.Generator().manual_seed(0)
     tokens, heads, dim = 8192, 3, 64
     for layer in range(2):

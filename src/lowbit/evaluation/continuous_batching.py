@@ -18,12 +18,13 @@ back to batched ``generate`` for others (sliding-window or hybrid caches).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lowbit.models.architectures import cache_argument, returned_cache
 
 
 def left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,21 +111,14 @@ def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(x, (0, 0, width - x.shape[-2], 0))
 
 
-def _cache_argument(model: nn.Module) -> str:
-    """The forward's name for the KV cache: ``cache`` in newer transformers, else ``past_key_values``."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
-
-
 def _forward_last(model: nn.Module, cache: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """The last position's logits ``(rows, vocab)`` in float32, and the updated cache."""
-    kwargs[_cache_argument(model)] = cache
+    kwargs[cache_argument(model)] = cache
     try:  # logits of the last position only: a prefill's other positions x vocabulary are not needed
         out = model(logits_to_keep=1, use_cache=True, **kwargs)
     except TypeError:  # a model class without logits_to_keep
         out = model(use_cache=True, **kwargs)
-    returned = out.get("cache") if "cache" in out else out.past_key_values
-    return out.logits[:, -1].float(), returned
+    return out.logits[:, -1].float(), returned_cache(out)
 
 
 def decode_continuously(

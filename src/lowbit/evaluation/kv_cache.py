@@ -9,40 +9,49 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.codecs.kv import KVQuantizer
 from lowbit.errors import LowbitError
-from lowbit.models import context_length
-from lowbit.modules.kv_cache import QuantizedKVCache, emulate_kv_cache
+from lowbit.modules.kv_cache import QuantizedKVCache, attention_modules, emulate_kv_cache, kv_scales
 from lowbit.recipes.kv_cache import KVCache, kv_cache_spec
-
-
-def head_dim(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def resolve_kv_cache(model: nn.Module, spec: str | None) -> KVCache | None:
     """The KV cache to run ``model`` with: ``spec`` (a preset, a file; ``none``: the model's dtype),
-    else the one of the recipe the model was quantized with, else None; LowbitError when it does not
-    fit the model (its head size, its context, a cache layout it cannot take)."""
+    else the one of the recipe the model was quantized with (or of the checkpoint it was read from:
+    a compressed-tensors ``kv_cache_scheme``), else None; LowbitError when it does not fit the
+    model (its head size, its context, a cache layout it cannot take, static scales it lacks)."""
     if spec == "none":
         return None
-    kv = kv_cache_spec(spec) if spec is not None else getattr(getattr(model, "lowbit_recipe", None), "kv_cache", None)
+    if spec is not None:
+        kv = kv_cache_spec(spec)
+    else:
+        kv = getattr(getattr(model, "lowbit_recipe", None), "kv_cache", None) or getattr(model, "lowbit_kv_cache", None)
     if kv is None:
         return None
-    kv.check_head_dim(head_dim(model), context_length(model))
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=cfg).layers):
-        raise LowbitError(f"a quantized KV cache needs full attention in every layer; {cfg.model_type} has sliding-window "
-                          "or other layers")
+    kv.check_model(model)
+    layer_quantizers(model, kv)
     return kv
+
+
+def layer_quantizers(model: nn.Module, kv: KVCache) -> list[tuple[KVQuantizer, KVQuantizer]]:
+    """Keys' and values' quantizers per decoder layer: static codecs take the layer's calibrated
+    scales; LowbitError when the model has none."""
+    attentions = attention_modules(model)
+    scales = kv_scales(model)
+    if kv.static and len(scales) != len(attentions):
+        raise LowbitError(f"{kv.name or 'this KV cache'} takes static scales calibrated for the model, and "
+                          f"{'it has none' if not scales else f'only {len(scales)} of {len(attentions)} layers have them'}"
+                          ": quantize the model with a recipe whose kv_cache has static: true")
+    out = []
+    for name in attentions:
+        k, v = scales.get(name, (None, None))
+        out.append((kv.keys.quantizer(k if kv.keys.static else None), kv.values.quantizer(v if kv.values.static else None)))
+    return out
 
 
 def new_cache(model: nn.Module, kv: KVCache) -> QuantizedKVCache:
     """An empty quantized cache for one generation."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return QuantizedKVCache(cfg.num_hidden_layers, kv.keys.quantizer(), kv.values.quantizer(), kv.residual)
+    return QuantizedKVCache(layer_quantizers(model, kv), kv.residual)
 
 
 @contextlib.contextmanager
@@ -53,7 +62,7 @@ def emulated(model: nn.Module, kv: KVCache | None) -> Iterator[None]:
         yield
         return
     try:
-        with emulate_kv_cache(model, kv.keys.quantizer(), kv.values.quantizer(), kv.residual):
+        with emulate_kv_cache(model, layer_quantizers(model, kv), kv.residual):
             yield
     except ValueError as e:
         raise LowbitError(f"--kv-cache: {e}") from None

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.models.architectures import cache_argument, returned_cache
+
 _STATUS = Path("/proc/self/status")
 
 
@@ -73,18 +75,19 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, prompt_tokens), generator=g)
     prefill, decode = [], []
+    arg = cache_argument(model)
     reset_peak()
     with torch.inference_mode():
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            kw = {} if new_cache is None else {"past_key_values": new_cache()}
+            kw = {} if new_cache is None else {arg: new_cache()}
             out = model(ids, use_cache=True, logits_to_keep=1, **kw)  # as generate does: only the next token's
             t1 = time.perf_counter()
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
             t2 = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, use_cache=True, **{arg: cache})
+                cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
             t3 = time.perf_counter()
             if i:  # the first run warms caches and allocators
                 prefill.append(batch * prompt_tokens / (t1 - t0))

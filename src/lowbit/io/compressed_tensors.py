@@ -34,6 +34,11 @@ Per quantized linear with an ``(out, in)`` weight, as compressed-tensors 0.20 re
 * quantized inputs (the recipe's ``activations``, the scheme's ``input_activations``): int8 or FP8
   E4M3, dynamic per token (no tensor) or static per tensor: ``NAME.input_scale`` float32 ``(1,)``
   and, for asymmetric int8, ``NAME.input_zero_point`` int8 ``(1,)`` (lowbit's zero minus 128).
+* the KV cache (the recipe's ``kv_cache``), when it is vLLM's FP8 cache (E4M3 keys and values,
+  static per-tensor scales from calibration, no full-precision window): ``kv_cache_scheme``
+  ``{num_bits: 8, type: float, strategy: tensor, dynamic: false, symmetric: true}`` and, per
+  attention module ATTN, ``ATTN.k_scale`` / ``ATTN.v_scale`` float32 ``(1,)`` (the value is
+  ``fp8 * scale``). Another KV cache is not written (a warning says so): it is a runtime choice.
 
 The bytes are those of compressed-tensors' own compressors (the tests compare them), and both
 decode as lowbit does (``(q - zp) * scale``, ``fp8 * scale``) in the scale's dtype. What that
@@ -54,8 +59,8 @@ is written: other codecs (:func:`unsupported_reason`), act-order with a ``g_idx`
 linears that transformers does not build as ``nn.Linear`` (GPT-2's Conv1D, fused experts) and
 quantized embeddings, and input quantization other than the above (per-group or per-channel
 scales, LLM.int8()'s outlier columns). The reader also takes ``weight_g_idx`` from older files and
-int8 ``naive-quantized`` weights, and refuses output activations, KV-cache quantization,
-transforms and sparsity, which lowbit's linears cannot run.
+int8 ``naive-quantized`` weights, and refuses output activations, KV-cache schemes other than
+the FP8 one above, transforms and sparsity, which lowbit's linears cannot run.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,9 +96,11 @@ from lowbit.io.hf_checkpoint import (
 )
 from lowbit.io.int32_packing import pack_int32, unpack_int32
 from lowbit.modules import QuantEmbedding, QuantLinear
+from lowbit.modules.kv_cache import attention_modules, kv_scale_tensors, set_kv_scales, take_kv_scales
 
 if TYPE_CHECKING:
     from lowbit.models.loaded import LoadedModel
+    from lowbit.recipes.kv_cache import KVCache
 
 QUANT_METHOD = "compressed-tensors"
 LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose reader this layout was checked against
@@ -307,8 +315,26 @@ def ct_tensors(qt: QuantizedTensor, fmt: str | None = None, input_scale: dict[st
     return out
 
 
+KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
+def kv_cache_problem(kv: "KVCache | None") -> str | None:
+    """Why compressed-tensors' ``kv_cache_scheme`` cannot hold the recipe's KV cache (it holds
+    vLLM's: FP8 E4M3 keys and values with static per-tensor scales, no full-precision window);
+    None when it can or there is no KV cache."""
+    if kv is None:
+        return None
+    fp8_static = all(c.format == "fp8_e4m3" and c.static for c in (kv.keys, kv.values))
+    if not fp8_static:
+        return f"its kv_cache_scheme holds FP8 E4M3 keys and values with static scales (vLLM's), not {kv.describe()}"
+    if kv.residual:
+        return f"its kv_cache_scheme has no full-precision window (the recipe keeps the last {kv.residual} tokens)"
+    return None
+
+
 def quantization_config(quantized: dict[str, QuantizedTensor], dense_linears: list[str],
-                        inputs: dict[str, dict[str, Any] | None] | None = None) -> dict[str, Any]:
+                        inputs: dict[str, dict[str, Any] | None] | None = None,
+                        kv_cache_scheme: dict[str, Any] | None = None) -> dict[str, Any]:
     """``config.json``'s ``quantization_config``: one config group per distinct codec and input
     quantization (``inputs``: a linear's ``input_activations``, see :func:`input_args`); a single
     group targets every ``Linear`` but the dense ones (llm-compressor's way), several name their
@@ -338,7 +364,7 @@ def quantization_config(quantized: dict[str, QuantizedTensor], dense_linears: li
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": dense_linears if single else [],
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": kv_cache_scheme,
         "global_compression_ratio": None,
         "sparsity_config": {},
     }
@@ -372,6 +398,15 @@ def save_compressed_tensors(
     for name, qt in quantized.items():
         fmt = weight_format(qt.codec, inputs[name])
         tensors.update({f"{name}.{k}": v for k, v in ct_tensors(qt, fmt, layers[name].input_scale).items()})
+    kv = None if recipe is None else recipe.kv_cache
+    problem = kv_cache_problem(kv)
+    if problem is not None:
+        warnings.warn(f"compressed-tensors: the recipe's KV cache is not written ({problem}); choose the cache when "
+                      "running the model (vLLM's --kv-cache-dtype, lowbit's --kv-cache)", stacklevel=2)
+    scheme = None
+    if kv is not None and problem is None:
+        scheme = dict(KV_CACHE_SCHEME)
+        tensors.update(kv_scale_tensors(model))
     marker = {
         "format": QUANT_METHOD,
         "lowbit_version": lowbit.__version__,
@@ -379,7 +414,7 @@ def save_compressed_tensors(
         "recipe_digest": None if recipe is None else recipe.digest(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return write_folder(loaded, out, overwrite, tensors, quantization_config(quantized, dense_linears, inputs),
+    return write_folder(loaded, out, overwrite, tensors, quantization_config(quantized, dense_linears, inputs, scheme),
                         {MARKER: marker}, sort_config_keys=True)
 
 
@@ -627,7 +662,7 @@ class _Reader:
 
 
 def _groups(path: Path, qc: dict[str, Any]) -> tuple[list[_Group], list[str]]:
-    for key, what in (("kv_cache_scheme", "KV-cache quantization"), ("transform_config", "transforms (rotations)"),
+    for key, what in (("transform_config", "transforms (rotations)"),
                       ("sparsity_config", "sparsity"), ("moe_sparsity_config", "expert sparsity")):
         if qc.get(key):
             raise LowbitError(f"{path}: the checkpoint uses {what} ({key}), which lowbit does not read")
@@ -672,11 +707,55 @@ def load_compressed_tensors(path: Path, dtype: torch.dtype = torch.float32) -> "
             inputs[name] = (group.inputs, reader.input_scale(name, group.inputs) if group.static_inputs else None)
     if not quantized:
         raise LowbitError(f"{path}: no linear of the model matches the quantization_config's targets")
+    kv = _kv_cache_of(path, qc)
+    scales = _kv_scales(path, tensors, reader.consumed, kv)
     assemble(model, path, quantized, tensors, reader.consumed, dtype)
     for name, (quantizer, scale) in inputs.items():
         model.get_submodule(name).set_input_quant(quantizer, scale)
+    if kv is not None:
+        _set_kv_scales(path, model, scales)
+        model.lowbit_kv_cache = kv
     source = _attach_recipe(path, model, quantized)
     return LoadedModel(model, tokenizer, source or str(path), path)
+
+
+def _kv_cache_of(path: Path, qc: dict[str, Any]) -> "KVCache | None":
+    """The KV cache a ``kv_cache_scheme`` declares: static per-tensor FP8 E4M3 (vLLM's), or
+    LowbitError for anything else."""
+    scheme = qc.get("kv_cache_scheme")
+    if not scheme:
+        return None
+    if not isinstance(scheme, dict):
+        raise LowbitError(f"{path}: quantization_config.kv_cache_scheme is not a mapping")
+    # compressed-tensors' defaults: symmetric, static, per tensor when no group size is given
+    got = {k: scheme.get(k) if scheme.get(k) is not None else KV_CACHE_SCHEME[k] if k in ("symmetric", "dynamic", "strategy")
+           else None for k in KV_CACHE_SCHEME}
+    if got != KV_CACHE_SCHEME:
+        raise LowbitError(f"{path}: kv_cache_scheme {json.dumps(got)}: lowbit reads the static per-tensor FP8 cache "
+                          f"({json.dumps(KV_CACHE_SCHEME)})")
+    from lowbit.recipes.kv_cache import kv_cache_spec
+
+    return kv_cache_spec("fp8-static")
+
+
+def _kv_scales(path: Path, tensors: dict[str, torch.Tensor], consumed: set[str],
+               kv: "KVCache | None") -> dict[str, tuple[float, float]]:
+    try:
+        scales = take_kv_scales(tensors, consumed)
+    except ValueError as e:
+        raise LowbitError(f"{path}: {e}") from None
+    if scales and kv is None:
+        raise LowbitError(f"{path}: holds k_scale / v_scale tensors but its quantization_config has no kv_cache_scheme")
+    return scales
+
+
+def _set_kv_scales(path: Path, model: nn.Module, scales: dict[str, tuple[float, float]]) -> None:
+    wanted = attention_modules(model)
+    if set(scales) != set(wanted):
+        lacking = sorted(set(wanted) - set(scales))
+        raise LowbitError(f"{path}: kv_cache_scheme needs k_scale and v_scale for every attention module; "
+                          f"{'missing for ' + lacking[0] if lacking else 'found some for modules the model lacks'}")
+    set_kv_scales(model, scales)
 
 
 def _attach_recipe(path: Path, model: nn.Module, quantized: dict[str, QuantizedTensor]) -> str | None:

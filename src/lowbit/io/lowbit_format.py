@@ -10,7 +10,8 @@ A folder::
                          (NAME.weight.scale, NAME.weight.zero, ...); the safetensors metadata
                          key "lowbit.quantized" maps NAME to its codec and logical shape; with
                          static input scales (the recipe's activations), NAME.input_scale
-                         (and NAME.input_zero) in float32
+                         (and NAME.input_zero) in float32; with a KV cache of static scales,
+                         ATTN.k_scale and ATTN.v_scale per attention module, float32 (1,)
     tokenizer files
 
 It is written into a hidden temporary folder beside the target and renamed only when complete,
@@ -36,6 +37,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.folder import atomic_folder
 from lowbit.io.hf_checkpoint import RECIPE, WEIGHTS, assemble, dense_state, empty_model, read_json, read_safetensors
 from lowbit.modules import QuantEmbedding, QuantLinear
+from lowbit.modules.kv_cache import kv_scale_tensors, set_kv_scales, take_kv_scales
 
 if TYPE_CHECKING:
     from lowbit.models.loaded import LoadedModel
@@ -59,6 +61,7 @@ def quantized_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict[st
             for k, v in (module.input_scale or {}).items():  # static input scales, float32 as calibrated
                 tensors[f"{prefix}input_{k}"] = v.contiguous()
     tensors.update(dense_state(model, dense_dtype))
+    tensors.update(kv_scale_tensors(model))  # static KV cache scales, float32
     return tensors, headers
 
 
@@ -150,9 +153,11 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         consumed.update(qt.state_dict(f"{name}.weight"))
     inputs = input_quantization(recipe, quantized, tensors, path)
     consumed.update(f"{name}.input_{k}" for name, (_, scale) in inputs.items() for k in scale or {})
+    scales = read_kv_scales(path, tensors, consumed)
     result = assemble(model, path, quantized, tensors, consumed, dtype)
     for name, (quantizer, scale) in inputs.items():
         model.get_submodule(name).set_input_quant(quantizer, scale)
+    set_kv_scales(model, scales)
     # lowbit writes every persistent tensor: one the folder lacks is missing even when the
     # model could build it (a buffer), unless it is tied or a quantized linear's own
     missing = [k for k in result.missing_keys if not _is_tied_or_quantized(model, k)]
@@ -186,6 +191,15 @@ def input_quantization(recipe: Recipe, quantized: dict[str, QuantizedTensor], te
                 scale[part] = t
         out[name] = (quantizer, scale)
     return out
+
+
+def read_kv_scales(path: Path, tensors: dict[str, torch.Tensor], consumed: set[str]) -> dict[str, tuple[float, float]]:
+    """The static KV cache scales a checkpoint holds (``NAME.k_scale`` / ``NAME.v_scale``), their
+    keys added to ``consumed``; LowbitError for a malformed pair."""
+    try:
+        return take_kv_scales(tensors, consumed)
+    except ValueError as e:
+        raise LowbitError(f"{path}: {e}") from None
 
 
 def _is_tied_or_quantized(model: nn.Module, key: str) -> bool:

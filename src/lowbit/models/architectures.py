@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -164,6 +165,27 @@ def context_length(model: nn.Module) -> int | None:
     ``max_position_embeddings``, GPT-2's ``n_positions``), or None where the config names none."""
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def cache_argument(model: nn.Module, method: str = "forward") -> str:
+    """``method``'s name for the KV cache: ``cache`` in newer transformers (where
+    ``past_key_values`` is deprecated), else ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(getattr(type(model), method)).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The updated KV cache of a forward's output (``cache`` or ``past_key_values``)."""
+    return out.get("cache") if "cache" in out else out.past_key_values
+
+
+def attention_head_dim(model: nn.Module) -> int:
+    """Values per attention head of ``model`` (its text config's ``head_dim``, else hidden size
+    over heads)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def check_context(model: nn.Module, tokens: int, what: str) -> None:

@@ -104,10 +104,10 @@ class QuantizedKVLayer(DynamicLayer):
 
 class QuantizedKVCache(Cache):
     """A cache of :class:`QuantizedKVLayer` s, one per decoder layer (models whose layers all use
-    full attention)."""
+    full attention), with each layer's keys and values quantizers."""
 
-    def __init__(self, n_layers: int, keys: KVQuantizer, values: KVQuantizer, residual: int = 0) -> None:
-        super().__init__(layers=[QuantizedKVLayer(keys, values, residual) for _ in range(n_layers)])
+    def __init__(self, quantizers: list[tuple[KVQuantizer, KVQuantizer]], residual: int = 0) -> None:
+        super().__init__(layers=[QuantizedKVLayer(k, v, residual) for k, v in quantizers])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)  # type: ignore[attr-defined]
@@ -160,17 +160,27 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
+def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's attention modules that cache keys and values, by name, in layer order."""
+    found = {n: m for n, m in model.named_modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "layer_idx")}
+    return dict(sorted(found.items(), key=lambda item: item[1].layer_idx))
+
+
 @contextlib.contextmanager
-def emulate_kv_cache(model: torch.nn.Module, keys: KVQuantizer, values: KVQuantizer, residual: int = 0) -> Iterator[None]:
+def emulate_kv_cache(model: torch.nn.Module, quantizers: list[tuple[KVQuantizer, KVQuantizer]],
+                     residual: int = 0) -> Iterator[None]:
     """Within the block, ``model``'s attention reads keys and values as :class:`QuantizedKVCache`
-    would hold them (see :func:`kv_cache_attention`); restored afterwards."""
+    would hold them (see :func:`kv_cache_attention`; ``quantizers``: keys' and values' per layer);
+    restored afterwards."""
     _register()
-    attentions = [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "layer_idx")]
+    attentions = list(attention_modules(model).values())
     if not attentions:
         raise ValueError(f"{type(model).__name__}: no attention module with key/value groups to read the cache through")
+    if len(quantizers) != len(attentions):
+        raise ValueError(f"{len(quantizers)} layers of KV quantizers for {len(attentions)} attention modules")
     before = model.config._attn_implementation
     for m in attentions:
-        m._lowbit_kv = (keys, values, residual)
+        m._lowbit_kv = (*quantizers[m.layer_idx], residual)
     model.set_attn_implementation(ATTENTION)
     try:
         yield
@@ -178,3 +188,46 @@ def emulate_kv_cache(model: torch.nn.Module, keys: KVQuantizer, values: KVQuanti
         model.set_attn_implementation(before)
         for m in attentions:
             del m._lowbit_kv
+
+
+# ------------------------------------------------------------------------- static scales
+
+SCALE_NAMES = ("k_scale", "v_scale")  # buffers of an attention module, as compressed-tensors and vLLM name them
+
+
+def set_kv_scales(model: torch.nn.Module, scales: dict[str, tuple[float, float]]) -> None:
+    """Give each attention module named in ``scales`` its static keys and values scales (kept as
+    Python floats, untouched by dtype casts; the writers store them as float32 tensors, see
+    :func:`kv_scale_tensors`)."""
+    modules = attention_modules(model)
+    for name, (k, v) in scales.items():
+        if name not in modules:
+            raise ValueError(f"{name} is not an attention module of the model")
+        modules[name].lowbit_kv_scales = (float(k), float(v))
+
+
+def kv_scales(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """The static scales of the attention modules that have them (see :func:`set_kv_scales`)."""
+    return {n: m.lowbit_kv_scales for n, m in attention_modules(model).items() if hasattr(m, "lowbit_kv_scales")}
+
+
+def kv_scale_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The static scales as checkpoint tensors: ``NAME.k_scale`` / ``NAME.v_scale``, float32 ``(1,)``."""
+    return {f"{n}.{attr}": torch.tensor([v], dtype=torch.float32)
+            for n, pair in kv_scales(model).items() for attr, v in zip(SCALE_NAMES, pair)}
+
+
+def take_kv_scales(tensors: dict[str, torch.Tensor], consumed: set[str]) -> dict[str, tuple[float, float]]:
+    """The ``NAME.k_scale`` / ``NAME.v_scale`` pairs of a checkpoint's ``tensors`` by module name,
+    their keys added to ``consumed``; ValueError for a lone one or one that is not a single value."""
+    names = {k.rpartition(".")[0] for k in tensors if k.rpartition(".")[2] in SCALE_NAMES}
+    out = {}
+    for name in sorted(names):
+        keys = [f"{name}.{s}" for s in SCALE_NAMES]
+        if not all(k in tensors for k in keys):
+            raise ValueError(f"{name} has only one of k_scale and v_scale")
+        if any(tensors[k].numel() != 1 for k in keys):
+            raise ValueError(f"{name}: k_scale and v_scale are one value each (a per-tensor FP8 cache scale)")
+        out[name] = (float(tensors[keys[0]].float()), float(tensors[keys[1]].float()))
+        consumed.update(keys)
+    return out

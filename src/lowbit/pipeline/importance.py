@@ -68,13 +68,23 @@ def empty_importance(calibration: CalibrationSet) -> ImportanceMatrix:
 
 def calibration_users(recipe: Recipe, importance: ImportanceMatrix | None) -> list[str]:
     """What in ``recipe`` needs calibration passes when ``importance`` is supplied (or not), as
-    ``algorithm NAME`` / ``transform NAME``: a supplied importance matrix is all that RTN with
+    ``algorithm NAME`` / ``transform NAME`` / ``static ...``: a supplied importance matrix is all that RTN with
     importance needs; every transform measures the block's inputs."""
     supplied = importance is not None
     users = [f"algorithm {a.name}" for a in recipe.algorithms
              if a.needs_calibration and not (supplied and takes_importance(a))]
     static = [f"static input scales ({a.observer.name})" for a in recipe.all_activations if not a.dynamic]  # type: ignore[union-attr]
-    return list(dict.fromkeys(users + [f"transform {t.name}" for t in recipe.transforms] + static))
+    return list(dict.fromkeys(users + [f"transform {t.name}" for t in recipe.transforms] + static + kv_calibration(recipe)))
+
+
+def kv_calibration(recipe: Recipe) -> list[str]:
+    """``static KV cache scales (OBSERVER)`` when the recipe's KV cache takes calibrated scales
+    (measured by a forward pass of the quantized model, after the layer-wise work)."""
+    kv = recipe.kv_cache
+    if kv is None or not kv.static:
+        return []
+    names = [c.observer.name for c in (kv.keys, kv.values) if c.static]  # type: ignore[union-attr]
+    return [f"static KV cache scales ({', '.join(dict.fromkeys(names))})"]
 
 
 def check_importance(model: nn.Module, arch: Architecture, recipe: Recipe, importance: ImportanceMatrix) -> None:

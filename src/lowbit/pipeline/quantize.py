@@ -28,7 +28,10 @@ from lowbit.io.imatrix import ImportanceMatrix
 from lowbit.models import Architecture, architecture_of, check_context
 from lowbit.models.lazy import LazyWeights
 from lowbit.modules import QuantLinear, dense_tensors, linear_weight, quantize_embeddings
-from lowbit.pipeline.importance import calibration_users, check_importance, empty_importance, record_importance
+from lowbit.modules.kv_cache import set_kv_scales
+from lowbit.pipeline.importance import (calibration_users, check_importance, empty_importance, kv_calibration,
+                                        record_importance)
+from lowbit.pipeline.kv_scales import calibrate_kv_scales
 from lowbit.pipeline.resume import ResumeState
 from lowbit.pipeline.linears import release_dense_weights, supplied_importance, takes_importance
 from lowbit.pipeline.passes import capture_block_inputs, to_device
@@ -159,11 +162,14 @@ def quantize_model(
     arch = architecture_of(model)
     recipe = resolve_gguf_mix(recipe, model)
     calibrating = calibration_users(recipe, importance)
-    needs = bool(calibrating)
-    if needs and calibration is None:
+    kv_calibrating = kv_calibration(recipe)
+    needs = bool(set(calibrating) - set(kv_calibrating))  # the layer-wise passes
+    if calibrating and calibration is None:
         raise LowbitError(f"{', '.join(calibrating)} {'needs' if len(calibrating) == 1 else 'need'} calibration data")
-    if needs:
+    if calibrating:
         check_context(model, int(calibration.tokens.shape[1]), "calibration seq_len")  # type: ignore[union-attr]
+    if recipe.kv_cache is not None:
+        recipe.kv_cache.check_model(model)
     check_selection(model, arch, recipe)
     untransformed = check_transforms(model, arch, recipe)
     if calibration is not None and needs:
@@ -196,6 +202,10 @@ def quantize_model(
         if recipe.embedding is not None or recipe.lm_head is not None:
             quantize_embeddings(model, recipe.embedding, recipe.lm_head)
         round_dense_tensors(model, getattr(torch, recipe.dense_dtype))
+        if kv_calibrating:
+            assert calibration is not None and recipe.kv_cache is not None
+            scales = calibrate_kv_scales(model, recipe.kv_cache, calibration.tokens, batch_size or 8, progress)
+            set_kv_scales(model, scales)
     model.lowbit_recipe = recipe
     report.seconds = time.perf_counter() - t0
     return report

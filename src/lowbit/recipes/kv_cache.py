@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
+from lowbit.calibration.observers import MinMax, Observer
+from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs.kv import KVQuantizer
 from lowbit.errors import LowbitError
 
@@ -14,8 +16,10 @@ from lowbit.errors import LowbitError
 class KVCodec(BaseModel):
     """One side of the cache (keys or values): ``int`` (2, 4 or 8 bits, asymmetric by default) or
     ``fp8_e4m3`` / ``fp8_e5m2``; grouped per ``token`` (``group_size`` values of a head, the whole
-    head when None) or per ``channel`` (over ``group_size`` tokens); fp8 takes a ``static_scale``
-    (one per tensor, from calibration, as vLLM's ``k_scale`` / ``v_scale``) or per-group scales."""
+    head when None) or per ``channel`` (over ``group_size`` tokens); fp8 scales are per group
+    (fitted to each token as it enters the cache) or ``static``: one per layer for its keys (values),
+    measured by ``observer`` on calibration data when the model is quantized, vLLM's ``k_scale`` /
+    ``v_scale``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -24,7 +28,16 @@ class KVCodec(BaseModel):
     axis: Literal["token", "channel"] = "token"
     group_size: int | None = Field(None, gt=0)
     symmetric: bool = Field(False, description="int only: codes around zero, no zero point")
-    static_scale: float | None = Field(None, gt=0, description="fp8 only: one scale for the whole cache")
+    static: bool = Field(False, description="fp8 only: one scale per layer, calibrated when the model is quantized")
+    observer: SerializeAsAny[Observer] | None = Field(None, description="static scales: how the range of the "
+                                                      "keys (values) is measured (default minmax)")
+
+    @field_validator("observer", mode="before")
+    @classmethod
+    def _observer(cls, v: Any) -> Any:
+        from lowbit.recipes.recipe import _dispatch
+
+        return None if v is None else _dispatch({"name": v} if isinstance(v, str) else v, Observer, "observer")
 
     @model_validator(mode="before")
     @classmethod
@@ -35,14 +48,34 @@ class KVCodec(BaseModel):
 
     @model_validator(mode="after")
     def _valid(self) -> "KVCodec":
-        self.quantizer()
+        if self.static:
+            if self.format == "int":
+                raise ValueError("static (calibrated) scales are for fp8 KV caches")
+            if self.observer is None:
+                object.__setattr__(self, "observer", MinMax())
+            self.observer.start(False, self.scale_quantizer())  # type: ignore[union-attr]  # ValueError if unfit
+        elif self.observer is not None:
+            raise ValueError("an observer measures static scales: set static: true, or drop the observer")
+        self.layout()
         return self
 
-    def quantizer(self) -> KVQuantizer:
+    def quantizer(self, scale: float | None = None) -> KVQuantizer:
+        """The codec; a static one takes the layer's calibrated ``scale``."""
+        if self.static and scale is None:
+            raise ValueError("a static KV codec needs its calibrated scale")
         try:
-            return KVQuantizer(self.format, self.bits, self.axis, self.group_size, self.symmetric, self.static_scale)
+            return KVQuantizer(self.format, self.bits, self.axis, self.group_size, self.symmetric,
+                               scale if self.static else None)
         except ValueError as e:
             raise ValueError(str(e)) from None
+
+    def layout(self) -> KVQuantizer:
+        """The codec's layout (a static one with a placeholder scale): bits, head-size checks, names."""
+        return self.quantizer(1.0 if self.static else None)
+
+    def scale_quantizer(self) -> ActivationQuantizer:
+        """The per-tensor quantizer whose scale a static codec's observer fits."""
+        return ActivationQuantizer(self.format, "tensor")  # type: ignore[arg-type]
 
 
 class KVCache(BaseModel):
@@ -58,26 +91,44 @@ class KVCache(BaseModel):
     residual: int = Field(0, ge=0, description="most recent tokens kept in full precision")
     rope: Literal["post"] = Field("post", description="keys are quantized after rotary embedding")
 
+    @property
+    def static(self) -> bool:
+        """Whether a side takes calibrated per-layer scales."""
+        return self.keys.static or self.values.static
+
     def check_head_dim(self, head_dim: int, context: int | None = None) -> None:
         """LowbitError when a codec does not fit heads of ``head_dim`` values, or the residual window
         is longer than the model's context."""
         for side, codec in (("keys", self.keys), ("values", self.values)):
             try:
-                codec.quantizer().check_head_dim(head_dim)
+                codec.layout().check_head_dim(head_dim)
             except ValueError as e:
                 raise LowbitError(f"kv_cache.{side}: {e}") from None
         if context is not None and self.residual > context:
             raise LowbitError(f"kv_cache.residual: a window of {self.residual} tokens is longer than the model's "
                               f"context ({context} tokens)")
 
+    def check_model(self, model: Any) -> None:
+        """LowbitError when the cache does not fit ``model`` (a transformers model): its head size,
+        its context, layers that are not all full attention."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        from lowbit.models.architectures import attention_head_dim, context_length
+
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.check_head_dim(attention_head_dim(model), context_length(model))
+        if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=cfg).layers):
+            raise LowbitError(f"a quantized KV cache needs full attention in every layer; {cfg.model_type} has "
+                              "sliding-window or other layers")
+
     def bits_per_value(self, head_dim: int) -> float:
         """Average stored bits per cached value of keys and values (without the window)."""
-        return (self.keys.quantizer().bits_per_value(head_dim) + self.values.quantizer().bits_per_value(head_dim)) / 2
+        return (self.keys.layout().bits_per_value(head_dim) + self.values.layout().bits_per_value(head_dim)) / 2
 
     def describe(self) -> str:
         window = f", last {self.residual} tokens full precision" if self.residual else ""
-        return (f"{self.name + ': ' if self.name else ''}keys {self.keys.quantizer().describe()}, values "
-                f"{self.values.quantizer().describe()}{window}")
+        return (f"{self.name + ': ' if self.name else ''}keys {self.keys.layout().describe()}, values "
+                f"{self.values.layout().describe()}{window}")
 
 
 def _int(bits: int, axis: str, group: int | None, symmetric: bool = False) -> dict[str, Any]:
@@ -92,8 +143,11 @@ KV_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
              "precision", {"keys": _int(4, "channel", 32), "values": _int(4, "token", 32), "residual": 64}),
     "int2": ("KIVI int2: keys per channel, values per token, asymmetric groups of 32, the last 128 tokens in full "
              "precision", {"keys": _int(2, "channel", 32), "values": _int(2, "token", 32), "residual": 128}),
-    "fp8": ("FP8 E4M3 keys and values, a scale per token", {
+    "fp8": ("FP8 E4M3 keys and values, a scale per token and head", {
         "keys": {"format": "fp8_e4m3"}, "values": {"format": "fp8_e4m3"}}),
+    "fp8-static": ("vLLM's FP8 cache: E4M3 keys and values, one calibrated scale per layer (k_scale, v_scale; "
+                   "from quantize)", {"keys": {"format": "fp8_e4m3", "static": True},
+                                      "values": {"format": "fp8_e4m3", "static": True}}),
     # llama.cpp's q8_0 cache type (its rounding, up to ties), for side-by-side numbers
     "q8_0": ("llama.cpp's q8_0 cache: int8 symmetric per 32 values of a head, a fp16 scale", {
         "keys": _int(8, "token", 32, True), "values": _int(8, "token", 32, True)}),

@@ -22,7 +22,7 @@ from lowbit.calibration.samples import CalibrationConfig
 from lowbit.codecs import Codec
 from lowbit.errors import LowbitError, validation_message
 from lowbit.recipes.activations import Activations
-from lowbit.recipes.kv_cache import KV_PRESETS, KVCache
+from lowbit.recipes.kv_cache import KV_PRESETS, KVCache, kv_cache_spec
 from lowbit.transforms import Transform
 
 DenseDType = Literal["float16", "bfloat16", "float32"]
@@ -198,8 +198,17 @@ class Recipe(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        static = any(not a.dynamic for a in self.all_activations)
+        static = any(not a.dynamic for a in self.all_activations) or (self.kv_cache is not None and self.kv_cache.static)
         return static or bool(self.transforms) or any(a.needs_calibration for a in self.algorithms)
+
+    def with_kv_cache(self, spec: str) -> "Recipe":
+        """This recipe with the KV cache ``spec`` (a preset, a YAML file; ``none``: without one)."""
+        data = self.to_dict()
+        kv = None if spec == "none" else kv_cache_spec(spec)
+        data["kv_cache"] = None if kv is None else kv.model_dump(mode="json")
+        if self.name and kv is not None:
+            data["name"] = f"{self.name.split('+kv-')[0]}+kv-{kv.name or 'custom'}"
+        return Recipe.from_dict(data)
 
     def calibration_config(self) -> CalibrationConfig:
         return self.calibration or CalibrationConfig()
