@@ -81,3 +81,28 @@ def test_bad_layouts_are_refused() -> None:
         KVQuantizer("int", 4, "channel")
     with pytest.raises(ValueError, match="do not divide a head of 80"):
         KVQuantizer("int", 4, "token", 32).check_head_dim(80)
+
+
+@pytest.mark.parametrize("quantizer", [
+    KVQuantizer("int", 4, "channel", 32), KVQuantizer("int", 2, "token", 32), KVQuantizer("int", 8, "token", None, True),
+    KVQuantizer("fp8_e4m3", 8, "token", 32, True), KVQuantizer("fp8_e5m2", 8, "token", None, True, 0.25),
+], ids=lambda q: q.describe())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decoding_into_a_slice_rounds_the_float32_values_once(quantizer: KVQuantizer, dtype: torch.dtype) -> None:
+    from lowbit.codecs.minifloat import fp8_decode
+
+    x = _kv()
+    stored = quantizer.encode(x)
+    codes = quantizer._grouped(quantizer._unpack(stored["codes"])).double()
+    if quantizer.format == "int":
+        zero = 128.0 if quantizer.symmetric else \
+            quantizer._unpack(stored["zero"], stored["scale"].shape[-1]).double().unsqueeze(-1)
+        values = (codes - zero) * stored["scale"].double().unsqueeze(-1)  # exact in float32 too
+    else:
+        values = fp8_decode(codes, quantizer.format.removeprefix("fp8_")).double()
+        values = values * (quantizer.static_scale or stored["scale"].double().unsqueeze(-1))
+    reference = quantizer._ungrouped(values, x.shape).float().to(dtype)
+    out = torch.full((2, 3, 70, 64), 7.0, dtype=dtype)
+    quantizer.decode_into(stored, out[..., :64, :])  # the cache decodes its past ahead of its window
+    assert torch.equal(out[..., :64, :], reference)
+    assert torch.all(out[..., 64:, :] == 7.0)

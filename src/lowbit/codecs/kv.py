@@ -134,17 +134,26 @@ class KVQuantizer:
 
     def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(B, H, n, D)`` values of a stored form, in ``dtype``."""
+        B, H, n, packed = stored["codes"].shape
+        out = torch.empty(B, H, n, packed * 8 // self.bits, dtype=dtype, device=stored["codes"].device)
+        self.decode_into(stored, out)
+        return out
+
+    def decode_into(self, stored: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Write the values of a stored form into ``out`` ``(B, H, n, D)`` (any float dtype, a view
+        allowed): computed in float32 and rounded once to ``out``'s dtype, with in-place steps (the
+        cache reads its whole past at every decode step: this is its cost)."""
         codes = self._unpack(stored["codes"])
         groups = self._grouped(codes)
         if self.format != "int":
             values = fp8_decode(groups, self.format.removeprefix("fp8_"))
-            values = values * (self.static_scale if self.static_scale is not None
-                               else stored["scale"].to(torch.float32).unsqueeze(-1))
+            values.mul_(self.static_scale if self.static_scale is not None else stored["scale"].unsqueeze(-1))
         else:
-            zero = float(1 << (self.bits - 1)) if self.symmetric else \
-                self._unpack(stored["zero"], stored["scale"].shape[-1]).to(torch.float32).unsqueeze(-1)
-            values = (groups.to(torch.float32) - zero) * stored["scale"].to(torch.float32).unsqueeze(-1)
-        return self._ungrouped(values, codes.shape).to(dtype)
+            values = groups.to(torch.float32)
+            values.sub_(float(1 << (self.bits - 1)) if self.symmetric else
+                        self._unpack(stored["zero"], stored["scale"].shape[-1]).unsqueeze(-1))
+            values.mul_(stored["scale"].unsqueeze(-1))
+        out.copy_(self._ungrouped(values, codes.shape))
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))`` in ``x``'s dtype."""
@@ -165,9 +174,9 @@ class KVQuantizer:
         per = 8 // self.bits
         if per == 1 or (n is not None and packed.shape[-1] == n):
             return packed
-        shifts = torch.arange(per, dtype=torch.int32) * self.bits
-        c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << self.bits) - 1)
-        return c.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+        mask = (1 << self.bits) - 1  # in uint8 throughout: the cache unpacks its whole past every step
+        c = torch.stack([(packed >> (i * self.bits)) & mask for i in range(per)], dim=-1)
+        return c.reshape(*packed.shape[:-1], -1)
 
     def nbytes(self, stored: dict[str, torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in stored.values())

@@ -48,7 +48,11 @@ class _Side:
         assert self.buffer is not None
         if self.store is None:
             return self.buffer
-        return torch.cat([self.q.decode(self.store, self.buffer.dtype), self.buffer], dim=-2)
+        n = self.stored_tokens()
+        out = self.buffer.new_empty(*self.buffer.shape[:-2], n + self.buffer.shape[-2], self.buffer.shape[-1])
+        self.q.decode_into(self.store, out[..., :n, :])
+        out[..., n:, :] = self.buffer
+        return out
 
     def nbytes(self) -> int:
         stored = 0 if self.store is None else self.q.nbytes(self.store)
