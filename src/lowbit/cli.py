@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                      help="sampling temperature (default 0: greedy)")
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    _add_compile_arg(gen)
 
     sp = sub.add_parser("bench-speed", help="prefill and decode tokens/s and peak memory")
     _add_run_args(sp)
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-tokens", type=_positive, default=32, metavar="N", help="decode steps (default 32)")
     sp.add_argument("--repeats", type=_positive, default=3, metavar="N", help="timed runs, median (default 3)")
     sp.add_argument("--threads", type=_positive, metavar="N", help="torch threads (default: torch's)")
+    _add_compile_arg(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
 
     sw = sub.add_parser(
@@ -213,6 +215,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     from lowbit.evaluation.kv_cache import kv_cache_args
 
     kv_cache_args(p)
+
+
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="decode on a static KV cache with the one-token step compiled by torch.compile (the first "
+                        "run compiles for tens of seconds; later steps skip Python's per-operator overhead); "
+                        "greedy tokens as without it")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -610,7 +619,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lowbit.models.architectures import cache_argument
 
     kv = resolve_kv_cache(loaded.model, args.kv_cache)
-    print(_describe_run(dtype, counts, memory) + ("" if kv is None else f"; KV cache {kv.describe()}"), file=sys.stderr)
+    compiled = _compile_kwargs(loaded.model, kv) if args.compile else {}
+    print(_describe_run(dtype, counts, memory) + ("" if kv is None else f"; KV cache {kv.describe()}")
+          + ("; decode compiled on a static cache" if compiled else ""), file=sys.stderr)
     sample = args.temperature > 0
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -620,7 +631,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature if sample else None, top_p=None, top_k=None,
             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
             **({} if kv is None else {cache_argument(loaded.model, "generate"): new_cache(loaded.model, kv)}),
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **compiled, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
     seconds = time.perf_counter() - t0
     n = out.shape[1] - ids.shape[1]
@@ -629,6 +640,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
           + ("" if peak is None else f"; peak resident memory of load and generation {peak / 1e6:.0f} MB"),
           file=sys.stderr)
     return 0
+
+
+def _compile_kwargs(model: object, kv: object) -> dict[str, object]:
+    """generate's arguments for --compile, or a LowbitError naming why this model cannot."""
+    from lowbit.evaluation.compiled_decode import generate_kwargs
+
+    if kv is not None:
+        raise LowbitError("--compile decodes on the static full-precision cache: it cannot be combined with --kv-cache")
+    try:
+        return generate_kwargs(model)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise LowbitError(f"--compile: {exc}") from None
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
@@ -654,8 +677,11 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     kv = resolve_kv_cache(loaded.model, args.kv_cache)
     load_peak = peak_resident_bytes()
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    if args.compile:
+        _compile_kwargs(loaded.model, kv)  # refused before any run
     rows = [measure_speed(loaded.model, vocab, b, args.prompt_tokens, args.new_tokens, args.repeats,
-                          new_cache=None if kv is None else (lambda: new_cache(loaded.model, kv)))
+                          new_cache=None if kv is None else (lambda: new_cache(loaded.model, kv)),
+                          compiled=args.compile)
             for b in batches]
     result = {
         "model": args.model, "dtype": dtype, "linears": counts, "threads": torch.get_num_threads(),
@@ -667,7 +693,9 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"{args.model}: {_describe_run(dtype, counts, memory)}; {result['threads']} threads"
-          + ("" if kv is None else f"; KV cache {kv.describe()}"))
+          + ("" if kv is None else f"; KV cache {kv.describe()}")
+          + ("" if not args.compile else "; decode compiled on a static cache (first run: "
+             + ", ".join(f"{r.compile_s:.0f} s" for r in rows if r.compile_s is not None) + ")"))
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak MB':>8} {'KV bytes/token':>15}")
     for r in rows:
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.evaluation.compiled_decode import CompiledDecoder
 from lowbit.models.architectures import cache_argument, returned_cache
 
 _STATUS = Path("/proc/self/status")
@@ -60,6 +61,8 @@ class SpeedResult:
     decode_tokens_per_s: float
     peak_mb: float | None
     kv_bytes_per_token: float = 0.0  # the cache's bytes after the run over its tokens (every sequence, every layer)
+    compiled: bool = False  # decode steps compiled on a static cache (lowbit.evaluation.compiled_decode)
+    compile_s: float | None = None  # compiled: the untimed first run's decode seconds (compilation, mostly)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,36 +70,56 @@ class SpeedResult:
 
 def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_tokens: int = 128,
                   new_tokens: int = 32, repeats: int = 3, seed: int = 0,
-                  new_cache: Callable[[], object] | None = None) -> SpeedResult:
+                  new_cache: Callable[[], object] | None = None, compiled: bool = False) -> SpeedResult:
     """Median over ``repeats`` of a prefill of ``batch x prompt_tokens`` random token ids and of
-    ``new_tokens`` greedy decode steps after it. One untimed warm-up run first. The prefill
-    computes the logits of the last position only, as ``generate`` and llama.cpp do (all of them
-    would be ``batch x prompt_tokens x vocabulary`` floats: 13 GB for 8 x 8192 tokens of SmolLM2)."""
+    ``new_tokens`` greedy decode steps after it. One untimed warm-up run first (with ``compiled``,
+    decode steps compiled on a static cache: the warm-up compiles them). The prefill computes the
+    logits of the last position only, as ``generate`` and llama.cpp do (all of them would be
+    ``batch x prompt_tokens x vocabulary`` floats: 13 GB for 8 x 8192 tokens of SmolLM2)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, prompt_tokens), generator=g)
     prefill, decode = [], []
+    if compiled and new_cache is not None:
+        raise ValueError("a compiled decode step runs on the static cache, not a quantized one")
+    decoder = CompiledDecoder(model, prompt_tokens + new_tokens) if compiled else None
     arg = cache_argument(model)
+    compile_s = None
     reset_peak()
     with torch.inference_mode():
         for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            kw = {} if new_cache is None else {arg: new_cache()}
-            out = model(ids, use_cache=True, logits_to_keep=1, **kw)  # as generate does: only the next token's
-            t1 = time.perf_counter()
-            cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
-            t2 = time.perf_counter()
-            for _ in range(new_tokens):
-                out = model(nxt, use_cache=True, **{arg: cache})
+            if decoder is not None:
+                decoder.reset()
+                t0 = time.perf_counter()
+                logits = decoder.prefill(ids)
+                t1 = time.perf_counter()
+                nxt = logits.argmax(-1, keepdim=True)
+                t2 = time.perf_counter()
+                for _ in range(new_tokens):
+                    nxt = decoder.step(nxt).argmax(-1, keepdim=True)
+                t3 = time.perf_counter()
+                cache = decoder.cache
+                compile_s = compile_s if i else t3 - t2
+            else:
+                t0 = time.perf_counter()
+                kw = {} if new_cache is None else {arg: new_cache()}
+                out = model(ids, use_cache=True, logits_to_keep=1, **kw)  # as generate does: only the next token's
+                t1 = time.perf_counter()
                 cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
-            t3 = time.perf_counter()
+                t2 = time.perf_counter()
+                for _ in range(new_tokens):
+                    out = model(nxt, use_cache=True, **{arg: cache})
+                    cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
+                t3 = time.perf_counter()
+                del out
             if i:  # the first run warms caches and allocators
                 prefill.append(batch * prompt_tokens / (t1 - t0))
                 decode.append(batch * new_tokens / (t3 - t2))
             kv_bytes = cache_nbytes(cache)
-            del out, cache
+            del cache
     peak = peak_resident_bytes()
     return SpeedResult(batch, prompt_tokens, new_tokens, statistics.median(prefill), statistics.median(decode),
-                       None if peak is None else peak / 1e6, kv_bytes / (batch * (prompt_tokens + new_tokens)))
+                       None if peak is None else peak / 1e6, kv_bytes / (batch * (prompt_tokens + new_tokens)),
+                       compiled, compile_s)
 
 
 def cache_nbytes(cache: object) -> int:

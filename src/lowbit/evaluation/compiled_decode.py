@@ -1,0 +1,97 @@
+"""Decoding with a static KV cache and a compiled step: the decode step's shapes never change,
+so torch.compile (inductor) builds it once and runs it without Python's per-operator overhead,
+which at batch 1 on a CPU is a large part of a step of a small model.
+
+Both ways reuse transformers' own machinery: ``generate`` compiles its decode forward itself when
+given a static cache and a compile config that allows CPUs (:func:`generate_kwargs`), and
+:class:`CompiledDecoder` (the speed measurement's loop) calls the same compiled ``__call__``
+(``model.get_compiled_call``). The prompt's forward stays eager, as in ``generate``: its shape
+changes with every prompt. The first compiled step takes tens of seconds (compilation); later
+calls reuse it. Where compilation fails (an operator inductor cannot trace), the step runs
+eagerly on the same static cache, with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from lowbit.models.architectures import cache_argument
+
+
+def compile_config():  # type: ignore[no-untyped-def]
+    """transformers' CompileConfig for a CPU: inductor's default mode (no CUDA graphs), fixed shapes."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    config._compile_all_devices = True  # generate compiles on accelerators only unless told (not an init argument)
+    return config
+
+
+def generate_kwargs(model: nn.Module) -> dict[str, object]:
+    """Arguments of ``model.generate`` that decode with a static cache and a compiled step."""
+    check_compilable(model)
+    return {"cache_implementation": "static", "compile_config": compile_config()}
+
+
+def check_compilable(model: nn.Module) -> None:
+    """ValueError when the model's decode step cannot use a static cache (sliding-window or
+    hybrid caches keep their own layouts; lowbit's quantized KV cache grows as it decodes)."""
+    if getattr(model, "lowbit_kv_cache", None) is not None:
+        raise ValueError("a quantized KV cache grows as it decodes; a compiled decode step needs the static "
+                         "(full-precision) cache: drop --compile or the KV cache")
+    if not getattr(model, "_can_compile_fullgraph", True):
+        raise ValueError(f"{type(model).__name__} does not support transformers' static cache")
+
+
+class CompiledDecoder:
+    """Greedy decoding of ``batch`` rows of up to ``max_len`` tokens with a static cache: ``prefill``
+    runs the prompt eagerly, ``step`` the compiled one-token forward. Call :meth:`reset` between
+    sequences (the cache's tensors are reused: shapes, hence the compiled graph, stay the same)."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        from transformers import StaticCache
+
+        check_compilable(model)
+        self.model = model
+        self.arg = cache_argument(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.max_len = max_len
+        self.position = 0
+        self.compiled = model.get_compiled_call(compile_config())  # type: ignore[operator]
+        self.eager_reason: str | None = None
+
+    def reset(self) -> None:
+        with torch.inference_mode():  # the cache's tensors were made under it (inference tensors)
+            self.cache.reset()
+        self.position = 0
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, vocabulary)`` of the next token after prompts ``ids`` ``(batch, n)``."""
+        n = ids.shape[1]
+        positions = torch.arange(self.position, self.position + n)
+        out = self.model(ids, cache_position=positions, use_cache=True, logits_to_keep=1, **{self.arg: self.cache})
+        self.position += n
+        return out.logits[:, -1]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, vocabulary)`` after one more token per row, ``token`` ``(batch, 1)``."""
+        if self.position >= self.max_len:
+            raise ValueError(f"the static cache holds {self.max_len} tokens; it is full")
+        position = torch.tensor([self.position])
+        kw = {"position_ids": position.expand(token.shape[0], 1), "cache_position": position, "use_cache": True,
+              self.arg: self.cache}
+        if self.eager_reason is None:
+            try:
+                out = self.compiled(token, **kw)
+            except Exception as exc:  # inductor's failures have no common type
+                self.eager_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                warnings.warn(f"torch.compile failed ({self.eager_reason[:300]}); decoding eagerly with the "
+                              "static cache", stacklevel=2)
+                out = self.model(token, **kw)
+        else:
+            out = self.model(token, **kw)
+        self.position += 1
+        return out.logits[:, -1]
