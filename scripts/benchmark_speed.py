@@ -3,7 +3,10 @@
 Rows: FP32, BF16, int8 weight-only (per-channel, torch's ``_weight_int8pack_mm``), int4 g128
 (torch's ``_weight_int4pack_mm_for_cpu``) and int8 W8A8 (the same int8 weights times int8
 activations, ``torch._int_mm``), the quantized ones made by ``lowbit quantize`` (RTN)
-and run by ``lowbit bench-speed`` with their fast kernels. Each row runs in its own process, so
+and run by ``lowbit bench-speed`` with their fast kernels; the FP32, BF16, int8 and int4 rows again with ``--compile`` (decode steps on a
+static cache, compiled by torch.compile); and llama.cpp's ``llama-bench`` on the GGUF files lowbit writes
+of the same model (F32, and llama-quantize's Q8_0 and Q4_0 mixes), at the same threads and lengths, for
+issue 19's goals. Each row runs in its own process, so
 that its peak memory is its own; all rows in one invocation, so their ratios to FP32 compare.
 
 Columns: prefill and decode tokens/s at batch 1 and 8 (128-token prompt, 32 greedy decode steps,
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.bench.cell import llama_bench
 from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.models import DEFAULT_MODEL, bench_model, model_section
 from lowbit.models import cache_dir
@@ -38,15 +42,26 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "`.venv/bin/python scripts/benchmark_speed.py`"
 COMMAND_RUN = COMMAND  # main() sets the command that is running
 MODEL = DEFAULT_MODEL  # --model
-# (label, recipe or None for the float model, dtype, W8A8)
+# (label, recipe or None for the float model, dtype, W8A8, decode compiled on a static cache)
 ROWS = [
-    ("FP32", None, "float32", False),
-    ("BF16", None, "bfloat16", False),
-    ("int8 weight-only (per-channel)", "int8", "auto", False),
-    ("int4 g128 (symmetric)", "w4a16", "auto", False),
-    ("int8 W8A8 (dynamic per-token int8 activations)", "int8", "auto", True),
+    ("FP32", None, "float32", False, False),
+    ("BF16", None, "bfloat16", False, False),
+    ("int8 weight-only (per-channel)", "int8", "auto", False, False),
+    ("int4 g128 (symmetric)", "w4a16", "auto", False, False),
+    ("int8 W8A8 (dynamic per-token int8 activations)", "int8", "auto", True, False),
+    ("FP32, compiled", None, "float32", False, True),
+    ("BF16, compiled", None, "bfloat16", False, True),
+    ("int8 weight-only, compiled", "int8", "auto", False, True),
+    ("int4 g128, compiled", "w4a16", "auto", False, True),
 ]
-GOALS = {"int8 weight-only (per-channel)": 1.5, "int4 g128 (symmetric)": 2.0}  # the issue's goals
+GOALS = {"int8 weight-only (per-channel)": 1.5, "int4 g128 (symmetric)": 2.0}  # goals against FP32
+# llama.cpp's rows: label, the preset of the GGUF file lowbit writes (llama-quantize's own mixes), and
+# the lowbit rows beside it with the goal of their batch-1 decode against it (issue 19)
+LLAMA_CPP = [
+    ("llama.cpp F32", "gguf-f32", ["FP32", "FP32, compiled"], None),
+    ("llama.cpp Q8_0", "gguf-q8_0-mix", ["int8 weight-only (per-channel)", "int8 weight-only, compiled"], 0.7),
+    ("llama.cpp Q4_0", "gguf-q4_0-mix", ["int4 g128 (symmetric)", "int4 g128, compiled"], 0.7),
+]
 LOWBIT = [sys.executable, "-m", "lowbit"]
 
 
@@ -67,6 +82,8 @@ def best_of(a: dict, b: dict) -> dict:
 
 def quantized_folder(recipe: str) -> Path:
     out = cache_dir() / "bench" / "speed-models" / (recipe if MODEL == DEFAULT_MODEL else f"{MODEL}-{recipe}")
+    if recipe.startswith("gguf-"):
+        out = out.with_name(out.name + ".gguf")
     if not out.exists():
         log(f"quantizing {MODEL} with {recipe} -> {out}")
         subprocess.run([*LOWBIT, "quantize", MODEL, "--recipe", recipe, "--out", str(out), "--no-progress"],
@@ -74,10 +91,10 @@ def quantized_folder(recipe: str) -> Path:
     return out
 
 
-def bench_speed(spec: str, dtype: str, w8a8: bool, args: argparse.Namespace) -> dict:
+def bench_speed(spec: str, dtype: str, w8a8: bool, compiled: bool, args: argparse.Namespace) -> dict:
     cmd = [*LOWBIT, "bench-speed", spec, "--dtype", dtype, "--batch", "1,8", "--prompt-tokens",
            str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json",
-           *(["--w8a8"] if w8a8 else [])]
+           *(["--w8a8"] if w8a8 else []), *(["--compile"] if compiled else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -229,6 +246,45 @@ def render(results: dict[str, dict], kld: dict[str, tuple[float, float, float | 
     return "\n".join(lines)
 
 
+def render_llama_cpp(results: dict[str, dict], llama: dict[str, dict | None], threads: int) -> str:
+    """lowbit's batch-1 rows beside llama-bench's on lowbit's GGUF files of the same model, and the
+    compiled rows against the eager ones."""
+    b1 = {lab: next(r for r in res["runs"] if r["batch"] == 1) for lab, res in results.items()}
+    lines = [
+        f"Beside llama.cpp: `llama-bench -t {threads} -p P -n N -r 3` (same prompt and decode lengths, batch 1, best "
+        "of the rounds) on GGUF files that `lowbit quantize --recipe gguf-f32 | gguf-q8_0-mix | gguf-q4_0-mix` wrote "
+        "(llama-quantize's own mixes), in the same run. `compiled`: `bench-speed --compile` (decode steps on a static "
+        "cache compiled by torch.compile; its first run, untimed, compiles).",
+        "",
+        "| llama.cpp | decode tok/s | prefill tok/s | lowbit row | decode tok/s | × llama.cpp decode | prefill tok/s "
+        "| compile s | goal |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for label, _, rows, goal in LLAMA_CPP:
+        ref = llama.get(label)
+        for row in rows:
+            d, p = b1[row]["decode_tokens_per_s"], b1[row]["prefill_tokens_per_s"]
+            compile_s = b1[row].get("compile_s")
+            if ref is None:
+                ratio, verdict = "-", "llama.cpp not built"
+            else:
+                r = d / ref["decode_tokens_per_s"]
+                ratio = f"{r:.2f}x"
+                verdict = "-" if goal is None else (f"{goal}x: met" if r >= goal else f"{goal}x: missed")
+            ref_d = "-" if ref is None else f"{ref['decode_tokens_per_s']:.1f}"
+            ref_p = "-" if ref is None else f"{ref['prefill_tokens_per_s']:.0f}"
+            secs = "-" if compile_s is None else f"{compile_s:.0f}"
+            lines.append(f"| {label} | {ref_d} | {ref_p} | {row} | {d:.1f} | {ratio} | {p:.0f} | {secs} | {verdict} |")
+    lines += ["", "Compiled against eager (batch-1 decode, goal 2x for FP32 and BF16):", ""]
+    for eager, compiled in (("FP32", "FP32, compiled"), ("BF16", "BF16, compiled"),
+                            ("int8 weight-only (per-channel)", "int8 weight-only, compiled"),
+                            ("int4 g128 (symmetric)", "int4 g128, compiled")):
+        r = b1[compiled]["decode_tokens_per_s"] / b1[eager]["decode_tokens_per_s"]
+        goal = "; goal 2x: " + ("met" if r >= 2 else "missed") if eager in ("FP32", "BF16") else ""
+        lines.append(f"- {compiled}: {r:.2f}x {eager}{goal}.")
+    return "\n".join(lines)
+
+
 def _command() -> str:
     return COMMAND_RUN
 
@@ -254,21 +310,32 @@ def main() -> int:
     MODEL = args.model
     COMMAND_RUN = command_line("scripts/benchmark_speed.py", ap, args)
     t0 = time.time()
-    specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype, w8a8)
-             for label, recipe, dtype, w8a8 in ROWS]
+    specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype, w8a8, compiled)
+             for label, recipe, dtype, w8a8, compiled in ROWS]
+    ggufs = {label: quantized_folder(preset) for label, preset, _, _ in LLAMA_CPP}
+    threads = torch.get_num_threads()
     results: dict[str, dict] = {}
+    llama: dict[str, dict | None] = {}
     for round_ in range(args.rounds):  # rows alternate, so no row is favoured by running first
-        for label, spec, dtype, w8a8 in specs:
+        for label, spec, dtype, w8a8, compiled in specs:
             log(f"{label}, round {round_ + 1} ...")
-            r = bench_speed(spec, dtype, w8a8, args)
+            r = bench_speed(spec, dtype, w8a8, compiled, args)
             log(json.dumps(r))
             results[label] = r if label not in results else best_of(results[label], r)
-    prof = {label: decode_profile(spec, dtype, w8a8) for label, spec, dtype, w8a8 in specs}
+        for label, gguf in ggufs.items():  # llama.cpp's own benchmark, same threads and lengths
+            log(f"{label}, round {round_ + 1} ...")
+            r = llama_bench(gguf, args.prompt_tokens, args.new_tokens, threads)
+            log(json.dumps(r))
+            llama[label] = r if r is None or llama.get(label) is None else \
+                {k: max(v, llama[label][k]) for k, v in r.items()}  # type: ignore[index]
+    eager = [(label, spec, dtype, w8a8) for label, spec, dtype, w8a8, compiled in specs if not compiled]
+    prof = {label: decode_profile(spec, dtype, w8a8) for label, spec, dtype, w8a8 in eager}
     log(json.dumps(prof))
     cross = crossover()
     log(json.dumps(cross))
-    kld = quality(specs[1:], args.windows)
-    table = render(results, kld, prof, cross, (time.time() - t0) / 60, torch.get_num_threads(), args.rounds)
+    kld = quality(eager[1:], args.windows)
+    table = render(results, kld, prof, cross, (time.time() - t0) / 60, threads, args.rounds)
+    table += "\n\n" + render_llama_cpp(results, llama, threads)
     print(table)
     if not args.no_write:
         replace_section(ROOT / "BENCHMARKS.md", model_section("speed", MODEL),
