@@ -90,7 +90,7 @@ def run_quality(store: RowStore, chunks: int) -> None:
                     if store.get(f"{label}|{key}"):
                         continue
                     kv = kv_cache_spec(spec)
-                    kv.check_head_dim(head_dim(base.model), context_length(base.model))
+                    kv.check_head_dim(attention_head_dim(base.model), context_length(base.model))
                     t0 = time.perf_counter()
                     with emulated(twin, kv):  # the reference (base) keeps an exact cache
                         r = kld_like_llama_cpp(twin, base.model, ids, n_ctx, chunks)

@@ -16,10 +16,11 @@ def _kv(seed: int = 0, tokens: int = 64) -> torch.Tensor:
 
 
 def _asym_reference(groups: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round trip of each group (last dim) over [min, max] with a fp16 scale and integer zero, float64."""
+    """Round trip of each group (last dim) over [min(min, 0), max(max, 0)] with a fp16 scale and
+    integer zero, float64."""
     g = groups.double()
     qmax = (1 << bits) - 1
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
     s = ((hi - lo) / qmax).to(torch.float16).double().clamp(min=2.0**-24)
     z = torch.round(-lo / s).clamp(0, qmax)
     return (torch.round(g / s + z).clamp(0, qmax) - z) * s
@@ -36,10 +37,18 @@ def test_per_token_groups_along_the_head(bits: int) -> None:
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_per_channel_groups_along_the_tokens(bits: int) -> None:
     x = _kv(1)
+    x[..., 3] += 6  # channels of one sign over many tokens, as keys have after rotary
+    x[..., 4] -= 6
     got = KVQuantizer("int", bits, "channel", 16).fake_quantize(x)
     grouped = x.reshape(2, 3, 4, 16, 64).transpose(-1, -2)  # each channel over 16 tokens
     want = _asym_reference(grouped, bits).transpose(-1, -2).reshape(x.shape)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # no value is clamped: each is within a step (the zero point is rounded too) of the group's
+    # range, zero included
+    reach = torch.maximum(grouped.amax(-1).clamp(min=0) - grouped.amin(-1).clamp(max=0), torch.tensor(0.0))
+    step = (reach / ((1 << bits) - 1)).unsqueeze(-1)
+    got_grouped = got.reshape(2, 3, 4, 16, 64).transpose(-1, -2)
+    assert torch.all((got_grouped - grouped).abs() <= step * 1.01)
     # the outlier channel has its own scale: the others keep their precision
     err = (got - x).square().mean((0, 1, 2))
     per_token = (KVQuantizer("int", bits, "token", 32).fake_quantize(x) - x).square().mean((0, 1, 2))

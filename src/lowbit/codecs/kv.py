@@ -9,8 +9,9 @@ Two groupings (KIVI, Liu et al. 2024):
 * ``channel``: each channel over ``group_size`` consecutive tokens: a chunk is quantized once its
   ``group_size`` tokens are all there (keys have outlier channels, which per-channel scales absorb).
 
-Formats: ``int`` of 2, 4 or 8 bits, asymmetric (``scale = (hi - lo) / (2**bits - 1)``, an integer
-zero point: a fp16 scale and the zero point at the codes' width) or symmetric (codes within ``2**(bits-1) - 1`` steps
+Formats: ``int`` of 2, 4 or 8 bits, asymmetric (``scale = (hi - lo) / (2**bits - 1)`` over the group's
+range with zero in it, ``lo = min(min, 0)``, ``hi = max(max, 0)``, so that the integer zero point lies among
+the codes: a fp16 scale and the zero point at the codes' width) or symmetric (codes within ``2**(bits-1) - 1`` steps
 of zero, ``scale = absmax / (2**(bits-1) - 1)``, fp16); or ``fp8_e4m3`` / ``fp8_e5m2`` with a float32
 scale (per group, or one static per-tensor scale from calibration as vLLM's ``k_scale``). Codes are
 packed along ``head_dim`` (two 4-bit or four 2-bit codes per byte): the cache's bytes are its
@@ -122,7 +123,9 @@ class KVQuantizer:
                 codes = (torch.round(groups / scale.unsqueeze(-1)) + (1 << (self.bits - 1))).clamp(1, qmax)
                 out = {"scale": scale.to(torch.float16)}
             else:
-                lo, hi = groups.amin(-1), groups.amax(-1)
+                # the range holds zero: the integer zero point lies among the codes (a group of one
+                # sign, as a key channel over a few tokens often is, would otherwise clamp them all)
+                lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
                 scale = ((hi - lo) / qmax).to(torch.float16).to(torch.float32).clamp(min=2.0**-24)
                 zero = torch.round(-lo / scale).clamp(0, qmax)
                 codes = (torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, qmax)
