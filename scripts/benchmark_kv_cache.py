@@ -64,7 +64,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_quality(store: RowStore, chunks: int) -> None:
+def run_quality(store: RowStore, chunks: int, only: set[str] | None = None) -> None:
     base = load_model(MODEL)
     twin = load_model(MODEL).model  # the same weights, run with the quantized caches
     threads = torch.get_num_threads()
@@ -79,7 +79,7 @@ def run_quality(store: RowStore, chunks: int) -> None:
                 key = f"{text_name}|{n_ctx}"
                 kld_base = work / f"base-{text_name}-{n_ctx}.bin"
                 for label, cache in LLAMA:
-                    if store.get(f"{label}|{key}"):
+                    if store.get(f"{label}|{key}") or (only is not None and label not in only):
                         continue
                     if not kld_base.is_file():
                         llama_cpp_kld(f32, text_file, n_ctx, chunks, threads, kld_base, "f32", "f32")
@@ -87,7 +87,7 @@ def run_quality(store: RowStore, chunks: int) -> None:
                     store.put(f"{label}|{key}", {"label": label, "text": text_name, "ctx": n_ctx, **r})
                     log(f"{label} {key}: {r}")
                 for label, spec in LOWBIT:
-                    if store.get(f"{label}|{key}"):
+                    if store.get(f"{label}|{key}") or (only is not None and label not in only):
                         continue
                     kv = kv_cache_spec(spec)
                     kv.check_head_dim(attention_head_dim(base.model), context_length(base.model))
@@ -175,8 +175,14 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=64, help="at most N chunks per text and context (default 64)")
     ap.add_argument("--fresh", action="store_true", help="discard rows kept from earlier runs")
     ap.add_argument("--redo", default="", metavar="LABELS", help="semicolon-separated row labels to run again")
+    ap.add_argument("--rows", default="", metavar="LABELS",
+                    help="semicolon-separated quality row labels to run (default: all); kept rows are shown either way")
     ap.add_argument("--no-write", action="store_true", help="print only, do not rewrite BENCHMARKS.md")
     args = ap.parse_args()
+    known = {label for label, _ in LLAMA + LOWBIT}
+    only = {r.strip() for r in args.rows.split(";") if r.strip()} or None
+    if only and only - known:
+        ap.error(f"--rows: unknown {sorted(only - known)}; rows: {sorted(known)}")
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     store = RowStore(ROOT / "scripts" / "rows" / "kv_cache.json", args.fresh)
     try:
@@ -187,7 +193,7 @@ def main() -> int:
         subprocess.run(["bash", str(ROOT / "scripts" / "peers" / "setup_llamacpp.sh")], check=True)
     t0 = time.time()
     if "quality" in sections:
-        run_quality(store, args.chunks)
+        run_quality(store, args.chunks, only)
     if "speed" in sections:
         run_speed(store)
     quality, speed = render(store.rows, command_line("scripts/benchmark_kv_cache.py", ap, args), args.chunks,
