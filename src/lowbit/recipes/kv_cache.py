@@ -70,7 +70,8 @@ class KVCodec(BaseModel):
             raise ValueError(str(e)) from None
 
     def layout(self) -> KVQuantizer:
-        """The codec's layout (a static one with a placeholder scale): bits, head-size checks, names."""
+        """The codec's layout: bits, head-size checks, names. None of them depend on a static codec's
+        scale, which is per layer and calibrated later, so any value stands in for it here (1.0)."""
         return self.quantizer(1.0 if self.static else None)
 
     def scale_quantizer(self) -> ActivationQuantizer:
