@@ -13,8 +13,9 @@ granularity along the input, applied through the same fit / encode / decode step
 Scales are dynamic (fitted to each input as it comes, :meth:`ActivationQuantizer.fit`) or static:
 fitted once to a range an observer chose (:meth:`ActivationQuantizer.from_range`, the same fit
 applied to the two values ``lo, hi``), then applied to every input. Symmetric int8 uses the
-restricted range ``[-127, 127]`` with ``scale = absmax / 127``, as vLLM and bitsandbytes quantize
-activations; FP8 ``scale = absmax / 448`` (E4M3).
+``scale = absmax / 127`` (codes within ``[-127, 127]``), as vLLM and bitsandbytes quantize
+activations, and a static scale saturates beyond its range at ``[-128, 127]``, as vLLM's static int8
+kernel does; FP8 ``scale = absmax / 448`` (E4M3).
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ Codes are unsigned ``q`` in ``[0, 2**bits - 1]`` and decode as ``x = scale * (q 
   ``scale = absmax / ((2**bits - 1) / 2)``, the convention of GPTQ and compressed-tensors:
   codes reach ``-2**(bits-1)`` steps below zero and ``2**(bits-1) - 1`` above, so the largest
   positive value clips by half a step. 4-bit g128 symmetric costs 4.125 bits per weight.
-  With ``restricted`` (activations) the codes stay within ``2**(bits-1) - 1`` steps either side
-  and ``scale = absmax / (2**(bits-1) - 1)``: int8 ``[-127, 127]``, nothing clips, as vLLM's,
-  bitsandbytes' and torchao's dynamic int8 quantization of activations.
+  With ``restricted`` (activations) ``scale = absmax / (2**(bits-1) - 1)``: a fitted input's
+  codes stay within int8 ``[-127, 127]``, nothing clips, as vLLM's, bitsandbytes' and torchao's
+  dynamic int8 quantization of activations. Values beyond a fixed (static) scale's range saturate
+  at the codes' own ends, ``[-128, 127]``, as vLLM's static int8 input kernel and compressed-tensors do.
 
 ``scale_dtype`` (default fp16) is the storage dtype of ``scale`` and ``zero``: bf16 or fp32
 checkpoints of other tools (llm-compressor keeps a float32 model's scales in float32) are read
@@ -54,8 +55,9 @@ class IntCodec(GroupedCodec):
         "float16", description="storage dtype of the scales and zero points")
     late_fields = frozenset({"restricted"})
     restricted: bool = Field(
-        False, description="symmetric only: codes within +-(2**(bits-1) - 1) steps of zero and scale absmax / "
-        "(2**(bits-1) - 1), so nothing clips: the activation convention of vLLM, bitsandbytes and torchao")
+        False, description="symmetric only: scale absmax / (2**(bits-1) - 1), so a fitted tensor's codes stay "
+        "within +-(2**(bits-1) - 1) steps of zero and nothing clips: the activation convention of vLLM, bitsandbytes "
+        "and torchao")
 
     @model_validator(mode="after")
     def _restricted_is_symmetric(self) -> "IntCodec":
@@ -125,7 +127,7 @@ class IntCodec(GroupedCodec):
             q = torch.round((values.to(torch.float32) - scale["zero"].to(torch.float32).unsqueeze(-1)) / s)
             return q.clamp(0, self.qmax).to(torch.uint8)
         q = torch.round(values.to(torch.float32) / s) + self._zero(scale)
-        return q.clamp(1 if self.restricted else 0, self.qmax).to(torch.uint8)
+        return q.clamp(0, self.qmax).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, scale: ScaleData) -> torch.Tensor:
         s = scale["scale"].to(torch.float32).unsqueeze(-1)

@@ -277,7 +277,9 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
         """``x (M, K) @ W.T`` in float32 from int8 activations and weights."""
         x = x.to(torch.float32)
         sx = self.input_scale(x)
-        xq = torch.round(x / sx).clamp_(-127, 127).to(torch.int8)
+        # a fitted scale keeps every row within [-127, 127]; a static one saturates at int8's ends, as
+        # vLLM's static_scaled_int8_quant does
+        xq = torch.round(x / sx).clamp_(-128, 127).to(torch.int8)
         y = torch._int_mm(xq, self.weight.t()).to(torch.float32).mul_(sx).mul_(self.scale)
         return y if self.shift is None else y.addcmul_(x.sum(-1, keepdim=True), self.shift)
 
@@ -322,8 +324,9 @@ class LLMInt8Kernel(Int8DynamicActivationKernel):
 
 
 class Int8StaticActivationKernel(Int8DynamicActivationKernel):
-    """W8A8 with a static per-tensor input scale from calibration: ``xq = round(x / sx)`` clamped to
-    ``[-127, 127]`` (values beyond the calibrated range clip), then as the dynamic kernel. No
+    """W8A8 with a static per-tensor input scale from calibration: ``xq = round(x / sx)`` saturated to
+    ``[-128, 127]`` as vLLM's static int8 kernel does (values beyond the calibrated range clip), then as
+    the dynamic kernel. No
     per-call reduction over the input, and the scale vLLM reads as ``input_scale``."""
 
     name = "w8a8-static-int8-cpu"
