@@ -326,8 +326,7 @@ class LLMInt8Kernel(Int8DynamicActivationKernel):
 class Int8StaticActivationKernel(Int8DynamicActivationKernel):
     """W8A8 with a static per-tensor input scale from calibration: ``xq = round(x / sx)`` saturated to
     ``[-128, 127]`` as vLLM's static int8 kernel does (values beyond the calibrated range clip), then as
-    the dynamic kernel. No
-    per-call reduction over the input, and the scale vLLM reads as ``input_scale``."""
+    the dynamic kernel. No per-call reduction over the input, and the scale vLLM reads as ``input_scale``."""
 
     name = "w8a8-static-int8-cpu"
 
