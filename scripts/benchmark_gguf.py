@@ -342,11 +342,13 @@ def render(rows: dict[str, dict], which: list, minutes: float, note: str, comman
         if r is None:
             continue
         q = r["quant_seconds"]
-        lines.append(f"| {label} | {r['file_mb']:.1f} | {r['bpw']:.3f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
+        lines.append(f"| {label}{' †' if r.get('stale') else ''} | {r['file_mb']:.1f} | {r['bpw']:.3f} | {r['kld']:.5f} | {100 * r['top1']:.2f}% | "
                      f"{r['ppl']:.3f} | {r['ppl_llama_protocol_lowbit']:.3f} | {r['ppl_llama_cpp']:.3f} | "
                      f"{'-' if q is None else f'{q:.1f}'} |")
     counted = [(label, (rows.get(label) or {}).get("types_as_llama_cpp")) for label, _ in which]
-    lines += [""] if any(types for _, types in counted) else []
+    stale = sorted({r["stale"] for label, _ in which if (r := rows.get(label)) and r.get("stale")})
+    lines += [""] if any(types for _, types in counted) or stale else []
+    lines += [f"- †: {why}" for why in stale]
     for label, types in counted:
         if types:
             lines.append(f"- {label}: {types[0]} of its {types[1]} tensors have the type llama-quantize gives them.")

@@ -151,3 +151,37 @@ def test_importance_search_no_worse_than_llama_cpp(name: str) -> None:
     e_plain = float((per_value * (c.grouping.merge(c.quantize_dequantize(groups, ref), (4, 256)) - w).square()).sum())
     assert e_ours <= e_theirs * (1 + 1e-6), (e_ours, e_theirs)
     assert e_theirs < e_plain  # the port does search: it beats the plain reference fit
+
+
+# llama.cpp's error weights under an imatrix (ggml-quants.c, quantize_row_<type>_impl): the row's
+# mean square for the 32-block types; Q8_0 ignores the imatrix there, lowbit keeps it as is
+@pytest.mark.parametrize("name", TYPES)
+def test_importance_weights_are_llama_cpps(name: str) -> None:
+    c = codec(name)
+    w = weights("heavy-tailed").double()
+    imatrix = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64) ** 4
+    expected = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        sigma2 = sum(float(v) ** 2 for v in w[r]) / w.shape[1]
+        for j in range(w.shape[1]):
+            expected[r, j] = imatrix[j] * (1.0 if name == "q8_0" else (sigma2 + float(w[r, j]) ** 2) ** 0.5)
+    g = c.grouping
+    got = torch.broadcast_to(c.importance_weights(g.split(w.float()), g.weights(tuple(w.shape), imatrix.float())),
+                             g.split(w).shape)
+    torch.testing.assert_close(g.merge(got, tuple(w.shape)).double(), expected, rtol=1e-5, atol=0)
+
+
+def test_quantize_searches_under_llama_cpps_weights() -> None:
+    """``quantize(importance=...)`` is the search under llama.cpp's per-value weights, not under
+    the bare imatrix: the two differ where one column's importance dwarfs the others."""
+    c = codec("q4_0")
+    w = weights("heavy-tailed")
+    imatrix = torch.full((w.shape[1],), 1e-3)
+    imatrix[::32] = 10.0  # one massive column per block, as a model's outlier features give
+    g = c.grouping
+    per_value = c.importance_weights(g.split(w), g.weights(tuple(w.shape), imatrix))
+    ours = c.dequantize(c.quantize(w, importance=imatrix, shrink_grid=torch.ones(1)))
+    groups = g.split(w)
+    under = lambda wts: g.merge(c.quantize_dequantize(groups, c.fit_group_scales(groups, wts, torch.ones(1))), tuple(w.shape))  # noqa: E731
+    assert torch.equal(ours, under(per_value))
+    assert not torch.equal(ours, under(g.weights(tuple(w.shape), imatrix)))

@@ -119,6 +119,12 @@ class Codec(Registered, ABC):
             best = {k: torch.where(better, cand[k], best[k]) for k in best}
         return best
 
+    def importance_weights(self, groups: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The search's per-value error weights when an importance is given: ``weights`` (the
+        importance in the grouped view) as is; codecs of another tool's format override this to
+        weigh as that tool does. ``groups`` ``(R, G, g)``; the result broadcasts against it."""
+        return weights
+
     def _group_error(self, groups: torch.Tensor, weights: "torch.Tensor | GroupHessian", scale: ScaleData) -> torch.Tensor:
         diff = self.quantize_dequantize(groups, scale) - groups
         if isinstance(weights, GroupHessian):
@@ -138,7 +144,10 @@ class Codec(Registered, ABC):
         w = self.check_weight(weight)
         g = self.grouping
         groups = g.split(w)
-        scale = self.fit_group_scales(groups, g.weights(tuple(w.shape), importance, w.device), shrink_grid)
+        weights = g.weights(tuple(w.shape), importance, w.device)
+        if importance is not None:
+            weights = self.importance_weights(groups, weights)
+        scale = self.fit_group_scales(groups, weights, shrink_grid)
         codes = self.encode(groups, scale)
         return self.pack(g.merge(codes, tuple(w.shape)), scale, tuple(w.shape))
 

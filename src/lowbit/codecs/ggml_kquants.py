@@ -24,7 +24,9 @@ and the scale codes packed at their bit width, so the stored bytes equal ggml's)
 
 Quantizer (:meth:`GGMLKQuantCodec.fit_group_scales`, vectorized over all sub-blocks). It always
 searches, as llama.cpp's own k-quant quantizers do, and every step keeps the best candidate
-under the given per-value weights (an importance matrix, or uniform):
+under the given per-value weights (uniform, or an importance matrix weighed per value as
+llama.cpp's ``quantize_row_<type>_impl`` does: ``qw * sqrt(k * sigma^2 + x^2)``, ``sigma^2`` the
+super-block's mean square, ``k`` 1 for Q2_K and 2 for Q3_K/Q4_K/Q5_K; Q6_K takes ``qw`` as is):
 
 1. each sub-block's float scale (and min) from llama.cpp's candidates (``make_qkx2/3_quants``
    inverse scales ``(nmax + rmin + k rdelta) / (max - min)`` for the affine types,
@@ -331,6 +333,7 @@ class Q2_KCodec(GGMLKQuantCodec):
     affine: ClassVar[bool] = True
     scale_bits: ClassVar[int] = 4
     ggml_type: ClassVar[str] = "Q2_K"
+    imatrix_sigma: ClassVar[tuple[Literal["row", "super"], float] | None] = ("super", 1.0)
 
 
 class Q3_KCodec(GGMLKQuantCodec):
@@ -340,6 +343,7 @@ class Q3_KCodec(GGMLKQuantCodec):
     affine: ClassVar[bool] = False
     scale_bits: ClassVar[int] = 6
     ggml_type: ClassVar[str] = "Q3_K"
+    imatrix_sigma: ClassVar[tuple[Literal["row", "super"], float] | None] = ("super", 2.0)
 
 
 class Q4_KCodec(GGMLKQuantCodec):
@@ -349,6 +353,7 @@ class Q4_KCodec(GGMLKQuantCodec):
     affine: ClassVar[bool] = True
     scale_bits: ClassVar[int] = 6
     ggml_type: ClassVar[str] = "Q4_K"
+    imatrix_sigma: ClassVar[tuple[Literal["row", "super"], float] | None] = ("super", 2.0)
 
 
 class Q5_KCodec(GGMLKQuantCodec):
@@ -358,6 +363,7 @@ class Q5_KCodec(GGMLKQuantCodec):
     affine: ClassVar[bool] = True
     scale_bits: ClassVar[int] = 6
     ggml_type: ClassVar[str] = "Q5_K"
+    imatrix_sigma: ClassVar[tuple[Literal["row", "super"], float] | None] = ("super", 2.0)
 
 
 class Q6_KCodec(GGMLKQuantCodec):
@@ -367,3 +373,4 @@ class Q6_KCodec(GGMLKQuantCodec):
     affine: ClassVar[bool] = False
     scale_bits: ClassVar[int] = 8
     ggml_type: ClassVar[str] = "Q6_K"
+    imatrix_sigma: ClassVar[tuple[Literal["row", "super"], float] | None] = None  # quantize_row_q6_K_impl uses the imatrix as is
