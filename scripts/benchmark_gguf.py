@@ -45,6 +45,7 @@ import torch
 
 from lowbit.bench.llama_cpp import (
     llama_cpp_bin,
+    llama_cpp_imatrix,
     llama_cpp_perplexity,
     llama_cpp_token_ids,
     perplexity_like_llama_cpp,
@@ -66,6 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "`.venv/bin/python scripts/benchmark_gguf.py`"
 ROWS_DIR = ROOT / "scripts" / "rows"  # the kept rows, committed: a table can be rendered and resumed on any machine
 N_CTX, CHUNKS = 512, 64
+IMATRIX_CHUNKS = 128  # llama-imatrix's chunks of N_CTX tokens of pydoc-calib
 # (row label, how it is made)
 ROWS = [
     ("F32 (unquantized)", ("f32",)),
@@ -102,6 +104,18 @@ MIX_ROWS = [
 ALL_ROWS = ROWS + MIX_ROWS
 # --rows q4_k_m: the unquantized file, and Q4_K_M made by llama.cpp and lowbit in every way
 Q4_K_M_ROWS = [ROWS[0], *(row for row in MIX_ROWS if " Q4_K_M" in row[0])]
+
+
+def rows_file(model: str) -> Path:
+    """Where the rows of ``model`` are kept."""
+    return ROWS_DIR / ("gguf.json" if model == DEFAULT_MODEL else f"gguf-{model}.json")
+
+
+def imatrix_file(model: str) -> Path:
+    """Where llama.cpp's imatrix of ``model`` is kept, in lowbit's cache (its folder made)."""
+    path = cache_dir() / "bench" / (rows_file(model).stem + "-imatrix.gguf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def needs_passes(how: tuple) -> bool:
@@ -204,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     ap = build_parser()
     args = ap.parse_args()
-    store_file = ROWS_DIR / ("gguf.json" if args.model == DEFAULT_MODEL else f"gguf-{args.model}.json")
+    store_file = rows_file(args.model)
     try:
         which = pick_rows(args.rows)
     except ValueError as e:
@@ -236,16 +250,12 @@ def main() -> int:
         calib_file.write_text(load_text("pydoc-calib").text)
         f32 = save_gguf(base, work / "f32.gguf", dense="f32")
         # kept beside the rows (13 minutes for Qwen2.5-0.5B): a later invocation reuses it, --fresh remakes it
-        imatrix = cache_dir() / "bench" / (store_file.stem + "-imatrix.gguf")
-        imatrix.parent.mkdir(parents=True, exist_ok=True)
+        imatrix = imatrix_file(args.model)
         if args.fresh:
             imatrix.unlink(missing_ok=True)
         if not imatrix.is_file() and any(how[0].startswith("llama.cpp") and how[2] or how[0] == "lowbit+imatrix-file"
                                          for label, how in which if store.get(label) is None):
-            partial = imatrix.with_suffix(".partial.gguf")
-            run_tool("llama-imatrix", "-m", str(f32), "-f", str(calib_file), "-c", str(N_CTX), "--chunks", "128",
-                     "-o", str(partial), "-t", str(threads))
-            partial.replace(imatrix)
+            llama_cpp_imatrix(f32, calib_file, imatrix, N_CTX, IMATRIX_CHUNKS, threads)
         theirs_ids = llama_cpp_token_ids(f32, text_file)
         ours_ids = base.tokenizer(text.text, add_special_tokens=False)["input_ids"]
         n_cmp = args.chunks * N_CTX

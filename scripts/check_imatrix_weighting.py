@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench.llama_cpp import run_tool
+from benchmark_gguf import IMATRIX_CHUNKS, N_CTX, imatrix_file  # this script's folder is on sys.path
+
+from lowbit.bench.llama_cpp import llama_cpp_imatrix
 from lowbit.bench.models import DEFAULT_MODEL
 from lowbit.calibration import load_text
 from lowbit.codecs.ggml_legacy import GGMLBlockCodec
@@ -36,20 +38,15 @@ from lowbit.pipeline import quantize_model
 from lowbit.recipes import get_preset
 
 
-def imatrix_file(model: str, base) -> Path:  # type: ignore[no-untyped-def]
-    """llama.cpp's imatrix of ``model``, where benchmark_gguf.py keeps it (made when missing)."""
-    stem = "gguf" if model == DEFAULT_MODEL else f"gguf-{model}"
-    path = cache_dir() / "bench" / f"{stem}-imatrix.gguf"
+def imatrix_of(model: str, base) -> Path:  # type: ignore[no-untyped-def]
+    """llama.cpp's imatrix of ``model``, where benchmark_gguf.py keeps it (made the same way when missing)."""
+    path = imatrix_file(model)
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             f32 = save_gguf(base, Path(tmp) / "f32.gguf", dense="f32")
             calib = Path(tmp) / "calib.txt"
             calib.write_text(load_text("pydoc-calib").text)
-            partial = path.with_suffix(".partial.gguf")
-            run_tool("llama-imatrix", "-m", str(f32), "-f", str(calib), "-c", "512", "--chunks", "128",
-                     "-o", str(partial), "-t", str(torch.get_num_threads()))
-            partial.replace(path)
+            llama_cpp_imatrix(f32, calib, path, N_CTX, IMATRIX_CHUNKS, torch.get_num_threads())
     return path
 
 
@@ -61,7 +58,7 @@ def main() -> int:
     args = ap.parse_args()
     recipe = get_preset(args.preset)
     base = load_model(args.model)
-    imatrix = imatrix_file(args.model, base)
+    imatrix = imatrix_of(args.model, base)
     texts = [load_text(t) for t in ("pydoc", "stdlib")]
     fp = model_fingerprint(base.model)
     llama_cpps = GGMLBlockCodec.importance_weights

@@ -33,3 +33,12 @@ def weighted_group_error(codec: Codec, groups: torch.Tensor, weights: torch.Tens
     """Float64 importance-weighted squared error of each group ``(R, G)`` under ``scale``."""
     d = codec.quantize_dequantize(groups, scale).to(torch.float64) - groups.to(torch.float64)
     return (d.square() * weights.to(torch.float64)).sum(-1)
+
+
+def per_value_importance(codec: Codec, weight: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """``codec.importance_weights`` of ``importance`` (per input column) for ``weight``, back in
+    the ``(out, in)`` layout of ``weight``."""
+    g = codec.grouping
+    groups = g.split(weight)
+    per_value = codec.importance_weights(groups, g.weights(tuple(weight.shape), importance))
+    return g.merge(torch.broadcast_to(per_value, groups.shape), tuple(weight.shape))

@@ -15,7 +15,7 @@ from lowbit.codecs import QuantizedTensor, codec_from_dict
 from lowbit.codecs.ggml_kquants import GGMLKQuantCodec
 from lowbit.io.ggml_blocks import BLOCK_BYTES, from_ggml_blocks, to_ggml_blocks
 
-from codec_references import student_t
+from codec_references import per_value_importance, student_t
 
 TYPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "kquants_llama_cpp.npz"
@@ -77,12 +77,7 @@ def test_no_worse_than_llama_cpps_quantizer(name: str, imatrix: bool, llama_cpp:
     on the same values."""
     c = codec(name)
     x = torch.from_numpy(llama_cpp["x"])
-    imp = torch.ones_like(x)
-    if imatrix:
-        g = c.grouping
-        qw = torch.from_numpy(llama_cpp["imatrix"])
-        imp = g.merge(torch.broadcast_to(c.importance_weights(g.split(x), g.weights(tuple(x.shape), qw)), g.split(x).shape),
-                      tuple(x.shape))
+    imp = per_value_importance(c, x, torch.from_numpy(llama_cpp["imatrix"])) if imatrix else torch.ones_like(x)
     theirs = torch.from_numpy(decode_theirs(llama_cpp[c.ggml_type + ("_imatrix" if imatrix else "")], c, x.shape[0]))
     ours = c.dequantize(c.quantize(x, importance=torch.from_numpy(llama_cpp["imatrix"]) if imatrix else None))
     err = lambda v: float(((v - x).double().square() * imp).sum())  # noqa: E731
@@ -135,7 +130,5 @@ def test_importance_weights_are_llama_cpps(name: str) -> None:
             sigma2 = sum(float(v) ** 2 for v in w[r, s : s + 256]) / 256
             for j in range(s, s + 256):
                 expected[r, j] = imatrix[j] * (1.0 if k is None else (k * sigma2 + float(w[r, j]) ** 2) ** 0.5)
-    g = c.grouping
-    got = torch.broadcast_to(c.importance_weights(g.split(w.float()), g.weights(tuple(w.shape), imatrix.float())),
-                             g.split(w).shape)
-    torch.testing.assert_close(g.merge(got, tuple(w.shape)).double(), expected, rtol=1e-5, atol=0)
+    got = per_value_importance(c, w.float(), imatrix.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)

@@ -13,7 +13,7 @@ from lowbit.codecs import codec_from_dict
 from lowbit.codecs.ggml_legacy import GGMLLegacyCodec
 from lowbit.io.ggml_blocks import BLOCK_BYTES, to_ggml_blocks
 
-from codec_references import student_t
+from codec_references import per_value_importance, student_t
 
 TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 
@@ -165,10 +165,8 @@ def test_importance_weights_are_llama_cpps(name: str) -> None:
         sigma2 = sum(float(v) ** 2 for v in w[r]) / w.shape[1]
         for j in range(w.shape[1]):
             expected[r, j] = imatrix[j] * (1.0 if name == "q8_0" else (sigma2 + float(w[r, j]) ** 2) ** 0.5)
-    g = c.grouping
-    got = torch.broadcast_to(c.importance_weights(g.split(w.float()), g.weights(tuple(w.shape), imatrix.float())),
-                             g.split(w).shape)
-    torch.testing.assert_close(g.merge(got, tuple(w.shape)).double(), expected, rtol=1e-5, atol=0)
+    got = per_value_importance(c, w.float(), imatrix.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
 
 
 def test_quantize_searches_under_llama_cpps_weights() -> None:

@@ -13,7 +13,7 @@ import torch
 from conftest import make_byte_level_tokenizer
 
 from lowbit import LowbitError
-from lowbit.bench.llama_cpp import llama_cpp_bin, llama_cpp_token_ids, run_tool
+from lowbit.bench.llama_cpp import llama_cpp_bin, llama_cpp_imatrix, llama_cpp_token_ids, run_tool
 from lowbit.calibration.samples import CalibrationSet
 from lowbit.io.gguf_writer import save_gguf
 from lowbit.io.imatrix import ImportanceMatrix, linear_gguf_names, read_imatrix, read_imatrix_file, write_imatrix
@@ -155,8 +155,8 @@ def test_llama_imatrix_equals_lowbits_collection_on_the_float_model(tiny_model, 
     out = tmp_path / "imatrix.gguf"
     # flash attention and an F16 KV cache round the attention's output to F16 (5e-4 relative on
     # o_proj's input): off, the two agree to float32 rounding
-    run_tool("llama-imatrix", "-m", str(path), "-f", str(text), "-o", str(out), "-c", str(n_ctx), "-b", str(n_ctx),
-             "--chunks", str(chunks), "--no-ppl", "-t", "1", "-fa", "off", "-ctk", "f32", "-ctv", "f32")
+    llama_cpp_imatrix(path, text, out, n_ctx, chunks, 1, "-b", str(n_ctx), "--no-ppl", "-fa", "off", "-ctk", "f32",
+                      "-ctv", "f32")
     theirs = read_imatrix(out, model)
 
     ids = torch.tensor(llama_cpp_token_ids(path, text)[: chunks * n_ctx]).view(chunks, n_ctx)

@@ -73,6 +73,17 @@ def llama_cpp_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int, t
     raise LowbitError(f"llama-perplexity printed no estimate in 5 runs: {out.strip().splitlines()[-3:]}")
 
 
+def llama_cpp_imatrix(gguf: Path, text_file: Path, out: Path, n_ctx: int, chunks: int, threads: int,
+                      *extra: str) -> Path:
+    """``llama-imatrix`` of ``gguf`` on the first ``chunks`` chunks of ``n_ctx`` tokens of
+    ``text_file`` (``extra``: more of its options), written to ``out`` through a partial file
+    renamed at the end (a stopped run leaves nothing at ``out``)."""
+    partial = out.with_suffix(".partial.gguf")
+    run_tool("llama-imatrix", "-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx), "--chunks", str(chunks),
+             "-o", str(partial), "-t", str(threads), *extra)
+    return partial.replace(out)
+
+
 def llama_cpp_token_ids(gguf: Path, text_file: Path) -> list[int]:
     """How llama.cpp tokenizes ``text_file`` with the vocabulary in ``gguf`` (no BOS added)."""
     out = run_tool("llama-tokenize", "-m", str(gguf), "-f", str(text_file), "--ids", "--log-disable",

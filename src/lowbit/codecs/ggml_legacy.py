@@ -59,14 +59,10 @@ class GGMLBlockCodec(Codec):
         if self.imatrix_sigma is None:
             return weights
         span, factor = self.imatrix_sigma
-        x2 = groups.to(torch.float32).square()
-        rows, n_groups, g = x2.shape
-        if span == "row":
-            mean = x2.mean(dim=(-2, -1), keepdim=True)
-        else:
-            per = 256 // g
-            mean = x2.reshape(rows, n_groups // per, per * g).mean(-1).repeat_interleave(per, dim=1).unsqueeze(-1)
-        return weights * torch.sqrt(factor * mean + x2)
+        rows, n_groups, g = groups.shape
+        per = n_groups if span == "row" else 256 // g  # groups per span
+        x2 = groups.to(torch.float32).square().reshape(rows, n_groups // per, per, g)
+        return weights * torch.sqrt(factor * x2.mean(dim=(-2, -1), keepdim=True) + x2).reshape(rows, n_groups, g)
 
     @property
     def code_bits(self) -> int:
