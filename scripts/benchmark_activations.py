@@ -13,7 +13,8 @@ Sections (``--sections``, default all):
   ``stdlib`` texts). Calibration: 128 x 512 tokens of ``pydoc-calib`` (seed 0) for everyone.
 * ``gptq``: int4 g64 symmetric with 64 x 512 calibration tokens: lowbit's GPTQ with and without
   act-order, AWQ, AWQ's scaling then GPTQ (act-order), the last two also calibrated on
-  ``stdlib-calib``; llm-compressor's GPTQ with its default (``actorder`` static) and without
+  ``stdlib-calib``; the presets ``w4a16-g64-gptq`` and ``w4a16-g64-awq-gptq`` as the CLI runs them (their
+  128 x 512 calibration tokens); llm-compressor's GPTQ with its default (``actorder`` static) and without
   act-order, on the same tokens. Quantization times in the same run.
 * ``speed``: ``lowbit bench-speed`` (batch 1, 512 prompt tokens, 32 new tokens, median of 3) of
   FP32, BF16 and each quantized recipe as generate runs it, and bitsandbytes' LLM.int8() decoding
@@ -81,6 +82,11 @@ QUALITY: list[tuple[str, str | dict[str, Any]]] = [
     ("W8A8 static, entropy", static({"name": "entropy"})),
     ("W8A8 SmoothQuant a=0.5, static percentile 99.99", {**static({"name": "percentile", "q": 99.99}),
                                                          "transforms": [{"name": "smoothquant", "alpha": 0.5}]}),
+    ("W8A8 SmoothQuant a=0.5, static MSE", {**static({"name": "mse"}),
+                                            "transforms": [{"name": "smoothquant", "alpha": 0.5}]}),
+    # where static scales lose: the MLP's down projection (its input, SiLU(gate) * up, holds the largest values)
+    ("W8A8 static MSE, down_proj inputs dynamic per token",
+     {**static({"name": "mse"}), "rules": [{"match": "*.down_proj", "activations": {"granularity": "token"}}]}),
     ("FP8 dynamic (E4M3 weights and inputs)", "fp8-dynamic"),
     ("W4A8 (int4 g128, int8 inputs)", "w4a8"),
     ("LLM.int8() threshold 6", "llm-int8"),
@@ -94,18 +100,23 @@ def gptq_recipe(extra: dict[str, Any], calib: CalibrationConfig = GPTQ_CALIB) ->
 
 
 OTHER = CalibrationConfig(source="stdlib-calib", samples=64, seq_len=512, seed=0)
-GPTQ_ROWS: list[tuple[str, dict[str, Any]]] = [
-    ("lowbit GPTQ", gptq_recipe({"algorithm": {"name": "gptq"}})),
+LLMC = "llm-compressor"  # a row of llm-compressor's GPTQ: (label, (LLMC, its actorder))
+# in the order they run (the decisive rows first: the section is long, and kept rows resume)
+GPTQ_ROWS: list[tuple[str, str | dict[str, Any] | tuple[str, str]]] = [
+    ("lowbit GPTQ", gptq_recipe({"algorithm": {"name": "gptq", "act_order": False}})),
     ("lowbit GPTQ act-order", gptq_recipe({"algorithm": {"name": "gptq", "act_order": True}})),
-    ("lowbit AWQ", gptq_recipe({"algorithm": {"name": "awq"}})),
+    ("llm-compressor GPTQ, its default (actorder static)", (LLMC, "static")),
+    ("lowbit GPTQ act-order, calibrated on stdlib", gptq_recipe({"algorithm": {"name": "gptq", "act_order": True}}, OTHER)),
     ("lowbit AWQ then GPTQ act-order", gptq_recipe({"algorithm": {"name": "gptq", "act_order": True},
                                                     "transforms": ["awq"]})),
-    ("lowbit GPTQ act-order, calibrated on stdlib", gptq_recipe({"algorithm": {"name": "gptq", "act_order": True}}, OTHER)),
+    ("lowbit AWQ", gptq_recipe({"algorithm": {"name": "awq"}})),
+    ("llm-compressor GPTQ, actorder none", (LLMC, "none")),
     ("lowbit AWQ then GPTQ act-order, calibrated on stdlib",
      gptq_recipe({"algorithm": {"name": "gptq", "act_order": True}, "transforms": ["awq"]}, OTHER)),
+    # the presets as the CLI runs them (their default calibration: 128 x 512 tokens of pydoc-calib)
+    ("preset w4a16-g64-gptq", "w4a16-g64-gptq"),
+    ("preset w4a16-g64-awq-gptq", "w4a16-g64-awq-gptq"),
 ]
-GPTQ_PEERS = [("llm-compressor GPTQ, its default (actorder static)", "static"),
-              ("llm-compressor GPTQ, actorder none", "none")]
 
 # (label, preset or None for the float model, dtype)
 SPEED_ROWS = [("FP32", None, "float32"), ("BF16", None, "bfloat16"), ("int8 weight-only", "int8", "auto"),
@@ -123,11 +134,12 @@ def recipe_of(spec: str | dict[str, Any], label: str) -> Recipe:
     return get_preset(spec) if isinstance(spec, str) else Recipe.from_dict({"name": label, **spec})
 
 
-def evaluate_rows(model, base, texts, ref_fp, label: str, extra: dict, store: RowStore) -> None:  # type: ignore[no-untyped-def]
+def evaluate_rows(model, base, texts, ref_fp, label: str, extra: dict, store: RowStore,  # type: ignore[no-untyped-def]
+                  dtype: torch.dtype | None = torch.float32) -> None:
     size = model_size(model, block_linear_names(base.model))
     for text in texts:
         r = evaluate(model, base.tokenizer, text, ref=base.model, cache_dir=cache_dir(), progress=False,
-                     ref_fingerprint=ref_fp, max_windows=MAX_WINDOWS)
+                     ref_fingerprint=ref_fp, max_windows=MAX_WINDOWS, dtype=dtype)
         store.put(f"{label}|{text.name}", {"label": label, "text": text.name, "kld": r.kld, "top1": r.top1, "ppl": r.ppl,
                                            "kld_p99": r.kld_p99, "bpw": size.bits_per_weight, **extra})
         log(f"{text.name:7s} {label:48s} kld={r.kld:.5f} top1={r.top1:.4f} {extra.get('quant_seconds')}")
@@ -189,7 +201,9 @@ def run_quality(base, texts, ref_fp, store: RowStore) -> None:  # type: ignore[n
                           store)
     if not done(store, BNB):
         model, seconds, version = bitsandbytes_model()
-        evaluate_rows(model, base, texts, ref_fp, BNB, {"quant_seconds": seconds, "bitsandbytes": version}, store)
+        # bitsandbytes' model is evaluated as loaded (float16 activations): transformers refuses to cast it
+        evaluate_rows(model, base, texts, ref_fp, BNB, {"quant_seconds": seconds, "bitsandbytes": version}, store,
+                      dtype=None)
 
 
 def bitsandbytes_model():  # type: ignore[no-untyped-def]
@@ -210,27 +224,30 @@ def bitsandbytes_model():  # type: ignore[no-untyped-def]
 
 
 def run_gptq(base, texts, ref_fp, store: RowStore) -> None:  # type: ignore[no-untyped-def]
-    sets = {GPTQ_CALIB: calibration_set(base.tokenizer, GPTQ_CALIB), OTHER: calibration_set(base.tokenizer, OTHER)}
-    for label, spec in GPTQ_ROWS:
-        if done(store, label):
-            continue
-        rec = Recipe.from_dict({"name": label, **spec})
-        model = copy.deepcopy(base.model)
-        report = quantize_model(model, rec, progress=False, calibration=sets[rec.calibration_config()])
-        evaluate_rows(model, base, texts, ref_fp, label, {"quant_seconds": report.seconds, "recipe": rec.to_dict()}, store)
+    sets = {GPTQ_CALIB: calibration_set(base.tokenizer, GPTQ_CALIB)}
     with tempfile.TemporaryDirectory(prefix="lowbit-peer-") as tmp:
         tokens = Path(tmp) / "tokens.pt"
         torch.save(sets[GPTQ_CALIB].tokens, tokens)
-        for label, actorder in GPTQ_PEERS:
+        for label, spec in GPTQ_ROWS:
             if done(store, label):
                 continue
-            out = Path(tmp) / actorder
-            result = peer("llmcompressor_gptq.py", "--model", str(builtin_model_path(MODEL)), "--tokens", str(tokens),
-                          "--bits", "4", "--group-size", "64", "--symmetric", "--actorder", actorder,
-                          "--dampening-frac", "0.01", "--block-size", "128", "--out", str(out))
-            theirs = load_model(str(out))
-            evaluate_rows(theirs.model, base, texts, ref_fp, label, {"quant_seconds": result["seconds"],
-                                                                      "settings": result.get("settings")}, store)
+            if isinstance(spec, tuple):
+                out = Path(tmp) / spec[1]
+                result = peer("llmcompressor_gptq.py", "--model", str(builtin_model_path(MODEL)), "--tokens", str(tokens),
+                              "--bits", "4", "--group-size", "64", "--symmetric", "--actorder", spec[1],
+                              "--dampening-frac", "0.01", "--block-size", "128", "--out", str(out))
+                theirs = load_model(str(out))
+                evaluate_rows(theirs.model, base, texts, ref_fp, label, {"quant_seconds": result["seconds"],
+                                                                          "settings": result.get("settings")}, store)
+                continue
+            rec = recipe_of(spec, label)
+            config = rec.calibration_config()
+            if config not in sets:
+                sets[config] = calibration_set(base.tokenizer, config)
+            model = copy.deepcopy(base.model)
+            report = quantize_model(model, rec, progress=False, calibration=sets[config])
+            evaluate_rows(model, base, texts, ref_fp, label, {"quant_seconds": report.seconds, "recipe": rec.to_dict()},
+                          store)
 
 
 def run_speed(store: RowStore) -> None:
@@ -322,7 +339,7 @@ def render(rows: dict[str, dict], command: str, minutes: float) -> tuple[str, st
         "folders (compressed-tensors `int-quantized`, dynamic per-token int8 inputs) are read by lowbit; "
         "bitsandbytes runs its own Linear8bitLt (fp16 activations, transformers' `load_in_8bit`).", "",
         *fmt_rows(rows, q_labels), "", *outliers, *peers, "", "Goals:", *claims(rows), "", machine])
-    g_labels = [label for label, _ in GPTQ_ROWS] + [label for label, _ in GPTQ_PEERS]
+    g_labels = [label for label, _ in GPTQ_ROWS]
     gptq = "\n".join([
         f"Printed by {command}. int4, groups of 64, symmetric; calibration 64 x 512 tokens of `pydoc-calib` (seed 0; "
         "the same ids for llm-compressor), or of `stdlib-calib` where the row says so; dampening 0.01, blocks of 128, "

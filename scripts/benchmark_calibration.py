@@ -64,7 +64,8 @@ CALIB = CalibrationConfig(source="pydoc-calib", samples=128, seq_len=512, seed=0
 def recipe(bits: int, group: int, algorithm: str, calib: CalibrationConfig = CALIB, **algo: object) -> Recipe:
     return Recipe.from_dict({
         "codec": {"name": "int", "bits": bits, "symmetric": True, "granularity": "group", "group_size": group},
-        "algorithm": {"name": algorithm, **algo},
+        # GPTQ's rows keep columns in order (the settings of the side-by-side; act-order: benchmark_activations.py)
+        "algorithm": {"name": algorithm, **({"act_order": False} if algorithm == "gptq" else {}), **algo},
         "calibration": calib.model_dump() if algorithm != "rtn" else None,
     })
 

@@ -65,7 +65,7 @@ def test_dynamic_groups_beat_rtn_too(bits: int) -> None:
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     codec = codec_from_dict({"name": "int", "bits": bits, "group_size": 32})
     rtn = output_error(x, w, RTN().quantize(w, codec).dequantize())
-    qt = GPTQ(static_groups=False).quantize(w, codec, LayerStats(hessian=x.t() @ x / 2048))
+    qt = GPTQ(act_order=False, static_groups=False).quantize(w, codec, LayerStats(hessian=x.t() @ x / 2048))
     assert output_error(x, w, qt.dequantize()) < 0.8 * rtn
     assert "g_idx" not in qt.data  # no act-order: groups stay contiguous
 

@@ -194,6 +194,22 @@ def test_bfloat16_evaluation(tiny_model, tokenizer_stub, text_factory, tmp_path)
     assert 0 < r.kld < 0.05 and r.top1 > 0.5
 
 
+def test_dtype_none_leaves_the_model_uncast(tiny_model, tokenizer_stub, text_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A model another library quantized refuses ``.to(dtype)``: ``dtype=None`` runs it as it is."""
+    ref = tiny_model("llama")
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("evaluate cast the model")
+
+    model.to = refuse  # type: ignore[method-assign]
+    r = evaluate(model, tokenizer_stub, _text(text_factory), ref=ref, seq_len=SEQ, dtype=None, cache_dir=tmp_path,
+                 progress=False)
+    cast = evaluate(copy.deepcopy(ref), tokenizer_stub, _text(text_factory), ref=ref, seq_len=SEQ,
+                    dtype=torch.bfloat16, cache_dir=tmp_path, progress=False)
+    assert r.dtype == "bfloat16" and (r.kld, r.ppl) == (cast.kld, cast.ppl)
+
+
 @pytest.mark.parametrize("content", ["", "   \n\t "])
 def test_empty_text(tiny_model, tokenizer_stub, content: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(LowbitError, match="empty"):

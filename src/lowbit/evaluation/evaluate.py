@@ -64,13 +64,14 @@ def evaluate(
     seq_len: int = 512,
     stride: int | None = None,
     max_windows: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     ref_dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     progress: bool = True,
     ref_fingerprint: str | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` (cast to ``dtype``) on ``text``; with ``ref``, also KLD/top-1/delta PPL.
+    """Evaluate ``model`` (cast to ``dtype``; None: as it is, e.g. a model another library
+    quantized, which refuses casts) on ``text``; with ``ref``, also KLD/top-1/delta PPL.
 
     Reference log-probs are computed with ``ref`` in ``ref_dtype`` and cached under
     ``cache_dir`` (in a temporary folder, removed afterwards, when None). A caller that
@@ -99,7 +100,10 @@ def evaluate(
                 root = cache_dir / "reference"
             reference = compute_reference(ref, ids, windows, root, key, progress)
 
-        model.to(dtype)
+        if dtype is None:
+            dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+        else:
+            model.to(dtype)
         nll_sum = 0.0
         kld_all: list[torch.Tensor] = []
         agree = 0

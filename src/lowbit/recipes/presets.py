@@ -37,8 +37,9 @@ _MIX_VARIANTS = [
     ("", " (llama-quantize's type per tensor), RTN with llama.cpp's searches", None),
     ("-imatrix", ", RTN searches weighted by calibration activations (an importance matrix)",
      {"name": "rtn", "clip_search": True, "importance": True}),
+    # columns in order, as these mixes were measured (act-order is not measured on GGML grids)
     ("-gptq", ", GPTQ on each tensor's grid, block scales from the search weighted by the Hessian's diagonal",
-     {"name": "gptq", "clip_search": True}),
+     {"name": "gptq", "clip_search": True, "act_order": False}),
 ]
 
 
@@ -71,11 +72,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mxfp4": ("OCP MXFP4: E2M1, E8M0 scale per block of 32", _rtn("mxfp4")),
     "mxfp8": ("OCP MXFP8: E4M3, E8M0 scale per block of 32", _rtn("mxfp8", element="e4m3")),
     "nvfp4": ("NVFP4: E2M1, FP8 E4M3 scale per block of 16, FP32 tensor scale", _rtn("nvfp4")),
-    "w4a16-gptq": ("int4 groups of 128 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(4, group_size=128))),
-    "w4a16-g64-gptq": ("int4 groups of 64 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(4, group_size=64))),
-    "w3a16-gptq": ("int3 groups of 64 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(3, group_size=64))),
-    "w2a16-gptq": ("int2 groups of 64 symmetric, GPTQ", _calibrated({"name": "gptq"}, _int(2, group_size=64))),
-    "nf4-gptq": ("NF4 blocks of 64, GPTQ", _calibrated({"name": "gptq"}, _rtn("nf4", block_size=64, double_quant=False))),
+    "w4a16-gptq": ("int4 groups of 128 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(4, group_size=128))),
+    "w4a16-g64-gptq": ("int4 groups of 64 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(4, group_size=64))),
+    "w3a16-gptq": ("int3 groups of 64 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(3, group_size=64))),
+    "w2a16-gptq": ("int2 groups of 64 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(2, group_size=64))),
+    "nf4-gptq": ("NF4 blocks of 64, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _rtn("nf4", block_size=64, double_quant=False))),
     "w4a16-awq": ("int4 groups of 128 asymmetric, AWQ (the AutoAWQ format's codec)",
                   _calibrated({"name": "awq"}, _int(4, symmetric=False, group_size=128))),
     "w4a16-g64-awq": ("int4 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(4, group_size=64))),
@@ -109,7 +110,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
        for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")},
     **{f"gguf-{t}-gptq": (f"llama.cpp {t.upper()} on every linear, GPTQ on its grid, block scales from llama.cpp's "
                           "search weighted by the Hessian's diagonal",
-                          _calibrated({"name": "gptq", "clip_search": True}, _rtn(t)))
+                          _calibrated({"name": "gptq", "clip_search": True, "act_order": False}, _rtn(t)))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1")},
     **{f"gguf-{t}-imatrix": (f"llama.cpp {t.upper()} on every linear, RTN with llama.cpp's scale search weighted "
                              "by calibration activations (an importance matrix)",
