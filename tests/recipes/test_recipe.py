@@ -50,6 +50,15 @@ def test_presets_resolve(name: str) -> None:
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
+@pytest.mark.parametrize("name", [n for n in preset_names() if n.endswith("-gptq")])
+def test_gptq_presets_run_the_measured_column_order(name: str) -> None:
+    """int/NF4 GPTQ presets quantize in act-order with static groups (the lower KLD measured on both
+    texts, storable by every format); GGUF GPTQ presets keep column order, as their rows were measured."""
+    g = get_preset(name).algorithm
+    assert g.static_groups
+    assert g.act_order == (not name.startswith("gguf-"))
+
+
 def test_all_presets_known() -> None:
     assert set(EXPECTED) <= set(preset_names())
     assert set(PRESET_HELP) == set(preset_names())

@@ -101,7 +101,7 @@ def evaluate(
             reference = compute_reference(ref, ids, windows, root, key, progress)
 
         if dtype is None:
-            dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+            dtype = getattr(next(model.parameters(), None), "dtype", torch.float32)
         else:
             model.to(dtype)
         nll_sum = 0.0

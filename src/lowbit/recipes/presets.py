@@ -24,6 +24,8 @@ def _calibrated(algorithm: dict[str, Any], base: dict[str, Any]) -> dict[str, An
     return {**base, "algorithm": algorithm, "calibration": {"source": "pydoc-calib", "samples": 128, "seq_len": 512}}
 
 
+# GPTQ's defaults, as the int and NF4 presets run it
+_GPTQ = "GPTQ (act-order, static groups)"
 # dynamic per-token int8 inputs, as vLLM's W8A8 kernels quantize them
 _W8A8_INPUTS: dict[str, Any] = {"format": "int8", "granularity": "token"}
 # the observer of w8a8-static: the lowest KLD of the observers measured on SmolLM2 (BENCHMARKS.md,
@@ -73,11 +75,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mxfp4": ("OCP MXFP4: E2M1, E8M0 scale per block of 32", _rtn("mxfp4")),
     "mxfp8": ("OCP MXFP8: E4M3, E8M0 scale per block of 32", _rtn("mxfp8", element="e4m3")),
     "nvfp4": ("NVFP4: E2M1, FP8 E4M3 scale per block of 16, FP32 tensor scale", _rtn("nvfp4")),
-    "w4a16-gptq": ("int4 groups of 128 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(4, group_size=128))),
-    "w4a16-g64-gptq": ("int4 groups of 64 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(4, group_size=64))),
-    "w3a16-gptq": ("int3 groups of 64 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(3, group_size=64))),
-    "w2a16-gptq": ("int2 groups of 64 symmetric, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _int(2, group_size=64))),
-    "nf4-gptq": ("NF4 blocks of 64, GPTQ (act-order, static groups)", _calibrated({"name": "gptq"}, _rtn("nf4", block_size=64, double_quant=False))),
+    "w4a16-gptq": (f"int4 groups of 128 symmetric, {_GPTQ}", _calibrated({"name": "gptq"}, _int(4, group_size=128))),
+    "w4a16-g64-gptq": (f"int4 groups of 64 symmetric, {_GPTQ}", _calibrated({"name": "gptq"}, _int(4, group_size=64))),
+    "w3a16-gptq": (f"int3 groups of 64 symmetric, {_GPTQ}", _calibrated({"name": "gptq"}, _int(3, group_size=64))),
+    "w2a16-gptq": (f"int2 groups of 64 symmetric, {_GPTQ}", _calibrated({"name": "gptq"}, _int(2, group_size=64))),
+    "nf4-gptq": (f"NF4 blocks of 64, {_GPTQ}",
+                 _calibrated({"name": "gptq"}, _rtn("nf4", block_size=64, double_quant=False))),
     "w4a16-awq": ("int4 groups of 128 asymmetric, AWQ (the AutoAWQ format's codec)",
                   _calibrated({"name": "awq"}, _int(4, symmetric=False, group_size=128))),
     "w4a16-g64-awq": ("int4 groups of 64 symmetric, AWQ", _calibrated({"name": "awq"}, _int(4, group_size=64))),
