@@ -87,6 +87,9 @@ QUALITY: list[tuple[str, str | dict[str, Any]]] = [
     # where static scales lose: the MLP's down projection (its input, SiLU(gate) * up, holds the largest values)
     ("W8A8 static MSE, down_proj inputs dynamic per token",
      {**static({"name": "mse"}), "rules": [{"match": "*.down_proj", "activations": {"granularity": "token"}}]}),
+    ("W8A8 SmoothQuant a=0.5, static MSE, down_proj inputs dynamic per token",
+     {**static({"name": "mse"}), "transforms": [{"name": "smoothquant", "alpha": 0.5}],
+      "rules": [{"match": "*.down_proj", "activations": {"granularity": "token"}}]}),
     ("FP8 dynamic (E4M3 weights and inputs)", "fp8-dynamic"),
     ("W4A8 (int4 g128, int8 inputs)", "w4a8"),
     ("LLM.int8() threshold 6", "llm-int8"),
