@@ -242,15 +242,15 @@ def run_gptq(base, texts, ref_fp, store: RowStore) -> None:  # type: ignore[no-u
                 theirs = load_model(str(out))
                 evaluate_rows(theirs.model, base, texts, ref_fp, label, {"quant_seconds": result["seconds"],
                                                                           "settings": result.get("settings")}, store)
-                continue
-            rec = recipe_of(spec, label)
-            config = rec.calibration_config()
-            if config not in sets:
-                sets[config] = calibration_set(base.tokenizer, config)
-            model = copy.deepcopy(base.model)
-            report = quantize_model(model, rec, progress=False, calibration=sets[config])
-            evaluate_rows(model, base, texts, ref_fp, label, {"quant_seconds": report.seconds, "recipe": rec.to_dict()},
-                          store)
+            else:
+                rec = recipe_of(spec, label)
+                config = rec.calibration_config()
+                if config not in sets:
+                    sets[config] = calibration_set(base.tokenizer, config)
+                model = copy.deepcopy(base.model)
+                report = quantize_model(model, rec, progress=False, calibration=sets[config])
+                evaluate_rows(model, base, texts, ref_fp, label,
+                              {"quant_seconds": report.seconds, "recipe": rec.to_dict()}, store)
 
 
 def run_speed(store: RowStore) -> None:
@@ -369,8 +369,8 @@ def render(rows: dict[str, dict], command: str, minutes: float) -> tuple[str, st
         "static groups (act-order permutes columns by decreasing Hessian diagonal while keeping the groups in order, "
         "llm-compressor's `actorder: static`); float32 passes. `quantize s`: lowbit's `quantize_model`, "
         "llm-compressor's `oneshot`, in the same run. llm-compressor's GPTQ rows: its chosen codes, handed back "
-        "dequantized (checked to lie on their grid) and evaluated as dense weights, hence no bpw.", "", *fmt_rows(rows, g_labels), "", "Goals:", *gptq_claims(rows), "",
-        machine])
+        "dequantized (checked to lie on their grid) and evaluated as dense weights, hence no bpw.", "",
+        *fmt_rows(rows, g_labels), "", "Goals:", *gptq_claims(rows), "", machine])
     speed = render_speed(rows, command, machine)
     return quality, gptq, speed
 

@@ -6,8 +6,9 @@ the one with the lowest squared error, weighted per input column by ``stats.impo
 calibration statistics are given (llama.cpp's block types weigh each value as llama.cpp does:
 ``importance * sqrt(sigma^2 + w^2)``, see :meth:`GGMLBlockCodec.importance_weights`). With
 ``importance`` the pipeline collects those statistics (each input column's mean ``x^2`` on the
-calibration data, what llama.cpp calls an importance matrix), block by block with the earlier linears already quantized, or takes them from a
-supplied importance matrix (``quantize_model(importance=...)``, e.g. llama.cpp's imatrix file).
+calibration data, what llama.cpp calls an importance matrix), block by block with the earlier
+linears already quantized, or takes them from a supplied importance matrix
+(``quantize_model(importance=...)``, e.g. llama.cpp's imatrix file).
 """
 
 from __future__ import annotations
