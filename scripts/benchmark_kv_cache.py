@@ -40,6 +40,7 @@ from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.store import RowStore
 from lowbit.calibration import load_text
 from lowbit.evaluation.kv_cache import emulated
+from lowbit.evaluation.speed import DEFAULT_PREFILL_CHUNK
 from lowbit.models.architectures import attention_head_dim
 from lowbit.io.gguf_writer import save_gguf
 from lowbit.models import context_length, load_model
@@ -58,6 +59,7 @@ LOWBIT = [("lowbit q8_0 (llama.cpp's format)", "q8_0"), ("lowbit int8", "int8"),
 LLAMA = [("llama.cpp q8_0", "q8_0"), ("llama.cpp q4_0", "q4_0")]
 SPEED = [("bf16 cache", None), ("int8", "int8"), ("int4", "int4"), ("int2", "int2"), ("fp8", "fp8")]
 PROMPTS = (1024, 4096, 8160)
+PREFILL_CHUNK = DEFAULT_PREFILL_CHUNK  # what bench-speed does without --prefill-chunk
 
 
 def log(msg: str) -> None:
@@ -100,18 +102,24 @@ def run_quality(store: RowStore, chunks: int, only: set[str] | None = None) -> N
                     log(f"{label} {key}: {r}")
 
 
+def speed_key(label: str, prompt: int, chunk: int) -> str:
+    # rows of a prompt fed at once (chunk 0) keep the key they had before the prefill went in chunks
+    return f"speed|{label}|{prompt}" + (f"|chunk {chunk}" if chunk else "")
+
+
 def run_speed(store: RowStore) -> None:
     lowbit = [sys.executable, "-m", "lowbit"]
     for label, preset in SPEED:
         for prompt in PROMPTS:
-            key = f"speed|{label}|{prompt}"
+            key = speed_key(label, prompt, PREFILL_CHUNK)
             if store.get(key):
                 continue
             cmd = [*lowbit, "bench-speed", MODEL, "--dtype", "bfloat16", "--batch", "1", "--prompt-tokens", str(prompt),
                    "--new-tokens", "32", "--repeats", "2", "--json", *([] if preset is None else ["--kv-cache", preset])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
-            store.put(key, {"label": label, "prompt": prompt, **result["runs"][0], "kv_cache": result["kv_cache"]})
+            store.put(key, {"label": label, "prompt": prompt, **result["runs"][0], "kv_cache": result["kv_cache"],
+                            "rss_after_load_mb": result["rss_after_load_mb"]})
             log(f"{key}: {result['runs'][0]}")
 
 
@@ -151,21 +159,40 @@ def render(rows: dict[str, dict], command: str, chunks: int, minutes: float) -> 
                     lines.append(f"- {t}, {n_ctx}: {label} {v:.5f} vs llama.cpp q4_0 {q4:.5f}: {v / q4:.2f}x (goal <= 0.5x)")
     quality = "\n".join(lines + ["", machine])
     s = ["Printed by " + command + ". `lowbit bench-speed smollm2-135m --dtype bfloat16 --batch 1 --prompt-tokens N "
-         "--new-tokens 32 --repeats 2 [--kv-cache C]` (the better of 2 runs after a warm-up). `KV bytes/token`: the "
-         "cache's own tensors after the run (codes, scales, the full-precision window) over its tokens, all 30 layers.", "",
-         "| cache | prompt tokens | decode tok/s | × bf16 cache | KV bytes/token | × bf16 cache bytes | peak MB |",
-         "|---|---:|---:|---:|---:|---:|---:|"]
+         "--new-tokens 32 --repeats 2 [--kv-cache C]` (the median, here the mean, of 2 timed runs after a warm-up; the prompt fed "
+         f"{PREFILL_CHUNK} tokens at a time, bench-speed's default). `KV bytes/token`: the cache's own tensors after "
+         "the run (codes, scales, the full-precision window) over its tokens, all 30 layers. `peak MB`: the process's "
+         "peak resident memory over the runs; `over load`: that peak less the resident memory after loading the model "
+         "(the cache and the working memory of prefill and decode). `at once`: the peak of an earlier invocation that "
+         "fed the whole prompt in one forward (`--prefill-chunk 0`), where the prompt's activations, not the cache, set "
+         "the peak.", "",
+         "| cache | prompt tokens | decode tok/s | × bf16 cache | KV bytes/token | × bf16 cache bytes | peak MB | "
+         "over load MB | × bf16 cache | peak MB, at once |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def over_load(r: dict | None) -> float | None:
+        if r is None or r.get("peak_mb") is None or r.get("rss_after_load_mb") is None:
+            return None
+        return r["peak_mb"] - r["rss_after_load_mb"]
+
+    def x(a: float | None, b: float | None) -> str:
+        return "-" if a is None or not b else f"{a / b:.2f}x"
+
+    def mb(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
     for prompt in PROMPTS:
-        ref = rows.get(f"speed|bf16 cache|{prompt}")
+        ref = rows.get(speed_key("bf16 cache", prompt, PREFILL_CHUNK))
         for label, _ in SPEED:
-            r = rows.get(f"speed|{label}|{prompt}")
+            r = rows.get(speed_key(label, prompt, PREFILL_CHUNK))
             if r is None:
                 continue
-            x = lambda a, b: "-" if b is None else f"{a / b:.2f}x"  # noqa: E731
-            peak = "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+            at_once = rows.get(speed_key(label, prompt, 0))
             s.append(f"| {label} | {prompt} | {r['decode_tokens_per_s']:.1f} | "
                      f"{x(r['decode_tokens_per_s'], ref and ref['decode_tokens_per_s'])} | {r['kv_bytes_per_token']:.0f} | "
-                     f"{x(r['kv_bytes_per_token'], ref and ref['kv_bytes_per_token'])} | {peak} |")
+                     f"{x(r['kv_bytes_per_token'], ref and ref['kv_bytes_per_token'])} | {mb(r.get('peak_mb'))} | "
+                     f"{mb(over_load(r))} | {x(over_load(r), over_load(ref))} | "
+                     f"{mb(at_once and at_once.get('peak_mb'))} |")
     return quality, "\n".join(s + ["", machine])
 
 

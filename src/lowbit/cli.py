@@ -22,14 +22,22 @@ def _dtype(name: str):  # type: ignore[no-untyped-def]
     return getattr(torch, name)
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, low: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'{low} or more'}, got {v}")
     return v
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _integer(text, 0)
 
 
 def _temperature(text: str) -> float:
@@ -164,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling temperature (default 0: greedy)")
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     _add_compile_arg(gen)
+    _add_prefill_chunk_arg(gen)
 
     sp = sub.add_parser("bench-speed", help="prefill and decode tokens/s and peak memory")
     _add_run_args(sp)
@@ -173,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=_positive, default=3, metavar="N", help="timed runs, median (default 3)")
     sp.add_argument("--threads", type=_positive, metavar="N", help="torch threads (default: torch's)")
     _add_compile_arg(sp)
+    _add_prefill_chunk_arg(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
 
     sw = sub.add_parser(
@@ -215,6 +225,16 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     from lowbit.evaluation.kv_cache import kv_cache_args
 
     kv_cache_args(p)
+
+
+def _add_prefill_chunk_arg(p: argparse.ArgumentParser) -> None:
+    from lowbit.evaluation.speed import DEFAULT_PREFILL_CHUNK
+
+    p.add_argument("--prefill-chunk", type=_non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help=f"feed a long prompt N tokens at a time, as llama.cpp's micro-batches (default "
+                        f"{DEFAULT_PREFILL_CHUNK}; 0: at once). Each chunk reads the cache the chunks before it "
+                        "filled, so a long prompt's peak memory is the model and its (quantized) cache, not the "
+                        "whole prompt's activations (generate --compile feeds the prompt at once)")
 
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
@@ -631,7 +651,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature if sample else None, top_p=None, top_k=None,
             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
             **({} if kv is None else {cache_argument(loaded.model, "generate"): new_cache(loaded.model, kv)}),
-            **compiled, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **compiled, **({} if compiled else _chunked_prefill(ids.shape[1], args.prefill_chunk)), pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
     seconds = time.perf_counter() - t0
     n = out.shape[1] - ids.shape[1]
@@ -640,6 +660,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
           + ("" if peak is None else f"; peak resident memory of load and generation {peak / 1e6:.0f} MB"),
           file=sys.stderr)
     return 0
+
+
+def _chunked_prefill(prompt_tokens: int, chunk: int) -> dict[str, object]:
+    """generate's argument for a prompt fed ``chunk`` tokens at a time (none for a shorter prompt)."""
+    return {"prefill_chunk_size": chunk} if 0 < chunk < prompt_tokens else {}
 
 
 def _compile_kwargs(model: object, kv: object) -> dict[str, object]:
@@ -681,7 +706,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         _compile_kwargs(loaded.model, kv)  # refused before any run
     rows = [measure_speed(loaded.model, vocab, b, args.prompt_tokens, args.new_tokens, args.repeats,
                           new_cache=None if kv is None else (lambda: new_cache(loaded.model, kv)),
-                          compiled=args.compile)
+                          compiled=args.compile, prefill_chunk=args.prefill_chunk or None)
             for b in batches]
     result = {
         "model": args.model, "dtype": dtype, "linears": counts, "threads": torch.get_num_threads(),

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.evaluation.speed import held_bytes, measure_speed, peak_resident_bytes, reset_peak, resident_bytes
+from lowbit.codecs.kv import KVQuantizer
+from lowbit.evaluation.speed import (held_bytes, measure_speed, peak_resident_bytes, prefill, reset_peak,
+                                     resident_bytes)
+from lowbit.models.architectures import returned_cache
+from lowbit.modules.kv_cache import QuantizedKVCache, emulate_kv_cache
 from lowbit.modules import enable_fast_kernels
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import resolve_recipe
@@ -52,3 +56,31 @@ def test_peak_memory_follows_an_allocation() -> None:
     block.write(b"\1" * len(block))
     assert peak_resident_bytes() >= base + 60 * 2**20
     block.close()
+
+
+def test_a_chunked_prefill_gives_the_whole_prompts_logits_and_cache(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama").double().eval()
+    ids = torch.randint(2, 256, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = prefill(model, ids)
+        chunked = prefill(model, ids, chunk=5)  # 5 + 5 + 5 + 5 + 3 tokens
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=0, atol=1e-10)
+    assert returned_cache(chunked).get_seq_length() == 23
+    r = measure_speed(model.float(), vocab_size=200, prompt_tokens=6, new_tokens=2, repeats=1, prefill_chunk=4)
+    assert r.prefill_chunk == 4
+    assert measure_speed(model, vocab_size=200, prompt_tokens=6, new_tokens=2, repeats=1).prefill_chunk is None
+
+
+def test_a_chunked_prefill_reads_the_quantized_cache_as_decoding_does(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    # per-token codes and no window: a token reads every key and value quantized, its own
+    # included, whether the prompt goes in at once, in chunks or one token at a time
+    model = tiny_model("llama").double().eval()
+    layers = [(KVQuantizer("int", 4, "token", 16), KVQuantizer("int", 4, "token", 16))] * model.config.num_hidden_layers
+    ids = torch.randint(2, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with emulate_kv_cache(model, layers):
+            expected = model(ids, use_cache=False).logits[:, -1:]
+        chunked = prefill(model, ids, QuantizedKVCache(layers), chunk=7)
+        exact = prefill(model, ids, chunk=7)
+    torch.testing.assert_close(chunked.logits, expected, rtol=0, atol=1e-8)
+    assert (exact.logits - expected).abs().max() > 1e-3  # the cache really is quantized

@@ -68,12 +68,17 @@ class CompiledDecoder:
             self.cache.reset()
         self.position = 0
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``(batch, vocabulary)`` of the next token after prompts ``ids`` ``(batch, n)``."""
-        n = ids.shape[1]
-        positions = torch.arange(self.position, self.position + n)
-        out = self.model(ids, cache_position=positions, use_cache=True, logits_to_keep=1, **{self.arg: self.cache})
-        self.position += n
+    def prefill(self, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Logits ``(batch, vocabulary)`` of the next token after prompts ``ids`` ``(batch, n)``, run
+        eagerly ``chunk`` tokens at a time (None or 0: at once)."""
+        out = None
+        for part in ids.split(chunk, dim=1) if chunk else (ids,):
+            n = part.shape[1]
+            positions = torch.arange(self.position, self.position + n)
+            del out
+            out = self.model(part, cache_position=positions, use_cache=True, logits_to_keep=1,
+                             **{self.arg: self.cache})
+            self.position += n
         return out.logits[:, -1]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:

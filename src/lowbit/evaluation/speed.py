@@ -48,6 +48,11 @@ def reset_peak() -> bool:
         return False
 
 
+# llama.cpp's default micro-batch: the prompt's activations (and, at long context, the attention
+# scores of a whole prompt) stay small, so a long prompt's peak memory is the model and its cache
+DEFAULT_PREFILL_CHUNK = 512
+
+
 @dataclass
 class SpeedResult:
     """One batch size: tokens/s of the prompt forward (prefill) and of greedy one-token steps
@@ -63,6 +68,7 @@ class SpeedResult:
     kv_bytes_per_token: float = 0.0  # the cache's bytes after the run over its tokens (every sequence, every layer)
     compiled: bool = False  # decode steps compiled on a static cache (lowbit.evaluation.compiled_decode)
     compile_s: float | None = None  # compiled: the untimed first run's decode seconds (compilation, mostly)
+    prefill_chunk: int | None = None  # the prompt went in chunks of this many tokens (None: at once)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,15 +76,17 @@ class SpeedResult:
 
 def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_tokens: int = 128,
                   new_tokens: int = 32, repeats: int = 3, seed: int = 0,
-                  new_cache: Callable[[], object] | None = None, compiled: bool = False) -> SpeedResult:
+                  new_cache: Callable[[], object] | None = None, compiled: bool = False,
+                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> SpeedResult:
     """Median over ``repeats`` of a prefill of ``batch x prompt_tokens`` random token ids and of
     ``new_tokens`` greedy decode steps after it. One untimed warm-up run first (with ``compiled``,
     decode steps compiled on a static cache: the warm-up compiles them). The prefill computes the
     logits of the last position only, as ``generate`` and llama.cpp do (all of them would be
-    ``batch x prompt_tokens x vocabulary`` floats: 13 GB for 8 x 8192 tokens of SmolLM2)."""
+    ``batch x prompt_tokens x vocabulary`` floats: 13 GB for 8 x 8192 tokens of SmolLM2), and
+    feeds the prompt ``prefill_chunk`` tokens at a time (None: at once; see :func:`prefill`)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, prompt_tokens), generator=g)
-    prefill, decode = [], []
+    prefill_rates, decode_rates = [], []
     if compiled and new_cache is not None:
         raise ValueError("a compiled decode step runs on the static cache, not a quantized one")
     decoder = CompiledDecoder(model, prompt_tokens + new_tokens) if compiled else None
@@ -90,7 +98,7 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
             if decoder is not None:
                 decoder.reset()
                 t0 = time.perf_counter()
-                logits = decoder.prefill(ids)
+                logits = decoder.prefill(ids, prefill_chunk)
                 t1 = time.perf_counter()
                 nxt = logits.argmax(-1, keepdim=True)
                 t2 = time.perf_counter()
@@ -101,8 +109,7 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
                 compile_s = compile_s if i else t3 - t2
             else:
                 t0 = time.perf_counter()
-                kw = {} if new_cache is None else {arg: new_cache()}
-                out = model(ids, use_cache=True, logits_to_keep=1, **kw)  # as generate does: only the next token's
+                out = prefill(model, ids, None if new_cache is None else new_cache(), prefill_chunk)
                 t1 = time.perf_counter()
                 cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
                 t2 = time.perf_counter()
@@ -112,14 +119,30 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
                 t3 = time.perf_counter()
                 del out
             if i:  # the first run warms caches and allocators
-                prefill.append(batch * prompt_tokens / (t1 - t0))
-                decode.append(batch * new_tokens / (t3 - t2))
+                prefill_rates.append(batch * prompt_tokens / (t1 - t0))
+                decode_rates.append(batch * new_tokens / (t3 - t2))
             kv_bytes = cache_nbytes(cache)
             del cache
     peak = peak_resident_bytes()
-    return SpeedResult(batch, prompt_tokens, new_tokens, statistics.median(prefill), statistics.median(decode),
+    return SpeedResult(batch, prompt_tokens, new_tokens, statistics.median(prefill_rates), statistics.median(decode_rates),
                        None if peak is None else peak / 1e6, kv_bytes / (batch * (prompt_tokens + new_tokens)),
-                       compiled, compile_s)
+                       compiled, compile_s, prefill_chunk if prefill_chunk and prefill_chunk < prompt_tokens else None)
+
+
+def prefill(model: nn.Module, ids: torch.Tensor, cache: object | None = None, chunk: int | None = None) -> object:
+    """The forward of a prompt ``ids`` ``(batch, tokens)`` that fills ``cache`` (None: the model's
+    own) and keeps the last position's logits only, ``chunk`` tokens at a time (None or 0: at
+    once). Each chunk attends through the cache as the chunks before it left it (for a quantized
+    cache: their quantized keys and values), as llama.cpp's micro-batches do. Returns the last
+    forward's output (its ``logits`` ``(batch, 1, vocabulary)`` and the cache)."""
+    arg = cache_argument(model)
+    out = None
+    for part in ids.split(chunk, dim=1) if chunk else (ids,):
+        if out is not None:
+            cache = returned_cache(out)
+        del out  # the previous chunk's logits and hidden states, before this chunk's are made
+        out = model(part, use_cache=True, logits_to_keep=1, **({} if cache is None else {arg: cache}))
+    return out
 
 
 def cache_nbytes(cache: object) -> int:
