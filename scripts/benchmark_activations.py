@@ -113,6 +113,9 @@ GPTQ_ROWS: list[tuple[str, str | dict[str, Any] | tuple[str, str]]] = [
     ("lowbit AWQ then GPTQ act-order", gptq_recipe({"algorithm": {"name": "gptq", "act_order": True},
                                                     "transforms": ["awq"]})),
     ("lowbit AWQ", gptq_recipe({"algorithm": {"name": "awq"}})),
+    # AWQ's scale search scored by the codes GPTQ then chooses, not by RTN's
+    ("lowbit AWQ scored by GPTQ, then GPTQ act-order",
+     gptq_recipe({"algorithm": {"name": "gptq", "act_order": True}, "transforms": [{"name": "awq", "score": "algorithm"}]})),
     ("llm-compressor GPTQ, actorder none", (LLMC, "none")),
     ("lowbit AWQ then GPTQ act-order, calibrated on stdlib",
      gptq_recipe({"algorithm": {"name": "gptq", "act_order": True}, "transforms": ["awq"]}, OTHER)),

@@ -62,6 +62,15 @@ def test_int4_cache_holds_under_30_percent_of_bf16_bytes() -> None:
     assert cache.nbytes() <= 0.30 * bf16, cache.nbytes() / bf16
     first = cache.layers[0]
     assert first.k.buffer.shape[-2] < kv.residual + 32 and first.v.buffer.shape[-2] == kv.residual  # type: ignore[attr-defined]
+    # every layer reads through one workspace: one layer's past (bf16 keys and values, float32
+    # scratch), grown by at most half again, not one per layer or per read
+    ws = cache.workspace.buffers
+    assert all(layer.workspace is cache.workspace for layer in cache.layers)  # type: ignore[attr-defined]
+    one_layer = heads * tokens * dim
+    assert sum(b.numel() * b.element_size() for b in ws.values()) <= 1.5 * one_layer * (2 + 2 + 4)
+    k, v = first.k.read(), first.v.read()  # type: ignore[attr-defined]
+    assert k.untyped_storage().data_ptr() == ws["keys"].untyped_storage().data_ptr()
+    assert v.shape == (1, heads, tokens, dim) and torch.isfinite(v).all()
 
 
 def test_presets_and_bad_specs() -> None:

@@ -130,3 +130,23 @@ def test_static_scales_need_enough_calibration_tokens(tiny_model) -> None:  # ty
     with pytest.raises(LowbitError, match=r"\(minmax\) from 32 calibration tokens: at least 64"):
         quantize_model(tiny_model("llama"), Recipe.from_dict({"codec": W8, "activations": {"dynamic": False}}),
                        calibration=CalibrationSet(tokens=calib().tokens[:2, :16], source="random"), progress=False)
+
+
+def test_awq_scored_by_the_algorithm_runs_gptq_on_each_candidate(tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.algorithms import GPTQ
+
+    calls = []
+    original = GPTQ.quantize_stacked
+    monkeypatch.setattr(GPTQ, "quantize_stacked", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    counts = {}
+    for score in ("rtn", "algorithm"):
+        calls.clear()
+        recipe = Recipe.from_dict({"codec": {"name": "int", "bits": 4, "group_size": 32}, "algorithm": {"name": "gptq"},
+                                   "transforms": [{"name": "awq", "grid": 3, "score": score}]})
+        model = with_outliers(tiny_model("llama"))
+        quantize_model(model, recipe, calibration=calib(), progress=False)
+        counts[score] = len(calls)
+    # scored by RTN, GPTQ runs once per shared input; by the algorithm, also once per candidate
+    # (3 exponents and no scaling) of every sub-step the transform scales: at least q/k/v (from
+    # the attention norm) and gate/up (from the MLP norm) in every layer
+    assert counts["algorithm"] >= counts["rtn"] + 4 * 2 * model.config.num_hidden_layers, counts

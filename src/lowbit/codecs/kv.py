@@ -87,15 +87,17 @@ class KVQuantizer:
         return f"{fmt} per-{self.axis}{group}{' sym' if self.symmetric and self.format == 'int' else ''}"
 
     # -- encode / decode -------------------------------------------------------------------------
-    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(B, H, n, D)`` as ``(..., group)`` with the group last."""
+    def _grouped(self, x: torch.Tensor, view: bool = False) -> torch.Tensor:
+        """``x`` ``(B, H, n, D)`` as ``(..., group)`` with the group last (``view``: a view of ``x``
+        to write through, else an error)."""
         B, H, n, D = x.shape
+        shape = x.view if view else x.reshape
         if self.axis == "token":
             g = self.group_size or D
-            return x.reshape(B, H, n, D // g, g)
+            return shape(B, H, n, D // g, g)
         G = self.group_size
         assert G is not None and n % G == 0, (n, G)
-        return x.reshape(B, H, n // G, G, D).transpose(-1, -2)  # (B, H, n/G, D, G)
+        return shape(B, H, n // G, G, D).transpose(-1, -2)  # (B, H, n/G, D, G)
 
     def _ungrouped(self, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if self.axis == "token":
@@ -142,21 +144,26 @@ class KVQuantizer:
         self.decode_into(stored, out)
         return out
 
-    def decode_into(self, stored: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    def decode_into(self, stored: dict[str, torch.Tensor], out: torch.Tensor, work: torch.Tensor | None = None) -> None:
         """Write the values of a stored form into ``out`` ``(B, H, n, D)`` (any float dtype, a view
         allowed): computed in float32 and rounded once to ``out``'s dtype, with in-place steps (the
-        cache reads its whole past at every decode step: this is its cost)."""
+        cache reads its whole past at every decode step: this is its cost). ``work``: a flat float32
+        buffer of at least ``out.numel()`` values to compute in (a cache reuses one across layers
+        and steps rather than allocating its past's size in float32 each time)."""
         codes = self._unpack(stored["codes"])
         groups = self._grouped(codes)
         if self.format != "int":
             values = fp8_decode(groups, self.format.removeprefix("fp8_"))
             values.mul_(self.static_scale if self.static_scale is not None else stored["scale"].unsqueeze(-1))
         else:
-            values = groups.to(torch.float32)
+            if work is None:
+                values = groups.to(torch.float32)
+            else:
+                values = work[: groups.numel()].view(groups.shape).copy_(groups)
             values.sub_(float(1 << (self.bits - 1)) if self.symmetric else
                         self._unpack(stored["zero"], stored["scale"].shape[-1]).unsqueeze(-1))
             values.mul_(stored["scale"].unsqueeze(-1))
-        out.copy_(self._ungrouped(values, codes.shape))
+        self._grouped(out, view=True).copy_(values)  # no ungrouped copy in between
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))`` in ``x``'s dtype."""

@@ -16,6 +16,7 @@ llama.cpp's quantized caches do.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -24,12 +25,34 @@ from transformers.cache_utils import Cache, DynamicLayer
 from lowbit.codecs.kv import KVQuantizer
 
 
+class Workspace:
+    """Flat buffers that every layer of a cache reads its past through, reused across layers and
+    steps: a layer's attention is done with what it read before the next layer reads. Without
+    them each read allocates its past's size (bf16 and float32) and frees it, and at long context
+    the allocator's heap keeps the freed pieces resident: the quantized cache's peak memory then
+    holds more transients than the bytes it saves."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat ``(numel,)`` tensor, the buffer ``name`` (grown by half again when too small)."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            size = numel if buf is None or buf.dtype != dtype else max(numel, buf.numel() * 3 // 2)
+            self.buffers.pop(name, None)  # the old one goes before the new one comes
+            buf = self.buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:numel]
+
+
 class _Side:
     """One side (keys or values) of a layer: the store and the full-precision buffer."""
 
-    def __init__(self, quantizer: KVQuantizer, residual: int) -> None:
+    def __init__(self, quantizer: KVQuantizer, residual: int, name: str, workspace: Workspace) -> None:
         self.q = quantizer
         self.residual = residual
+        self.name = name  # "keys" / "values": the workspace buffers it reads through
+        self.workspace = workspace
         self.store: dict[str, torch.Tensor] | None = None
         self.buffer: torch.Tensor | None = None
 
@@ -45,12 +68,19 @@ class _Side:
             self.buffer = self.buffer[..., leaving:, :]
 
     def read(self) -> torch.Tensor:
+        """The side's keys or values ``(B, H, tokens, D)``: the store decoded, then the window; a
+        view of the workspace, valid until the next layer reads."""
         assert self.buffer is not None
         if self.store is None:
             return self.buffer
         n = self.stored_tokens()
-        out = self.buffer.new_empty(*self.buffer.shape[:-2], n + self.buffer.shape[-2], self.buffer.shape[-1])
-        self.q.decode_into(self.store, out[..., :n, :])
+        *lead, w, d = self.buffer.shape
+        shape = (*lead, n + w, d)
+        numel = math.prod(shape)
+        device = self.buffer.device
+        out = self.workspace.take(self.name, numel, self.buffer.dtype, device).view(shape)
+        work = self.workspace.take("float32", math.prod((*lead, n, d)), torch.float32, device)
+        self.q.decode_into(self.store, out[..., :n, :], work)
         out[..., n:, :] = self.buffer
         return out
 
@@ -67,10 +97,12 @@ class QuantizedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, keys: KVQuantizer, values: KVQuantizer, residual: int = 0) -> None:
+    def __init__(self, keys: KVQuantizer, values: KVQuantizer, residual: int = 0,
+                 workspace: Workspace | None = None) -> None:
         super().__init__()
-        self.k = _Side(keys, residual)
-        self.v = _Side(values, residual)
+        self.workspace = workspace or Workspace()
+        self.k = _Side(keys, residual, "keys", self.workspace)
+        self.v = _Side(values, residual, "values", self.workspace)
         self.cumulative_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -97,8 +129,8 @@ class QuantizedKVLayer(DynamicLayer):
         return self.k.nbytes() + self.v.nbytes()
 
     def reset(self) -> None:
-        self.k = _Side(self.k.q, self.k.residual)
-        self.v = _Side(self.v.q, self.v.residual)
+        self.k = _Side(self.k.q, self.k.residual, "keys", self.workspace)
+        self.v = _Side(self.v.q, self.v.residual, "values", self.workspace)
         self.cumulative_length = 0
         self.is_initialized = False
 
@@ -111,7 +143,8 @@ class QuantizedKVCache(Cache):
     full attention), with each layer's keys and values quantizers."""
 
     def __init__(self, quantizers: list[tuple[KVQuantizer, KVQuantizer]], residual: int = 0) -> None:
-        super().__init__(layers=[QuantizedKVLayer(k, v, residual) for k, v in quantizers])
+        self.workspace = Workspace()  # one for all layers: they read one after another
+        super().__init__(layers=[QuantizedKVLayer(k, v, residual, self.workspace) for k, v in quantizers])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ import ctypes
 import gc
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +46,30 @@ def relative_output_error(
     else:
         return float("nan")
     return float(num / den) if den > 0 else 0.0
+
+
+def step_requantizer(assignments: Mapping[str, tuple[Codec, Algorithm]], n_tokens: int,
+                     ) -> Callable[[list[str], list[torch.Tensor], torch.Tensor], list[torch.Tensor] | None]:
+    """The sub-step's algorithms as one function for a transform's search: ``(names, weights,
+    hessian)`` to the weights their codes decode to (linears with one codec and algorithm
+    together, as :func:`quantize_linears` runs them), or None when the Hessian is singular."""
+    def requantize(names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor) -> list[torch.Tensor] | None:
+        stats = LayerStats(hessian=hessian, n_tokens=n_tokens)
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(names):
+            codec, algorithm = assignments[names[i]]
+            j = i + 1
+            while j < len(names) and assignments[names[j]] == (codec, algorithm):
+                j += 1
+            try:
+                qts = algorithm.quantize_stacked(weights[i:j], codec, stats)
+            except SingularHessianError:
+                return None
+            out += [qt.dequantize(w.dtype) for qt, w in zip(qts, weights[i:j])]
+            i = j
+        return out
+    return requantize
 
 
 def takes_importance(algorithm: Algorithm) -> bool:

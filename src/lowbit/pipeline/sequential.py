@@ -37,6 +37,7 @@ from lowbit.pipeline.linears import (
     merge_requests,
     quantize_linears,
     shared_runs,
+    step_requantizer,
     supplied_importance,
     takes_importance,
 )
@@ -157,8 +158,10 @@ def apply_transforms(block: nn.Module, plan: BlockPlan, arch: Architecture, inpu
         if len({id(first[n]) for n in step.names}) != 1:
             continue
         source = arch.scale_sources[step.index] if arch.scale_sources else None
+        stats = first[step.names[0]]
         ctx = StepContext(block, plan.prefix, step.names, {n: c for n, (c, _) in step.assignments.items()},
-                          first[step.names[0]], source, arch.norm_plus_one, step.input_quantizers())
+                          stats, source, arch.norm_plus_one, step.input_quantizers(),
+                          step_requantizer(step.assignments, stats.n_tokens))
         for transform in step.transforms:
             transform.apply(ctx)
 

@@ -6,11 +6,15 @@ concatenated outputs of the sub-step's linears over all calibration tokens (comp
 maximum, as in the reference implementation. The scale is then folded
 (:mod:`lowbit.transforms.scaling`). Everything goes through the codec interface, so it works
 with every codec. The ``awq`` algorithm is this transform followed by AWQ's clipping search; a
-recipe may also name it before another algorithm (``transforms: [awq]`` with GPTQ).
+recipe may also name it before another algorithm (``transforms: [awq]`` with GPTQ). There AWQ's
+RTN score picks a scale for codes GPTQ will not choose; ``score: algorithm`` scores each candidate
+by the codes the step's algorithm chooses on the scaled weights for the scaled input's Hessian
+``H / (s s^T)`` (one GPTQ run per candidate), so the no-scaling candidate is the algorithm alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -25,6 +29,9 @@ from lowbit.transforms.scaling import apply_scale, scalable_source, step_weights
 class AWQScale(Transform):
     name: Literal["awq"] = "awq"
     grid: int = Field(20, ge=2, description="exponents tried for the activation-aware scale")
+    score: Literal["rtn", "algorithm"] = Field(
+        "rtn", description="score each candidate by RTN codes (AWQ's search) or by the codes the sub-step's algorithm "
+        "chooses (GPTQ after AWQ: one GPTQ run per candidate)")
 
     def request(self) -> StatsRequest:
         return StatsRequest(hessian=True, means=True)
@@ -35,8 +42,15 @@ class AWQScale(Transform):
         if source is None or hessian is None:
             return False
         weights = step_weights(ctx)
-        s = search_scale(weights, [ctx.codecs[n] for n in ctx.names], hessian.to(torch.float32), ctx.stats.mean_abs,
-                         self.grid)
+        codecs = [ctx.codecs[n] for n in ctx.names]
+        h = hessian.to(torch.float32)
+        quantize = None
+        if self.score == "algorithm" and ctx.requantize is not None:
+            requantize = ctx.requantize
+
+            def quantize(scaled: list[torch.Tensor], s: torch.Tensor) -> list[torch.Tensor] | None:
+                return requantize(ctx.names, scaled, h / torch.outer(s, s))
+        s = search_scale(weights, codecs, h, ctx.stats.mean_abs, self.grid, quantize)
         apply_scale(ctx, source, weights, s)
         return True
 
@@ -55,17 +69,25 @@ def mean_normalized_weight(weights: list[torch.Tensor], codecs: list[Codec]) -> 
 
 
 def search_scale(
-    weights: list[torch.Tensor], codecs: list[Codec], hessian: torch.Tensor, x_mean: torch.Tensor, grid: int
+    weights: list[torch.Tensor], codecs: list[Codec], hessian: torch.Tensor, x_mean: torch.Tensor, grid: int,
+    quantize: Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
     """The per-input-channel scale ``(in,)`` of the best exponent (module docstring). The error of
     a candidate is the sub-step's output error over all calibration tokens,
     ``sum((Q - W) H (Q - W)^T)`` with ``H = X^T X / n``: exact, and cheaper than re-running the
-    tokens."""
+    tokens. ``quantize(scaled weights, s)``: the values chosen for ``W diag(s)`` (None: the
+    candidate cannot be quantized); default each codec's rounding to nearest."""
     w_mean = mean_normalized_weight(weights, codecs)
     w_cat = torch.cat(weights)
+    if quantize is None:
+        def quantize(scaled: list[torch.Tensor], s: torch.Tensor) -> list[torch.Tensor] | None:
+            return [c.fake_quantize(w) for w, c in zip(scaled, codecs)]
 
     def error(s: torch.Tensor) -> float:
-        d = torch.cat([c.fake_quantize(w * s) / s for w, c in zip(weights, codecs)]) - w_cat
+        chosen = quantize([w * s for w in weights], s)
+        if chosen is None:
+            return float("inf")
+        d = torch.cat([q / s for q in chosen]) - w_cat
         return float(((d @ hessian) * d).sum())
 
     best = torch.ones_like(x_mean)  # no scaling is always a candidate: AWQ never does worse than RTN here

@@ -12,6 +12,7 @@ data (``transforms: [smoothquant, awq]``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -20,6 +21,7 @@ from lowbit.codecs import Codec
 from lowbit.registry import Registered
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from lowbit.codecs.activations import ActivationQuantizer
@@ -32,7 +34,10 @@ class StepContext:
     (collected on the unquantized block), and ``source``: the block-relative name of the module
     whose output is that input and can absorb a per-channel scale (None when there is none);
     ``norm_plus_one``: norms compute ``x * (1 + w)``; ``activations``: the quantizer of each
-    linear's input, where the recipe quantizes activations."""
+    linear's input, where the recipe quantizes activations; ``requantize``: the step's algorithm
+    as a function ``(names, weights, hessian) -> weights`` its codes decode to for that input's
+    Hessian ``(in, in)`` (None where it fails, e.g. a singular Hessian), for a transform that
+    scores a candidate by the codes the algorithm will choose."""
 
     block: "nn.Module"
     prefix: str
@@ -42,6 +47,7 @@ class StepContext:
     source: str | None
     norm_plus_one: bool
     activations: dict[str, "ActivationQuantizer | None"] = field(default_factory=dict)
+    requantize: Callable[[list[str], list["torch.Tensor"], "torch.Tensor"], list["torch.Tensor"] | None] | None = None
 
 
 class Transform(Registered, ABC):
