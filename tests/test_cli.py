@@ -549,6 +549,20 @@ def test_kv_cache_on_eval_generate_and_bench_speed(capsys, model_dir, text_file,
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["runs"][0]["kv_bytes_per_token"] > 0
+    assert result["runs"][0]["prefill_chunk"] is None  # 64 tokens: one chunk of the default 512
+    # a prompt longer than --prefill-chunk goes in chunks, through the quantized cache as well
+    prompt = "Hello there, a prompt of more than sixteen characters"
+    for chunk in ("16", "0"):
+        code, stdout, err = run(capsys, "generate", str(model_dir), "--prompt", prompt, "--max-new-tokens", "3",
+                                "--kv-cache", str(spec), "--prefill-chunk", chunk)
+        assert code == 0, err
+    code, stdout, err = run(capsys, "bench-speed", str(model_dir), "--batch", "1", "--prompt-tokens", "40",
+                            "--new-tokens", "2", "--repeats", "1", "--kv-cache", str(spec), "--prefill-chunk", "16",
+                            "--json")
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["runs"][0]["prefill_chunk"] == 16
+    code, _, err = run(capsys, "bench-speed", str(model_dir), "--prefill-chunk", "-1")
+    assert code == 2 and "--prefill-chunk" in err
     code, _, err = run(capsys, "eval", str(model_dir), *base, "--kv-cache", "int3")
     assert_one_line_error(code, err, "unknown KV cache 'int3'")
     code, _, err = run(capsys, "eval", str(model_dir), *base, "--kv-cache", "int4")

@@ -651,7 +651,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature if sample else None, top_p=None, top_k=None,
             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
             **({} if kv is None else {cache_argument(loaded.model, "generate"): new_cache(loaded.model, kv)}),
-            **compiled, **({} if compiled else _chunked_prefill(ids.shape[1], args.prefill_chunk)), pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **compiled, **({} if compiled else _chunked_prefill(ids.shape[1], args.prefill_chunk)),
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         )
     seconds = time.perf_counter() - t0
     n = out.shape[1] - ids.shape[1]

@@ -124,7 +124,8 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
             kv_bytes = cache_nbytes(cache)
             del cache
     peak = peak_resident_bytes()
-    return SpeedResult(batch, prompt_tokens, new_tokens, statistics.median(prefill_rates), statistics.median(decode_rates),
+    return SpeedResult(batch, prompt_tokens, new_tokens, statistics.median(prefill_rates),
+                       statistics.median(decode_rates),
                        None if peak is None else peak / 1e6, kv_bytes / (batch * (prompt_tokens + new_tokens)),
                        compiled, compile_s, prefill_chunk if prefill_chunk and prefill_chunk < prompt_tokens else None)
 

@@ -29,8 +29,12 @@ _GPTQ = "GPTQ (act-order, static groups)"
 # dynamic per-token int8 inputs, as vLLM's W8A8 kernels quantize them
 _W8A8_INPUTS: dict[str, Any] = {"format": "int8", "granularity": "token"}
 # the observer of w8a8-static: the lowest KLD of the observers measured on SmolLM2 (BENCHMARKS.md,
-# "Quantized activations"; percentiles clip its largest inputs and cost 10x more)
+# "Quantized activations"; percentiles clip its largest inputs and cost 10x more); SmoothQuant's a
+# is searched there, the static per-tensor inputs in the search's loop (3x less loss than a = 0.5)
 _STATIC_OBSERVER: dict[str, Any] = {"name": "mse"}
+# AWQ's scaling before GPTQ, each candidate scale scored by the codes GPTQ chooses for it (scored by
+# RTN's codes, AWQ then GPTQ lost more than GPTQ alone on SmolLM2: BENCHMARKS.md, "GPTQ's defaults")
+_AWQ_FOR_GPTQ: dict[str, Any] = {"name": "awq", "score": "algorithm"}
 
 # llama-quantize's mixes: preset name -> mix (Q4_0 and Q8_0 as mixes; gguf-q4_0 / gguf-q8_0 are one type
 # on every linear, embeddings F16)
@@ -92,10 +96,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                          _calibrated({"name": "rtn"}, {**_int(8, group_size=None), "activations": _W8A8_INPUTS,
                                                        "transforms": [{"name": "smoothquant", "alpha": 0.5}]})),
     "w8a8-static": (f"int8 per-channel weights, int8 inputs with static per-tensor scales ({_STATIC_OBSERVER['name']} "
-                    "observer on calibration data) after SmoothQuant (a = 0.5), RTN",
+                    "observer on calibration data) after SmoothQuant (a searched per sub-step with the static inputs "
+                    "in the loop), RTN",
                     _calibrated({"name": "rtn"}, {**_int(8, group_size=None), "activations": {
                         "format": "int8", "dynamic": False, "granularity": "tensor", "observer": _STATIC_OBSERVER},
-                        "transforms": [{"name": "smoothquant", "alpha": 0.5}]})),
+                        "transforms": [{"name": "smoothquant", "alpha": None}]})),
     "fp8-dynamic": ("FP8 E4M3 per-channel weights, FP8 E4M3 inputs dynamic per token (compressed-tensors FP8_DYNAMIC)",
                     {**_rtn("fp8", fmt="e4m3", granularity="channel"),
                      "activations": {"format": "fp8_e4m3", "granularity": "token"}}),
@@ -105,11 +110,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                  "the columns where some |x| >= 6 in 16-bit",
                  {**_rtn("int", bits=8, granularity="channel", group_size=None, restricted=True, scale_dtype="float32"),
                   "activations": {**_W8A8_INPUTS, "outlier_threshold": 6.0}}),
-    "w4a16-awq-gptq": ("int4 groups of 128 symmetric, AWQ's scaling then GPTQ's codes (act-order, static groups)",
-                       _calibrated({"name": "gptq", "act_order": True}, {**_int(4, group_size=128), "transforms": ["awq"]})),
-    "w4a16-g64-awq-gptq": ("int4 groups of 64 symmetric, AWQ's scaling then GPTQ's codes (act-order, static groups)",
+    "w4a16-awq-gptq": ("int4 groups of 128 symmetric, AWQ's scaling (each candidate scored by GPTQ's codes) then "
+                       "GPTQ's codes (act-order, static groups)",
+                       _calibrated({"name": "gptq", "act_order": True},
+                                   {**_int(4, group_size=128), "transforms": [_AWQ_FOR_GPTQ]})),
+    "w4a16-g64-awq-gptq": ("int4 groups of 64 symmetric, AWQ's scaling (each candidate scored by GPTQ's codes) then "
+                           "GPTQ's codes (act-order, static groups)",
                            _calibrated({"name": "gptq", "act_order": True},
-                                       {**_int(4, group_size=64), "transforms": ["awq"]})),
+                                       {**_int(4, group_size=64), "transforms": [_AWQ_FOR_GPTQ]})),
     # llama.cpp's legacy block types (embeddings and LM head stay F16; write with --out FILE.gguf)
     **{f"gguf-{t}": (f"llama.cpp {t.upper()} on every linear, RTN (llama.cpp's reference rounding)", _rtn(t))
        for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")},
