@@ -90,6 +90,9 @@ QUALITY: list[tuple[str, str | dict[str, Any]]] = [
                                                 "transforms": [{"name": "smoothquant", "alpha": None}]}),
     ("W8A8 SmoothQuant a=0.8, static MSE", {**static({"name": "mse"}),
                                             "transforms": [{"name": "smoothquant", "alpha": 0.8}]}),
+    ("W8A8 SmoothQuant a searched, static MSE, calibrated on stdlib",
+     {**static({"name": "mse"}), "transforms": [{"name": "smoothquant", "alpha": None}],
+      "calibration": CALIB.model_copy(update={"source": "stdlib-calib"}).model_dump()}),
     # where static scales lose: the MLP's down projection (its input, SiLU(gate) * up, holds the largest values)
     ("W8A8 static MSE, down_proj inputs dynamic per token",
      {**static({"name": "mse"}), "rules": [{"match": "*.down_proj", "activations": {"granularity": "token"}}]}),
@@ -185,13 +188,17 @@ def peer(script: str, *args: str) -> dict[str, Any]:
 
 
 def run_quality(base, texts, ref_fp, store: RowStore) -> None:  # type: ignore[no-untyped-def]
-    calib = calibration_set(base.tokenizer, CALIB)
+    calib = calibration_set(base.tokenizer, CALIB)  # the peers' too
+    sets = {CALIB: calib}
     for label, spec in QUALITY:
         if done(store, label):
             continue
         rec = recipe_of(spec, label)
+        config = rec.calibration_config()
+        if rec.needs_calibration and config not in sets:
+            sets[config] = calibration_set(base.tokenizer, config)
         model = copy.deepcopy(base.model)
-        report = quantize_model(model, rec, progress=False, calibration=calib if rec.needs_calibration else None)
+        report = quantize_model(model, rec, progress=False, calibration=sets[config] if rec.needs_calibration else None)
         extra: dict[str, Any] = {"quant_seconds": report.seconds, "recipe": rec.to_dict()}
         if rec.activations is not None and rec.activations.outlier_threshold is not None:
             from lowbit.io.formats import save_model
