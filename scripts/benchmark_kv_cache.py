@@ -125,7 +125,7 @@ def run_speed(store: RowStore) -> None:
 
 def render(rows: dict[str, dict], command: str, chunks: int, minutes: float) -> tuple[str, str]:
     machine = f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}" + (
-        f"; this invocation {minutes:.1f} min." if minutes else "; rows kept from earlier invocations.")
+        f"; this invocation {minutes:.1f} min." if minutes >= 0.05 else "; rows kept from earlier invocations.")
     labels = [label for label, _ in LLAMA] + [label for label, _ in LOWBIT]
     lines = [f"Printed by {command}. SmolLM2-135M-Instruct (built-in `{MODEL}`), its weights unquantized (float32 in "
              f"lowbit, the F32 GGUF lowbit writes in llama.cpp); `llama-perplexity`'s protocol on llama.cpp's token ids "
