@@ -151,6 +151,14 @@ def recipe_of(spec: str | dict[str, Any], label: str) -> Recipe:
     return get_preset(spec) if isinstance(spec, str) else Recipe.from_dict({"name": label, **spec})
 
 
+def calibration_of(rec: Recipe, tokenizer, sets: dict) -> Any:  # type: ignore[no-untyped-def]
+    """The calibration set of ``rec``'s calibration config, built once per config in ``sets``."""
+    config = rec.calibration_config()
+    if config not in sets:
+        sets[config] = calibration_set(tokenizer, config)
+    return sets[config]
+
+
 def evaluate_rows(model, base, texts, ref_fp, label: str, extra: dict, store: RowStore,  # type: ignore[no-untyped-def]
                   dtype: torch.dtype | None = torch.float32) -> None:
     size = model_size(model, block_linear_names(base.model))
@@ -194,11 +202,9 @@ def run_quality(base, texts, ref_fp, store: RowStore) -> None:  # type: ignore[n
         if done(store, label):
             continue
         rec = recipe_of(spec, label)
-        config = rec.calibration_config()
-        if rec.needs_calibration and config not in sets:
-            sets[config] = calibration_set(base.tokenizer, config)
         model = copy.deepcopy(base.model)
-        report = quantize_model(model, rec, progress=False, calibration=sets[config] if rec.needs_calibration else None)
+        report = quantize_model(model, rec, progress=False,
+                                calibration=calibration_of(rec, base.tokenizer, sets) if rec.needs_calibration else None)
         extra: dict[str, Any] = {"quant_seconds": report.seconds, "recipe": rec.to_dict()}
         if rec.activations is not None and rec.activations.outlier_threshold is not None:
             from lowbit.io.formats import save_model
@@ -262,11 +268,8 @@ def run_gptq(base, texts, ref_fp, store: RowStore) -> None:  # type: ignore[no-u
                                                                           "settings": result.get("settings")}, store)
             else:
                 rec = recipe_of(spec, label)
-                config = rec.calibration_config()
-                if config not in sets:
-                    sets[config] = calibration_set(base.tokenizer, config)
                 model = copy.deepcopy(base.model)
-                report = quantize_model(model, rec, progress=False, calibration=sets[config])
+                report = quantize_model(model, rec, progress=False, calibration=calibration_of(rec, base.tokenizer, sets))
                 evaluate_rows(model, base, texts, ref_fp, label,
                               {"quant_seconds": report.seconds, "recipe": rec.to_dict()}, store)
 

@@ -48,27 +48,27 @@ def relative_output_error(
     return float(num / den) if den > 0 else 0.0
 
 
-def step_requantizer(assignments: Mapping[str, tuple[Codec, Algorithm]], n_tokens: int,
-                     ) -> Callable[[list[str], list[torch.Tensor], torch.Tensor], list[torch.Tensor] | None]:
-    """The sub-step's algorithms as one function for a transform's search: ``(names, weights,
-    hessian)`` to the weights their codes decode to (linears with one codec and algorithm
-    together, as :func:`quantize_linears` runs them), or None when the Hessian is singular."""
-    def requantize(names: list[str], weights: list[torch.Tensor], hessian: torch.Tensor) -> list[torch.Tensor] | None:
-        stats = LayerStats(hessian=hessian, n_tokens=n_tokens)
-        out: list[torch.Tensor] = []
-        i = 0
-        while i < len(names):
-            codec, algorithm = assignments[names[i]]
-            j = i + 1
-            while j < len(names) and assignments[names[j]] == (codec, algorithm):
-                j += 1
+def step_requantizer(names: list[str], assignments: Mapping[str, tuple[Codec, Algorithm]], stats: InputStatistics,
+                     ) -> Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor] | None]:
+    """The sub-step's algorithms as one function for a transform's search: the weights of
+    ``names`` (in that order) and a Hessian of their shared input to the weights their codes decode
+    to, run together as :func:`quantize_linears` runs them (:func:`shared_runs`), or None when the
+    Hessian is singular."""
+    runs = shared_runs(names, dict(assignments), dict.fromkeys(names, stats), supplied=False)
+    index = {n: i for i, n in enumerate(names)}
+
+    def requantize(weights: list[torch.Tensor], hessian: torch.Tensor) -> list[torch.Tensor] | None:
+        layer = LayerStats(hessian=hessian, n_tokens=stats.n_tokens)
+        chosen: dict[str, torch.Tensor] = {}
+        for run in runs:
+            codec, algorithm = assignments[run[0]]
+            ws = [weights[index[n]] for n in run]
             try:
-                qts = algorithm.quantize_stacked(weights[i:j], codec, stats)
+                qts = algorithm.quantize_stacked(ws, codec, layer)
             except SingularHessianError:
                 return None
-            out += [qt.dequantize(w.dtype) for qt, w in zip(qts, weights[i:j])]
-            i = j
-        return out
+            chosen.update({n: qt.dequantize(w.dtype) for n, qt, w in zip(run, qts, ws)})
+        return [chosen[n] for n in names]
     return requantize
 
 

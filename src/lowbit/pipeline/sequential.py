@@ -161,7 +161,7 @@ def apply_transforms(block: nn.Module, plan: BlockPlan, arch: Architecture, inpu
         stats = first[step.names[0]]
         ctx = StepContext(block, plan.prefix, step.names, {n: c for n, (c, _) in step.assignments.items()},
                           stats, source, arch.norm_plus_one, step.input_quantizers(),
-                          step_requantizer(step.assignments, stats.n_tokens))
+                          step_requantizer(step.names, step.assignments, stats))
         for transform in step.transforms:
             transform.apply(ctx)
 

@@ -49,7 +49,7 @@ class AWQScale(Transform):
             requantize = ctx.requantize
 
             def quantize(scaled: list[torch.Tensor], s: torch.Tensor) -> list[torch.Tensor] | None:
-                return requantize(ctx.names, scaled, h / torch.outer(s, s))
+                return requantize(scaled, h / torch.outer(s, s))
         s = search_scale(weights, codecs, h, ctx.stats.mean_abs, self.grid, quantize)
         apply_scale(ctx, source, weights, s)
         return True

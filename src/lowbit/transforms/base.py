@@ -35,7 +35,7 @@ class StepContext:
     whose output is that input and can absorb a per-channel scale (None when there is none);
     ``norm_plus_one``: norms compute ``x * (1 + w)``; ``activations``: the quantizer of each
     linear's input, where the recipe quantizes activations; ``requantize``: the step's algorithm
-    as a function ``(names, weights, hessian) -> weights`` its codes decode to for that input's
+    as a function ``(weights of names, hessian) -> weights`` its codes decode to for that input's
     Hessian ``(in, in)`` (None where it fails, e.g. a singular Hessian), for a transform that
     scores a candidate by the codes the algorithm will choose."""
 
@@ -47,7 +47,7 @@ class StepContext:
     source: str | None
     norm_plus_one: bool
     activations: dict[str, "ActivationQuantizer | None"] = field(default_factory=dict)
-    requantize: Callable[[list[str], list["torch.Tensor"], "torch.Tensor"], list["torch.Tensor"] | None] | None = None
+    requantize: Callable[[list["torch.Tensor"], "torch.Tensor"], list["torch.Tensor"] | None] | None = None
 
 
 class Transform(Registered, ABC):
