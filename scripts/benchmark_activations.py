@@ -368,7 +368,8 @@ def gptq_claims(rows: dict[str, dict]) -> list[str]:
     return out
 
 
-def render(rows: dict[str, dict], command: str, minutes: float) -> tuple[str, str, str]:
+def render(rows: dict[str, dict], commands: dict[str, str], minutes: float) -> tuple[str, str, str]:
+    """The three tables; ``commands``: per section, the command that measures its rows."""
     calib = ("Calibration: 128 x 512 tokens of the built-in `pydoc-calib` split (seed 0), the same token ids for "
              "lowbit and llm-compressor. ")
     where = "" if MAX_WINDOWS is None else f" (first {MAX_WINDOWS} windows of each)"
@@ -381,7 +382,7 @@ def render(rows: dict[str, dict], command: str, minutes: float) -> tuple[str, st
     peers = [f"- {label}: `{' + '.join(r['peer']['recipe'])}` (llm-compressor {r['peer']['versions']['llmcompressor']}), "
              f"{r['peer']['torch_num_threads']} threads" for label, _ in PEERS if (r := rows.get(f"{label}|pydoc"))]
     quality = "\n".join([
-        f"Printed by {command}. Model: SmolLM2-135M-Instruct (built-in `{MODEL}`). " + calib +
+        f"Printed by {commands['quality']}. Model: SmolLM2-135M-Instruct (built-in `{MODEL}`). " + calib +
         "Evaluation: KLD, top-1 and PPL against the unquantized model in float32, held-out `pydoc` and `stdlib` texts, "
         f"windows of 512{where}, every row on lowbit's reference path (weights dequantized in float32, inputs rounded "
         "to their format as the kernels round them: int8 per token at absmax / 127, as vLLM). llm-compressor's "
@@ -390,14 +391,14 @@ def render(rows: dict[str, dict], command: str, minutes: float) -> tuple[str, st
         *fmt_rows(rows, q_labels), "", *outliers, *peers, "", "Goals:", *claims(rows), "", machine])
     g_labels = [label for label, _ in GPTQ_ROWS]
     gptq = "\n".join([
-        f"Printed by {command}. int4, groups of 64, symmetric; calibration 64 x 512 tokens of `pydoc-calib` (seed 0; "
+        f"Printed by {commands['gptq']}. int4, groups of 64, symmetric; calibration 64 x 512 tokens of `pydoc-calib` (seed 0; "
         "the same ids for llm-compressor), or of `stdlib-calib` where the row says so; dampening 0.01, blocks of 128, "
         "static groups (act-order permutes columns by decreasing Hessian diagonal while keeping the groups in order, "
         "llm-compressor's `actorder: static`); float32 passes. `quantize s`: lowbit's `quantize_model`, "
         "llm-compressor's `oneshot`, in the same run. llm-compressor's GPTQ rows: its chosen codes, handed back "
         "dequantized (checked to lie on their grid) and evaluated as dense weights, hence no bpw.", "",
         *fmt_rows(rows, g_labels), "", "Goals:", *gptq_claims(rows), "", machine])
-    speed = render_speed(rows, command, machine)
+    speed = render_speed(rows, commands['speed'], machine)
     return quality, gptq, speed
 
 
@@ -457,7 +458,9 @@ def main() -> int:
             run_gptq(base, texts, ref_fp, store)
     if "speed" in sections:
         run_speed(store)
-    quality, gptq, speed = render(store.rows, command_line("scripts/benchmark_activations.py", ap, args),
+    commands = {name: command_line("scripts/benchmark_activations.py", ap, argparse.Namespace(**{**vars(args), "sections": name}))
+                for name in ("quality", "gptq", "speed")}
+    quality, gptq, speed = render(store.rows, commands,
                                   0 if args.kept_only else (time.time() - t0) / 60)
     print("\n\n".join((quality, gptq, speed)))
     if not args.no_write:

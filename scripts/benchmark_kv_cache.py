@@ -123,11 +123,12 @@ def run_speed(store: RowStore) -> None:
             log(f"{key}: {result['runs'][0]}")
 
 
-def render(rows: dict[str, dict], command: str, chunks: int, minutes: float) -> tuple[str, str]:
+def render(rows: dict[str, dict], commands: dict[str, str], chunks: int, minutes: float) -> tuple[str, str]:
+    """The two tables; ``commands``: per section, the command that measures its rows."""
     machine = f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}" + (
         f"; this invocation {minutes:.1f} min." if minutes >= 0.05 else "; rows kept from earlier invocations.")
     labels = [label for label, _ in LLAMA] + [label for label, _ in LOWBIT]
-    lines = [f"Printed by {command}. SmolLM2-135M-Instruct (built-in `{MODEL}`), its weights unquantized (float32 in "
+    lines = [f"Printed by {commands['quality']}. SmolLM2-135M-Instruct (built-in `{MODEL}`), its weights unquantized (float32 in "
              f"lowbit, the F32 GGUF lowbit writes in llama.cpp); `llama-perplexity`'s protocol on llama.cpp's token ids "
              f"(at most {chunks} chunks; the second half of each scored). llama.cpp: `-ctk T -ctv T -fa on`, KLD against "
              "its run with `-ctk f32 -ctv f32` (`--kl-divergence-base`, then `--kl-divergence`); lowbit: its caches "
@@ -158,7 +159,7 @@ def render(rows: dict[str, dict], command: str, chunks: int, minutes: float) -> 
                 if q4 is not None and v is not None:
                     lines.append(f"- {t}, {n_ctx}: {label} {v:.5f} vs llama.cpp q4_0 {q4:.5f}: {v / q4:.2f}x (goal <= 0.5x)")
     quality = "\n".join(lines + ["", machine])
-    s = ["Printed by " + command + ". `lowbit bench-speed smollm2-135m --dtype bfloat16 --batch 1 --prompt-tokens N "
+    s = ["Printed by " + commands["speed"] + ". `lowbit bench-speed smollm2-135m --dtype bfloat16 --batch 1 --prompt-tokens N "
          "--new-tokens 32 --repeats 2 [--kv-cache C]` (the median, here the mean, of 2 timed runs after a warm-up; the prompt fed "
          f"{PREFILL_CHUNK} tokens at a time, bench-speed's default). `KV bytes/token`: the cache's own tensors after "
          "the run (codes, scales, the full-precision window) over its tokens, all 30 layers. `peak MB`: the process's "
@@ -223,7 +224,9 @@ def main() -> int:
         run_quality(store, args.chunks, only)
     if "speed" in sections:
         run_speed(store)
-    quality, speed = render(store.rows, command_line("scripts/benchmark_kv_cache.py", ap, args), args.chunks,
+    commands = {name: command_line("scripts/benchmark_kv_cache.py", ap, argparse.Namespace(**{**vars(args), "sections": name}))
+                for name in ("quality", "speed")}
+    quality, speed = render(store.rows, commands, args.chunks,
                             (time.time() - t0) / 60)
     print(quality + "\n\n" + speed)
     if not args.no_write:
