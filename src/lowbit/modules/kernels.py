@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lowbit.codecs import QuantizedTensor
 from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs.base import ScaleData, group_order
+from lowbit.modules.native import native_ops
 
 #: rows of the input up to which each packed operator runs; above it, dequantize + bf16 matmul
 #: (the crossover table of ``scripts/benchmark_speed.py``, BENCHMARKS.md "Speed and memory")
@@ -36,6 +37,7 @@ INT4_MAX_ROWS = 96
 INT8_MAX_ROWS = 32
 KERNEL_DTYPE = torch.bfloat16
 _INT4_GROUPS = (32, 64, 128, 256)
+_NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # the input dtypes of native_ops' fused W8A8 operators
 
 
 class LinearKernel(Protocol):
@@ -268,6 +270,7 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
     name = "w8a8-int8-cpu"
     scale_dtype = torch.float32
     quantizes_input = True
+    fused = True  # whether __call__ may run native_ops' fused quantize and rescale instead of packed_matmul
 
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """``(M, 1)`` float32: each row's ``absmax / 127``."""
@@ -283,9 +286,19 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
         y = torch._int_mm(xq, self.weight.t()).to(torch.float32).mul_(sx).mul_(self.scale)
         return y if self.shift is None else y.addcmul_(x.sum(-1, keepdim=True), self.shift)
 
+    def static_scale(self) -> float:
+        """The fixed input scale, 0 when each row's is computed (dynamic)."""
+        return 0.0
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.packed_matmul(x.reshape(-1, self.shape[1]))
-        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        flat = x.reshape(-1, self.shape[1])
+        ops = native_ops() if self.fused and self.shift is None and x.dtype in _NATIVE_DTYPES else None
+        if ops is None:
+            y = self.packed_matmul(flat).to(x.dtype)
+        else:  # the same arithmetic in two fused passes, bit for bit
+            xq, sx = ops.quantize_rows(flat.contiguous(), self.static_scale())
+            y = ops.dequantize_rows(torch._int_mm(xq, self.weight.t()), sx, self.scale, x.dtype)
+        return y.view(*x.shape[:-1], self.shape[0])
 
 
 class LLMInt8Kernel(Int8DynamicActivationKernel):
@@ -295,6 +308,7 @@ class LLMInt8Kernel(Int8DynamicActivationKernel):
     token scaled by its largest value outside the outlier elements."""
 
     name = "llm-int8-cpu"
+    fused = False  # its outlier columns are not in the fused operators
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, threshold: float) -> None:
         super().__init__(codes, scale, offset)
@@ -333,9 +347,14 @@ class Int8StaticActivationKernel(Int8DynamicActivationKernel):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, input_scale: torch.Tensor) -> None:
         super().__init__(codes, scale, offset)
         self.sx = input_scale.to(torch.float32).reshape(1, 1)
+        self._static = float(self.sx)
+        self.fused = self._static > 0  # the fused operator reads a scale <= 0 as "dynamic"
 
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
         return self.sx
+
+    def static_scale(self) -> float:
+        return self._static
 
 
 def _int8_activations(q: "ActivationQuantizer | None", granularity: str) -> bool:
