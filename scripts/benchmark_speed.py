@@ -285,6 +285,65 @@ def render_llama_cpp(results: dict[str, dict], llama: dict[str, dict | None], th
     return "\n".join(lines)
 
 
+def eval_speed(windows: int, threads: int, rounds: int) -> dict[str, dict]:
+    """End-to-end wall time (process start to exit) of ``lowbit eval MODEL --dtype float32 --no-ref``
+    and of ``llama-perplexity`` on lowbit's F32 GGUF of the same model: the same text file (pydoc),
+    ``windows`` consecutive windows of 512 tokens each, the same threads; ``rounds`` runs of each in
+    turn, the fastest kept. Tokens/s: windows x 512 over the wall time (both load the model in it)."""
+    import re
+    import tempfile
+
+    from lowbit.bench.llama_cpp import llama_cpp_bin
+    from lowbit.calibration import load_text
+
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="lowbit-eval-speed-") as tmp:
+        text = Path(tmp) / "pydoc.txt"
+        text.write_text(load_text("pydoc").text)
+        f32 = quantized_folder("gguf-f32")
+        runs = {"lowbit eval": [*LOWBIT, "eval", MODEL, "--dtype", "float32", "--no-ref", "--text", str(text),
+                                "--seq-len", "512", "--max-windows", str(windows),
+                                "--no-progress", "--json"]}
+        b = llama_cpp_bin()
+        if b is not None:
+            runs["llama-perplexity"] = [str(b / "llama-perplexity"), "-m", str(f32), "-f", str(text), "-c", "512",
+                                        "-b", "512", "--chunks", str(windows), "-t", str(threads)]
+        for _ in range(rounds):
+            for label, cmd in runs.items():
+                t0 = time.perf_counter()
+                p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                seconds = time.perf_counter() - t0
+                if label == "lowbit eval":
+                    ppl = json.loads(p.stdout.strip().splitlines()[-1])["ppl"]
+                else:
+                    found = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
+                    ppl = float(found.group(1)) if found else None
+                log(f"{label}: {seconds:.2f} s, PPL {ppl}")
+                if label not in out or seconds < out[label]["seconds"]:
+                    out[label] = {"seconds": seconds, "tokens_per_s": windows * 512 / seconds, "ppl": ppl,
+                                  "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}
+    return out
+
+
+def render_eval_speed(res: dict[str, dict], windows: int, threads: int, rounds: int) -> str:
+    lines = [f"Printed by {_command()}. Evaluation end to end: the wall time of each command, from process start "
+             f"to exit (loading included), on {windows} windows of 512 tokens of `pydoc`, {threads} threads, float32; "
+             f"{rounds} runs of each in turn, the fastest kept. llama-perplexity runs lowbit's F32 GGUF of the same "
+             "weights and scores the second half of each window (its protocol); lowbit scores every token of a "
+             "window. Both compute each window's 512 positions.", "",
+             "| tool | seconds | tokens/s | × llama-perplexity | PPL |", "|---|---:|---:|---:|---:|"]
+    ref = res.get("llama-perplexity")
+    for label, r in res.items():
+        ratio = "-" if ref is None else f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+        ppl = "-" if r["ppl"] is None else f"{r['ppl']:.3f}"
+        lines.append(f"| {label} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {ppl} |")
+    if ref is not None and "lowbit eval" in res:
+        r = res["lowbit eval"]["tokens_per_s"] / ref["tokens_per_s"]
+        lines += ["", f"Goal (issue 19): lowbit eval at least as fast as llama-perplexity: {r:.2f}x, "
+                  + ("met." if r >= 1 else "not met.")]
+    return "\n".join(lines)
+
+
 def _command() -> str:
     return COMMAND_RUN
 
@@ -305,11 +364,23 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows for KLD (default 8)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of every row, alternating; best kept (default 2)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="only the evaluation comparison (lowbit eval vs llama-perplexity), its own section")
+    ap.add_argument("--eval-windows", type=int, default=8, help="windows of the evaluation comparison (default 8)")
     args = ap.parse_args()
     global MODEL, COMMAND_RUN
     MODEL = args.model
     COMMAND_RUN = command_line("scripts/benchmark_speed.py", ap, args)
     t0 = time.time()
+    if args.eval_only:
+        threads = torch.get_num_threads()
+        table = render_eval_speed(eval_speed(args.eval_windows, threads, args.rounds), args.eval_windows, threads,
+                                  args.rounds)
+        print(table)
+        if not args.no_write:
+            replace_section(ROOT / "BENCHMARKS.md", model_section("eval-speed", MODEL),
+                            f"Evaluation speed: {bench_model(MODEL).name}, lowbit eval and llama-perplexity", table)
+        return 0
     specs = [(label, MODEL if recipe is None else str(quantized_folder(recipe)), dtype, w8a8, compiled)
              for label, recipe, dtype, w8a8, compiled in ROWS]
     ggufs = {label: quantized_folder(preset) for label, preset, _, _ in LLAMA_CPP}
