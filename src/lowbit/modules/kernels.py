@@ -15,7 +15,9 @@ Which codecs run here: those whose weight is ``w = scale * q + offset`` per grou
 ``int`` codec, GGUF's Q4_0, Q4_1 and Q4_K), with 4-bit codes and 32/64/128/256-wide groups
 (ragged last groups and act-order ``g_idx`` included: the input is padded / permuted), or with
 8-bit codes per channel or per tensor (optionally W8A8: int8 activations too, through
-``torch._int_mm``). Everything else stays on the reference path.
+``torch._int_mm``; the input's rounding and the output's rescale run as two fused operators of
+lowbit's own, :mod:`lowbit.modules.native`, where they could be built: bit for bit the eager
+chain's results). Everything else stays on the reference path.
 """
 
 from __future__ import annotations
