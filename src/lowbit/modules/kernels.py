@@ -274,6 +274,11 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
     quantizes_input = True
     fused = True  # whether __call__ may run native_ops' fused quantize and rescale instead of packed_matmul
 
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        super().__init__(codes, scale, offset)
+        if self.fused:
+            native_ops()  # built (first use on a machine) while the model loads, not in its first timed forward
+
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """``(M, 1)`` float32: each row's ``absmax / 127``."""
         return x.abs().amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
