@@ -108,3 +108,13 @@ def test_lowbit_native_0_turns_them_off(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LOWBIT_NATIVE", "0")
     monkeypatch.setattr(native, "_loaded", [])
     assert native.native_ops() is None
+
+
+@needs_ops
+def test_a_compiled_w8a8_kernel_traces_the_eager_chain() -> None:
+    # the fused operators are opaque to torch.compile: under it the kernel runs the eager chain, one graph
+    qt = IntCodec(bits=8, granularity="channel").quantize(torch.randn(96, 576, generator=torch.Generator().manual_seed(0)))
+    kernel = build_kernel(qt, ActivationQuantizer("int8", "token"))
+    x = _inputs(4, 576, torch.bfloat16).reshape(1, 4, 576)
+    compiled = torch.compile(lambda t: kernel(t), fullgraph=True)
+    torch.testing.assert_close(compiled(x), kernel(x), rtol=1e-2, atol=1e-2)

@@ -299,7 +299,9 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.shape[1])
-        ops = native_ops() if self.fused and self.shift is None and x.dtype in _NATIVE_DTYPES else None
+        # under torch.compile the eager chain is traced and fused by inductor; an opaque operator would break the graph
+        fusable = self.fused and self.shift is None and x.dtype in _NATIVE_DTYPES and not torch.compiler.is_compiling()
+        ops = native_ops() if fusable else None
         if ops is None:
             y = self.packed_matmul(flat).to(x.dtype)
         else:  # the same arithmetic in two fused passes, bit for bit
