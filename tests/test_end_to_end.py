@@ -104,3 +104,26 @@ def test_cli_whole_model(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     # g128 on 576-wide rows is 5 groups (the last one short), on 1536-wide rows 12
     assert r["bits_per_weight"] == pytest.approx(4 + (80 * 4608 + 192 * 576) / (576 * 4608 + 1536 * 576), abs=1e-9)
     assert r["delta_ppl"] > 0
+
+
+@pytest.mark.model
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_smollm2_compiled_greedy_decode_gives_the_eager_tokens(smollm: LoadedModel) -> None:
+    # issue 19: the compiled decode path (static cache, torch.compile) changes speed, never the tokens (float32)
+    from lowbit.evaluation.compiled_decode import generate_kwargs
+
+    model = copy.deepcopy(smollm.model).eval()
+    prompts = ["def fibonacci(n):", "The capital of France is", "Quantization maps each weight to"]
+    outputs = []
+    for kw in ({}, generate_kwargs(model)):
+        tokens = []
+        for prompt in prompts:
+            ids = smollm.tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                     top_p=None, top_k=None, temperature=None, **kw)
+            tokens.append(out[0, ids.shape[1]:].tolist())
+        outputs.append(tokens)
+    assert all(len(t) == 16 for t in outputs[0])  # no prompt stops at once
+    assert outputs[1] == outputs[0]
+    assert getattr(model, "_compiled_call", None) is not None  # the compiled step did run
