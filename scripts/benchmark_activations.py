@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lowbit.bench.cell import best_speed
 from lowbit.bench.compare import block_linear_names
 from lowbit.bench.markdown import command_line, replace_section
 from lowbit.bench.store import RowStore
@@ -295,12 +296,7 @@ def run_speed(store: RowStore, rounds: int) -> None:
                                      check=True, capture_output=True, text=True).stdout
                 result = json.loads(out.strip().splitlines()[-1])
                 log(f"{label}, round {round_ + 1}: {result['runs'][0]}")
-                if label in best:
-                    run, old = result["runs"][0], best[label]["runs"][0]
-                    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-                        run[key] = max(run[key], old[key])
-                    run["peak_mb"] = max(run["peak_mb"] or 0, old["peak_mb"] or 0)
-                best[label] = {**result, "rounds": round_ + 1}
+                best[label] = {**(result if label not in best else best_speed(best[label], result)), "rounds": round_ + 1}
         for label, result in best.items():
             store.put(f"speed|{label}", {"label": label, **result})
     if not store.get(f"speed|{BNB}"):

@@ -175,6 +175,18 @@ def _timing(cell: Cell, work: Path, env: dict[str, str], threads: int) -> dict[s
     return result
 
 
+def best_speed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two ``lowbit bench-speed --json`` results of one model as one: per batch size the faster of
+    their tokens/s and the larger peak memory (the machine is shared: the best of runs is the model's)."""
+    out = {**a, "load_peak_mb": max(a["load_peak_mb"] or 0, b["load_peak_mb"] or 0)}
+    out["runs"] = [
+        {**ra, **{k: max(ra[k], rb[k]) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")},
+         "peak_mb": max(ra["peak_mb"] or 0, rb["peak_mb"] or 0)}
+        for ra, rb in zip(a["runs"], b["runs"])
+    ]
+    return out
+
+
 def llama_bench(gguf: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any] | None:
     """llama.cpp's ``llama-bench`` tokens/s of a GGUF file (None when llama.cpp is not built)."""
     from lowbit.bench.llama_cpp import llama_cpp_bin

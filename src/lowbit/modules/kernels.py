@@ -276,6 +276,7 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
         super().__init__(codes, scale, offset)
+        self.fused = self.fused and self.shift is None  # the fused rescale has no zero-point term
         if self.fused:
             native_ops()  # built (first use on a machine) while the model loads, not in its first timed forward
 
@@ -300,7 +301,7 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.shape[1])
         # under torch.compile the eager chain is traced and fused by inductor; an opaque operator would break the graph
-        fusable = self.fused and self.shift is None and x.dtype in _NATIVE_DTYPES and not torch.compiler.is_compiling()
+        fusable = self.fused and x.dtype in _NATIVE_DTYPES and not torch.compiler.is_compiling()
         ops = native_ops() if fusable else None
         if ops is None:
             y = self.packed_matmul(flat).to(x.dtype)
@@ -357,7 +358,7 @@ class Int8StaticActivationKernel(Int8DynamicActivationKernel):
         super().__init__(codes, scale, offset)
         self.sx = input_scale.to(torch.float32).reshape(1, 1)
         self._static = float(self.sx)
-        self.fused = self._static > 0  # the fused operator reads a scale <= 0 as "dynamic"
+        self.fused = self.fused and self._static > 0  # the fused operator reads a scale <= 0 as "dynamic"
 
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
         return self.sx
