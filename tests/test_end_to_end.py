@@ -109,21 +109,30 @@ def test_cli_whole_model(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
 @pytest.mark.model
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_smollm2_compiled_greedy_decode_gives_the_eager_tokens(smollm: LoadedModel) -> None:
-    # issue 19: the compiled decode path (static cache, torch.compile) changes speed, never the tokens (float32)
+    # issue 19: the compiled decode path (static cache, torch.compile) and lowbit's decode operators (the
+    # row products of dense linears, one-query attention) change speed, never the tokens (float32)
     from lowbit.evaluation.compiled_decode import generate_kwargs
+    from lowbit.modules.decode_attention import use_one_query_attention
+    from lowbit.modules.rows_linear import enable_row_products
 
     model = copy.deepcopy(smollm.model).eval()
+    fast = copy.deepcopy(smollm.model).eval()
+    native = enable_row_products(fast) > 0
+    assert use_one_query_attention(fast)
     prompts = ["def fibonacci(n):", "The capital of France is", "Quantization maps each weight to"]
     outputs = []
-    for kw in ({}, generate_kwargs(model)):
+    for m, kw in ((model, {}), (model, generate_kwargs(model)), (fast, {}), (fast, generate_kwargs(fast))):
         tokens = []
         for prompt in prompts:
             ids = smollm.tokenizer(prompt, return_tensors="pt").input_ids
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                                     top_p=None, top_k=None, temperature=None, **kw)
+                out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                 top_p=None, top_k=None, temperature=None, **kw)
             tokens.append(out[0, ids.shape[1]:].tolist())
         outputs.append(tokens)
     assert all(len(t) == 16 for t in outputs[0])  # no prompt stops at once
-    assert outputs[1] == outputs[0]
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0] and outputs[3] == outputs[0]
+    assert getattr(fast, "_compiled_call", None) is not None
+    if native:  # the row operator ran in the compiled step (a graph break would not show here; a failure would)
+        assert any(type(mod).__name__ == "RowsLinear" for mod in fast.modules())
     assert getattr(model, "_compiled_call", None) is not None  # the compiled step did run

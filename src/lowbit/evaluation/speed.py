@@ -206,6 +206,13 @@ def load_for_running(spec: str, dtype: str = "auto", kernels: bool = True, w8a8:
     dequantized = keep_dequantized_weights(loaded.model, torch_dtype)  # once, not per call
     if dequantized:
         counts["dequantized once"] = dequantized
+    if kernels:
+        from lowbit.modules.decode_attention import use_one_query_attention
+        from lowbit.modules.rows_linear import enable_row_products
+
+        if rows := enable_row_products(loaded.model):
+            counts["dense (row operator at 1-4 rows)"] = rows
+        use_one_query_attention(loaded.model)
     simulated = fake_quantized_inputs(loaded.model)
     if simulated:  # e.g. FP8 inputs: this CPU has no FP8 matmul
         counts[f"inputs fake-quantized ({', '.join(sorted(simulated))}: no such matmul here)"] = sum(simulated.values())

@@ -31,12 +31,15 @@ import torch.nn.functional as F
 from lowbit.codecs import QuantizedTensor
 from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs.base import ScaleData, group_order
-from lowbit.modules.native import native_ops
+from lowbit.modules.native import native_ops, row_products
 
 #: rows of the input up to which each packed operator runs; above it, dequantize + bf16 matmul
 #: (the crossover table of ``scripts/benchmark_speed.py``, BENCHMARKS.md "Speed and memory")
 INT4_MAX_ROWS = 96
 INT8_MAX_ROWS = 32
+#: rows up to which the int8 kernel calls lowbit's row operator (``torch.ops.lowbit.int8_rows``,
+#: about 2x torch's operator at one row; even at 4 rows)
+INT8_NATIVE_MAX_ROWS = 2
 KERNEL_DTYPE = torch.bfloat16
 _INT4_GROUPS = (32, 64, 128, 256)
 _NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # the input dtypes of native_ops' fused W8A8 operators
@@ -233,16 +236,21 @@ class Int8PackedKernel:
         self.scale = scale[:, 0].to(self.scale_dtype).contiguous()
         shift = offset[:, 0] + 128 * scale[:, 0]
         self.shift = None if torch.all(shift == 0) else shift.to(self.scale_dtype)
+        # the row operator's scale: the operator's own (rounded to bf16), as float32
+        self.row_scale = self.scale.to(torch.float32) if not self.quantizes_input and row_products() else None
 
     @property
     def nbytes(self) -> int:
-        parts = [self.weight, self.scale] + ([] if self.shift is None else [self.shift])
+        parts = [self.weight, self.scale] + [t for t in (self.shift, self.row_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x (M, K) @ W.T`` in bf16 through the int8 operator."""
         x = x.to(KERNEL_DTYPE)
-        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        if self.row_scale is not None and x.shape[0] <= INT8_NATIVE_MAX_ROWS:
+            y = torch.ops.lowbit.int8_rows(x.contiguous(), self.weight, self.row_scale)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
         return y if self.shift is None else y + x.sum(-1, keepdim=True) * self.shift
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""lowbit's own fused CPU operators (``native_ops.cpp``), compiled with the machine's C++ compiler on
+"""lowbit's own CPU operators (``native_ops.cpp``: W8A8's fused input rounding and output rescale;
+``native_decode.cpp``: a decode step's products of a few rows with a whole weight, and its
+one-query attention), compiled with the machine's C++ compiler on
 first use (about 20 s, once per machine and source version; torch's extension cache keeps the
 library) and loaded by later processes in well under a second.
 
@@ -16,8 +18,9 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCE = Path(__file__).with_name("native_ops.cpp")
+_SOURCES = [Path(__file__).with_name(n) for n in ("native_ops.cpp", "native_decode.cpp", "native_common.h")]
 _loaded: list[ModuleType | None] = []  # empty until the first call; then the module or None
+_shapes_declared: list[bool] = []  # torch.library takes each operator's fake implementation once per process
 
 
 def _cpu_flags() -> str:
@@ -32,33 +35,65 @@ def _cpu_flags() -> str:
 
 
 def native_ops() -> ModuleType | None:
-    """The compiled operators (``quantize_rows``, ``dequantize_rows``), or None where they are turned
-    off or cannot be built here."""
+    """The compiled operators (``quantize_rows``, ``dequantize_rows``, ``rows_vectorized``; loading it
+    registers ``torch.ops.lowbit.dense_rows``, ``int8_rows`` and ``one_query_attention``), or None where they are turned off or
+    cannot be built here."""
     if _loaded:
         return _loaded[0]
     module = None
     if os.environ.get("LOWBIT_NATIVE", "1") != "0":
         module = _build()
+        if module is not None:
+            _declare_shapes()
     _loaded.append(module)
     return module
+
+
+def row_products() -> bool:
+    """Whether the decode operators (``torch.ops.lowbit.dense_rows``, ``int8_rows``,
+    ``one_query_attention``) are here and vectorized (AVX-512): callers use them only then (their
+    plain-loop build is right but slow)."""
+    module = native_ops()
+    return module is not None and bool(module.rows_vectorized())
+
+
+def _declare_shapes() -> None:
+    """The operators' output shapes for torch.compile's tracing (fake tensors)."""
+    import torch
+
+    if _shapes_declared:
+        return
+    _shapes_declared.append(True)
+
+    @torch.library.register_fake("lowbit::dense_rows")
+    def _dense_rows(x, weight, bias):  # type: ignore[no-untyped-def]
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("lowbit::int8_rows")
+    def _int8_rows(x, weight, scale):  # type: ignore[no-untyped-def]
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("lowbit::one_query_attention")
+    def _one_query_attention(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
+        return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[2])
 
 
 def _build() -> ModuleType | None:
     import torch
     from torch.utils import cpp_extension
 
-    source = _SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in _SOURCES)
     # the name keys torch's build cache: a new source, torch or CPU builds anew
     key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
     name = f"lowbit_native_{key}"
     directory = Path(cpp_extension._get_build_directory(name, verbose=False))
     if not any(directory.glob(f"{name}*.so")):
-        print("lowbit: compiling its fused CPU operators (once per machine, about 20 s)", file=sys.stderr)
+        print("lowbit: compiling its CPU operators (once per machine, about 30 s)", file=sys.stderr)
     flags = ["-O3", "-march=native", "-fopenmp"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on compiler versions
-            return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+            return cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES if p.suffix == ".cpp"], extra_cflags=flags,
                                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: run the eager path
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -12,25 +12,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "native_common.h"
+
 namespace {
 
 constexpr float kTiny = 1.17549435e-38f;  // torch.finfo(torch.float32).tiny
 
-inline float load(const float* p, int64_t k) { return p[k]; }
-inline float load(const uint16_t* p, int64_t k) {  // bf16 -> float32: exact
-  uint32_t u = uint32_t(p[k]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline void store(float* p, int64_t k, float f) { p[k] = f; }
-inline void store(uint16_t* p, int64_t k, float f) {  // float32 -> bf16, nearest even (as c10::BFloat16)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  p[k] = f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
-}
+using lowbit::load;
+using lowbit::store;
 
 // round(v) (half to even) of v clamped to [-128, 127]: clamping first is the same as rounding first
 // (the bounds are integers), and adding then subtracting 1.5 * 2^23 rounds a float of magnitude
@@ -149,7 +138,10 @@ at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, c
   return out;
 }
 
+bool rows_vectorized();  // native_decode.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "int8 codes and scales of rows (symmetric; dynamic or static scale)");
   m.def("dequantize_rows", &dequantize_rows, "int32 sums times row and column scales, as float32 or bf16");
+  m.def("rows_vectorized", &rows_vectorized, "whether lowbit::dense_rows / int8_rows were built with AVX-512");
 }
