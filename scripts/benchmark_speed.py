@@ -25,6 +25,7 @@ Never run another benchmark or test suite beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -189,6 +190,81 @@ def crossover(repeats: int = 20) -> list[tuple[str, int, float, float]]:
                     times.append(1e3 * (time.perf_counter() - t0) / repeats)
                 out.append((f"{label} {shape[0]}x{shape[1]}", rows, times[0], times[1]))
     return out
+
+
+def _ms(f, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    f()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            f()
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return 1e3 * best
+
+
+def decode_operators(repeats: int = 20) -> list[tuple[str, str, list[tuple[int, float, float]]]]:
+    """lowbit's decode operators against what torch runs in their place, ms per call: the row
+    products (dense float32 / bf16 and int8 against ``F.linear`` / ``_weight_int8pack_mm``) by input
+    rows, on SmolLM2's 1536 x 576 MLP linear and its 49152 x 576 tied LM head, and one-query attention
+    (9 query heads on 3 key/value heads of 64, bf16) against SDPA by cache length. Empty where the
+    operators are not built or not vectorized here."""
+    import torch.nn.functional as F
+
+    from lowbit.modules.native import row_products
+
+    if not row_products():
+        return []
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for shape in ((1536, 576), (49152, 576)):
+        for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+            if dtype == torch.int8:
+                w = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+                scale = torch.rand(shape[0], generator=g).to(torch.bfloat16)
+                scale32 = scale.float()
+            else:
+                w = torch.randn(*shape, generator=g).to(dtype)
+            cells = []
+            for rows in (1, 2, 4, 8):
+                x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16 if dtype == torch.int8 else dtype)
+                if dtype == torch.int8:
+                    ours = functools.partial(torch.ops.lowbit.int8_rows, x, w, scale32)
+                    theirs = functools.partial(torch.ops.aten._weight_int8pack_mm, x, w, scale)
+                else:
+                    ours = functools.partial(torch.ops.lowbit.dense_rows, x, w, None)
+                    theirs = functools.partial(F.linear, x, w)
+                cells.append((rows, _ms(ours, repeats), _ms(theirs, repeats)))
+            out.append((f"{name} {shape[0]}x{shape[1]}", "rows", cells))
+    cells = []
+    for length in (160, 512, 2048):
+        q = torch.randn(1, 9, 64, generator=g).to(torch.bfloat16)
+        k, v = (torch.randn(1, 3, length, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+        kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+        ours = functools.partial(torch.ops.lowbit.one_query_attention, q, k, v, None, 0.125)
+        theirs = functools.partial(F.scaled_dot_product_attention, q.unsqueeze(2), kk, vv, scale=0.125)
+        cells.append((length, _ms(ours, repeats), _ms(theirs, repeats)))
+    out.append(("one-query attention, 9 heads on 3, bf16", "attention, cache length", cells))
+    return out
+
+
+def render_decode_operators(ops: list[tuple[str, str, list[tuple[int, float, float]]]]) -> str:
+    if not ops:
+        return "lowbit's decode operators are not built (or not vectorized) here: no comparison."
+    lines = ["lowbit's decode operators against torch's, ms per call (lowbit / torch; best of 3 x 20 calls, "
+             "warm caches: the 1536x576 weights stay in this CPU's cache between calls, the 49152x576 head does not). "
+             "Rows: `dense_rows` against `F.linear`, `int8_rows` against `_weight_int8pack_mm` (RowsLinear takes at "
+             "most `DENSE_MAX_ROWS`, the int8 kernel `INT8_NATIVE_MAX_ROWS`); attention: `one_query_attention` "
+             "against `scaled_dot_product_attention`.", ""]
+    for unit in dict.fromkeys(u for _, u, _ in ops):
+        group = [(label, cells) for label, u, cells in ops if u == unit]
+        first = group[0][1]
+        lines += ["| " + ("weight, input rows" if unit == "rows" else unit) + " | " +
+                  " | ".join(str(n) for n, _, _ in first) + " |", "|---|" + "---:|" * len(first)]
+        lines += [f"| {label} | " + " | ".join(f"{a:.3f} / {b:.3f}" for _, a, b in cells) + " |"
+                  for label, cells in group]
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def render(results: dict[str, dict], kld: dict[str, tuple[float, float, float | None]], prof: dict[str, dict],
@@ -425,9 +501,12 @@ def main() -> int:
     prof = {label: decode_profile(spec, dtype, w8a8) for label, spec, dtype, w8a8 in eager}
     log(json.dumps(prof))
     cross = crossover()
+    ops = decode_operators()
+    log(json.dumps(ops))
     log(json.dumps(cross))
     kld = quality(eager[1:], args.windows)
     table = render(results, kld, prof, cross, (time.time() - t0) / 60, threads, args.rounds)
+    table += "\n\n" + render_decode_operators(ops)
     table += "\n\n" + render_llama_cpp(results, llama, threads)
     print(table)
     if not args.no_write:

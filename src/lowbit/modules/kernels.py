@@ -37,9 +37,10 @@ from lowbit.modules.native import native_ops, row_products
 #: (the crossover table of ``scripts/benchmark_speed.py``, BENCHMARKS.md "Speed and memory")
 INT4_MAX_ROWS = 96
 INT8_MAX_ROWS = 32
-#: rows up to which the int8 kernel calls lowbit's row operator (``torch.ops.lowbit.int8_rows``,
-#: about 2x torch's operator at one row; even at 4 rows)
-INT8_NATIVE_MAX_ROWS = 2
+#: rows up to which the int8 kernel calls lowbit's row operator (``torch.ops.lowbit.int8_rows``:
+#: faster than torch's at one row, slower on a block's small weights from two; benchmark_speed.py's
+#: decode-operator table)
+INT8_NATIVE_MAX_ROWS = 1
 KERNEL_DTYPE = torch.bfloat16
 _INT4_GROUPS = (32, 64, 128, 256)
 _NATIVE_DTYPES = (torch.bfloat16, torch.float32)  # the input dtypes of native_ops' fused W8A8 operators

@@ -17,7 +17,7 @@ from torch import nn
 from lowbit.modules.native import row_products
 
 #: the most input rows the row operator takes per weight dtype: above them torch's GEMM is as
-#: fast or faster (``scripts/benchmark_speed.py``'s crossover measurement; the weights' values are
+#: fast or faster (``scripts/benchmark_speed.py``'s decode-operator table; the weights' values are
 #: read once per four rows, so float32, the slowest to read, gains longest)
 DENSE_MAX_ROWS = {torch.float32: 4, torch.bfloat16: 2}
 
