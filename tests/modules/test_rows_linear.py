@@ -124,3 +124,31 @@ def test_int8_kernel_rows_path_matches_the_torch_operator() -> None:
     ours = kernel.packed_matmul(x)
     theirs = torch.ops.aten._weight_int8pack_mm(x, kernel.weight, kernel.scale)
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_rows
+@pytest.mark.parametrize("cols", [576, 1536, 100, 37])  # whole 64-byte steps, and ragged ends
+def test_int8_int8_rows_gives_the_exact_int32_sums(cols: int) -> None:
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randint(-128, 128, (3, cols), generator=g, dtype=torch.int8)
+    x[0] = -128  # the extremes: x + 128 spans the unsigned range
+    w = torch.randint(-128, 128, (70, cols), generator=g, dtype=torch.int8)
+    w[5] = 127
+    sums = w.to(torch.int32).sum(1, dtype=torch.int32)
+    exact = (x.to(torch.int64) @ w.to(torch.int64).T).to(torch.int32)
+    assert torch.equal(torch.ops.lowbit.int8_int8_rows(x, w, sums), exact)
+
+
+@needs_rows
+def test_the_w8a8_kernel_takes_the_int8_row_product_at_one_row() -> None:
+    if not native.row_products():
+        pytest.skip("the row operators are not vectorized here")
+    from lowbit.codecs.activations import ActivationQuantizer
+
+    qt = IntCodec(bits=8, granularity="channel").quantize(torch.randn(64, 576, generator=torch.Generator().manual_seed(0)))
+    kernel = build_kernel(qt, ActivationQuantizer("int8", "token"))
+    assert kernel.fused and kernel.w_sums is not None
+    x = torch.randn(1, 576).to(torch.bfloat16)
+    xq = torch.round(x.float() / (x.float().abs().amax() / 127)).clamp(-128, 127).to(torch.int8)
+    assert torch.equal(torch.ops.lowbit.int8_int8_rows(xq, kernel.weight, kernel.w_sums),
+                       torch._int_mm(xq.repeat(17, 1), kernel.weight.t())[:1])

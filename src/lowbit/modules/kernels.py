@@ -242,7 +242,8 @@ class Int8PackedKernel:
 
     @property
     def nbytes(self) -> int:
-        parts = [self.weight, self.scale] + [t for t in (self.shift, self.row_scale) if t is not None]
+        extra = (self.shift, self.row_scale, getattr(self, "w_sums", None))
+        parts = [self.weight, self.scale] + [t for t in extra if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,6 +289,9 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
         self.fused = self.fused and self.shift is None  # the fused rescale has no zero-point term
         if self.fused:
             native_ops()  # built (first use on a machine) while the model loads, not in its first timed forward
+        # one row (decode): lowbit's exact int8 row product (VNNI) instead of torch._int_mm, which needs each
+        # weight row's sum of codes
+        self.w_sums = self.weight.to(torch.int32).sum(1, dtype=torch.int32) if self.fused and row_products() else None
 
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """``(M, 1)`` float32: each row's ``absmax / 127``."""
@@ -316,7 +320,11 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
             y = self.packed_matmul(flat).to(x.dtype)
         else:  # the same arithmetic in two fused passes, bit for bit
             xq, sx = ops.quantize_rows(flat.contiguous(), self.static_scale())
-            y = ops.dequantize_rows(torch._int_mm(xq, self.weight.t()), sx, self.scale, x.dtype)
+            if self.w_sums is not None and xq.shape[0] <= INT8_NATIVE_MAX_ROWS:  # the same int32 sums
+                acc = torch.ops.lowbit.int8_int8_rows(xq, self.weight, self.w_sums)
+            else:
+                acc = torch._int_mm(xq, self.weight.t())
+            y = ops.dequantize_rows(acc, sx, self.scale, x.dtype)
         return y.view(*x.shape[:-1], self.shape[0])
 
 

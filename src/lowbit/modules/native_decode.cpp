@@ -1,6 +1,6 @@
 // lowbit's operators for a decode step (one token per sequence).
 //
-// Row products (lowbit::dense_rows, lowbit::int8_rows): a few input rows with a whole weight matrix, where
+// Row products (lowbit::dense_rows, lowbit::int8_rows; lowbit::int8_int8_rows, W8A8's exact int32 sums): a few input rows with a whole weight matrix, where
 // one token's row meets every weight once and the time is the weight's memory traffic. torch's CPU
 // paths for such shapes (a one-row GEMM, the packed int8 operator) reach about 12 GB/s here; these
 // stream the weight once for up to four rows at a time (about 28 GB/s on this machine), in float32
@@ -197,6 +197,55 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return out;
 }
 
+// int32 sums x (M, K) @ w (N, K).T of int8 codes, exactly torch._int_mm's: with VNNI, u8 x s8 dot products of
+// x + 128 (unsigned) less 128 * the row's sum of w (w_sums, int32, precomputed)
+at::Tensor int8_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_sums) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kChar, "int8_int8_rows: x must be contiguous 2-D int8");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kChar && weight.size(1) == x.size(1),
+              "int8_int8_rows: weight must be contiguous (N, K) int8 with x's K columns");
+  TORCH_CHECK(w_sums.scalar_type() == at::kInt && w_sums.is_contiguous() && w_sums.numel() == weight.size(0),
+              "int8_int8_rows: w_sums must be int32 with one value per row of the weight");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto out = at::empty({M, N}, x.options().dtype(at::kInt));
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const int32_t* sums = w_sums.data_ptr<int32_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+#if defined(LOWBIT_ROWS_AVX512) && defined(__AVX512VNNI__)
+  const int64_t Kp = (K + 63) / 64 * 64;
+  std::vector<uint8_t> xu(static_cast<size_t>(M * Kp), 128);  // padding: 128 - 128 = 0 against any weight
+  for (int64_t i = 0; i < M * K; ++i) xu[(i / K) * Kp + i % K] = static_cast<uint8_t>(xp[i] + 128);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* r = wp + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const uint8_t* xr = xu.data() + m * Kp;
+        __m512i acc = _mm512_setzero_si512();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64)
+          acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xr + k), _mm512_loadu_si512(r + k));
+        if (k < K) {  // the weight's ragged end masked to zero
+          const __mmask64 mk = (~0ULL) >> (64 - (K - k));
+          acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xr + k), _mm512_maskz_loadu_epi8(mk, r + k));
+        }
+        o[m * N + n] = _mm512_reduce_add_epi32(acc) - 128 * sums[n];
+      }
+    }
+  });
+#else
+  (void)sums;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += int32_t(xp[m * K + k]) * int32_t(wp[n * K + k]);
+        o[m * N + n] = s;
+      }
+  });
+#endif
+  return out;
+}
+
 // (B, 1, H, D) attention of q (B, H, D) over k, v (B, Hkv, L, D) (any strides but the last), query
 // head h reading key/value head h / (H / Hkv); mask (Bm, L) bool (true: attend), Bm = 1 or B, or none
 template <typename T, typename Row>
@@ -285,11 +334,13 @@ bool rows_vectorized() {
 TORCH_LIBRARY(lowbit, m) {
   m.def("dense_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int8_rows(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("int8_int8_rows(Tensor x, Tensor weight, Tensor w_sums) -> Tensor");
   m.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("dense_rows", &dense_rows);
   m.impl("int8_rows", &int8_rows);
+  m.impl("int8_int8_rows", &int8_int8_rows);
   m.impl("one_query_attention", &one_query_attention);
 }
