@@ -291,7 +291,13 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
             native_ops()  # built (first use on a machine) while the model loads, not in its first timed forward
         # one row (decode): lowbit's exact int8 row product (VNNI) instead of torch._int_mm, which needs each
         # weight row's sum of codes
-        self.w_sums = self.weight.to(torch.int32).sum(1, dtype=torch.int32) if self.fused and row_products() else None
+        self.w_sums = self.weight.to(torch.int32).sum(1, dtype=torch.int32) if row_products() else None
+
+    def int_mm(self, xq: torch.Tensor) -> torch.Tensor:
+        """``xq (M, K) int8 @ W.T`` as exact int32 sums: lowbit's row product at one row, else torch's."""
+        if self.w_sums is not None and xq.shape[0] <= INT8_NATIVE_MAX_ROWS:
+            return torch.ops.lowbit.int8_int8_rows(xq.contiguous(), self.weight, self.w_sums)
+        return torch._int_mm(xq, self.weight.t())
 
     def input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """``(M, 1)`` float32: each row's ``absmax / 127``."""
@@ -304,7 +310,7 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
         # a fitted scale keeps every row within [-127, 127]; a static one saturates at int8's ends, as
         # vLLM's static_scaled_int8_quant does
         xq = torch.round(x / sx).clamp_(-128, 127).to(torch.int8)
-        y = torch._int_mm(xq, self.weight.t()).to(torch.float32).mul_(sx).mul_(self.scale)
+        y = self.int_mm(xq).to(torch.float32).mul_(sx).mul_(self.scale)
         return y if self.shift is None else y.addcmul_(x.sum(-1, keepdim=True), self.shift)
 
     def static_scale(self) -> float:
@@ -320,11 +326,7 @@ class Int8DynamicActivationKernel(Int8PackedKernel):
             y = self.packed_matmul(flat).to(x.dtype)
         else:  # the same arithmetic in two fused passes, bit for bit
             xq, sx = ops.quantize_rows(flat.contiguous(), self.static_scale())
-            if self.w_sums is not None and xq.shape[0] <= INT8_NATIVE_MAX_ROWS:  # the same int32 sums
-                acc = torch.ops.lowbit.int8_int8_rows(xq, self.weight, self.w_sums)
-            else:
-                acc = torch._int_mm(xq, self.weight.t())
-            y = ops.dequantize_rows(acc, sx, self.scale, x.dtype)
+            y = ops.dequantize_rows(self.int_mm(xq), sx, self.scale, x.dtype)
         return y.view(*x.shape[:-1], self.shape[0])
 
 
@@ -353,7 +355,7 @@ class LLMInt8Kernel(Int8DynamicActivationKernel):
         xq = torch.round(inner / sx).clamp_(-127, 127)
         if cols.numel():
             xq[:, cols] = 0
-        y = torch._int_mm(xq.to(torch.int8), self.weight.t()).to(torch.float32).mul_(sx).mul_(self.scale)
+        y = self.int_mm(xq.to(torch.int8)).to(torch.float32).mul_(sx).mul_(self.scale)
         if self.shift is not None:
             y.addcmul_((xq * sx).sum(-1, keepdim=True), self.shift)
         if cols.numel():
