@@ -1,8 +1,8 @@
-"""Attention for one query token (a decode step) as three plain tensor operations, under an
-attention name of lowbit's own that transformers' models look up per call.
+"""Attention for one query token (a decode step), under an attention name of lowbit's own that
+transformers' models look up per call.
 
-torch's fused SDPA kernel on a CPU costs about 0.13 ms per call for one query over a short cache
-(30 layers: 4 ms of a 17 ms bf16 step), mostly fixed overhead. lowbit's compiled operator
+torch's fused SDPA kernel on a CPU has a large fixed cost per call for one query over a short cache
+(BENCHMARKS.md, the decode-operator table of ``scripts/benchmark_speed.py``). lowbit's compiled operator
 (``torch.ops.lowbit.one_query_attention``, :mod:`lowbit.modules.native`) computes every head in
 float32 in one pass over the cache; where it is not built (or for an additive mask), two small
 matmuls and a softmax, the numerics of transformers' ``eager`` attention (scores in the model's

@@ -1,7 +1,7 @@
 """Dense linears whose one-token products run lowbit's row operator (``torch.ops.lowbit.dense_rows``,
 :mod:`lowbit.modules.native`): at a decode step a dense layer (an unquantized model's linears, a
-quantized model's tied LM head) multiplies a row or two by its whole weight, where torch's CPU
-GEMM reads the weight at about 12 GB/s here and the row operator at about 28.
+quantized model's tied LM head) multiplies a row or two by its whole weight, where the row operator streams the weight
+once and torch's CPU GEMM is slower (BENCHMARKS.md, ``scripts/benchmark_speed.py``'s decode-operator table).
 
 Numerics: float32 accumulation as torch's, the additions in another order (float32 rounding
 differences; bf16 outputs rounded to nearest even as torch rounds them). With more rows (prefill,
