@@ -334,7 +334,9 @@ class LLMInt8Kernel(Int8DynamicActivationKernel):
     """LLM.int8() (Dettmers et al., 2022), as bitsandbytes computes it: the input columns where
     some token's ``|x|`` reaches ``threshold`` (for the whole input at hand: the batch) multiply the
     dequantized weight's columns in floating point; every other column goes through int8, each
-    token scaled by its largest value outside the outlier elements."""
+    token scaled by its largest value outside the outlier elements. At one row (decode) the whole split
+    is one operator, ``lowbit::llm_int8_rows`` (same columns, int8 rows and exact int32 sums; the
+    16-bit columns summed in another float32 order); above it, the eager chain below."""
 
     name = "llm-int8-cpu"
     fused = False  # its outlier columns are not in the fused operators
@@ -345,6 +347,14 @@ class LLMInt8Kernel(Int8DynamicActivationKernel):
         self.outlier_counts = [0, 0]  # outlier columns seen, columns seen (for reports)
 
     def packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w_sums is not None and self.shift is None and x.shape[0] <= INT8_NATIVE_MAX_ROWS:
+            # decode: the whole split in one operator (the eager chain below is a dozen operators a call)
+            y, outliers = torch.ops.lowbit.llm_int8_rows(x.contiguous(), self.weight, self.scale, self.w_sums,
+                                                         self.threshold)
+            if not torch.compiler.is_compiling():  # a count read back would break a compiled graph
+                self.outlier_counts[0] += int(outliers)
+                self.outlier_counts[1] += x.shape[1]
+            return y
         x = x.to(torch.float32)
         elements = x.abs() >= self.threshold
         cols = elements.any(0).nonzero().view(-1)

@@ -36,7 +36,8 @@ def _cpu_flags() -> str:
 
 def native_ops() -> ModuleType | None:
     """The compiled operators (``quantize_rows``, ``dequantize_rows``, ``rows_vectorized``; loading it
-    registers ``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows`` and ``one_query_attention``), or None where they are turned off or
+    registers ``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows``, ``llm_int8_rows`` and
+    ``one_query_attention``), or None where they are turned off or
     cannot be built here."""
     if _loaded:
         return _loaded[0]
@@ -51,7 +52,7 @@ def native_ops() -> ModuleType | None:
 
 def row_products() -> bool:
     """Whether the decode operators (``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows``,
-    ``one_query_attention``) are here and vectorized (AVX-512): callers use them only then (their
+    ``llm_int8_rows``, ``one_query_attention``) are here and vectorized (AVX-512): callers use them only then (their
     plain-loop build is right but slow)."""
     module = native_ops()
     return module is not None and bool(module.rows_vectorized())
@@ -76,6 +77,10 @@ def _declare_shapes() -> None:
     @torch.library.register_fake("lowbit::int8_int8_rows")
     def _int8_int8_rows(x, weight, w_sums):  # type: ignore[no-untyped-def]
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.int32)
+
+    @torch.library.register_fake("lowbit::llm_int8_rows")
+    def _llm_int8_rows(x, weight, scale, w_sums, threshold):  # type: ignore[no-untyped-def]
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32), x.new_empty((), dtype=torch.int64)
 
     @torch.library.register_fake("lowbit::one_query_attention")
     def _one_query_attention(q, k, v, mask, scale):  # type: ignore[no-untyped-def]

@@ -1,6 +1,7 @@
 // lowbit's operators for a decode step (one token per sequence).
 //
-// Row products (lowbit::dense_rows, lowbit::int8_rows; lowbit::int8_int8_rows, W8A8's exact int32 sums): a few input rows with a whole weight matrix, where
+// Row products (lowbit::dense_rows, lowbit::int8_rows; lowbit::int8_int8_rows, W8A8's exact int32 sums;
+// lowbit::llm_int8_rows, LLM.int8()'s outlier split, int8 product and 16-bit columns in one call): a few input rows with a whole weight matrix, where
 // one token's row meets every weight once and the time is the weight's memory traffic. torch's CPU
 // paths for such shapes (a one-row GEMM, the packed int8 operator) reach about 12 GB/s here; these
 // stream the weight once for up to four rows at a time (about 28 GB/s on this machine), in float32
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <limits>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -199,51 +201,127 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Te
 
 // int32 sums x (M, K) @ w (N, K).T of int8 codes, exactly torch._int_mm's: with VNNI, u8 x s8 dot products of
 // x + 128 (unsigned) less 128 * the row's sum of w (w_sums, int32, precomputed)
+struct Int8Inputs {
+  int64_t M, K, Kp;
+  std::vector<uint8_t> xu;  // (M, Kp): x + 128, padding 128 (128 - 128 = 0 against any weight)
+  std::vector<int8_t> xs;   // (M, K): x as it is (the plain loops)
+  Int8Inputs(const int8_t* x, int64_t M_, int64_t K_) : M(M_), K(K_), Kp((K_ + 63) / 64 * 64) {
+#if defined(LOWBIT_ROWS_AVX512) && defined(__AVX512VNNI__)
+    xu.assign(static_cast<size_t>(M * Kp), 128);
+    for (int64_t i = 0; i < M * K; ++i) xu[(i / K) * Kp + i % K] = static_cast<uint8_t>(x[i] + 128);
+#else
+    xs.assign(x, x + M * K);
+#endif
+  }
+  // the int32 sum of input row m with weight row r (w_sum: the sum of r's codes)
+  int32_t dot(int64_t m, const int8_t* r, int32_t w_sum) const {
+#if defined(LOWBIT_ROWS_AVX512) && defined(__AVX512VNNI__)
+    const uint8_t* xr = xu.data() + m * Kp;
+    __m512i acc = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xr + k), _mm512_loadu_si512(r + k));
+    if (k < K) {  // the weight's ragged end masked to zero
+      const __mmask64 mk = (~0ULL) >> (64 - (K - k));
+      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xr + k), _mm512_maskz_loadu_epi8(mk, r + k));
+    }
+    return _mm512_reduce_add_epi32(acc) - 128 * w_sum;
+#else
+    (void)w_sum;
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += int32_t(xs[m * K + k]) * int32_t(r[k]);
+    return s;
+#endif
+  }
+};
+
+void check_int8_weight(const at::Tensor& weight, const at::Tensor& w_sums, int64_t K, const char* op) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kChar && weight.size(1) == K, op,
+              ": weight must be contiguous (N, K) int8 with x's K columns");
+  TORCH_CHECK(w_sums.scalar_type() == at::kInt && w_sums.is_contiguous() && w_sums.numel() == weight.size(0), op,
+              ": w_sums must be int32 with one value per row of the weight");
+}
+
 at::Tensor int8_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_sums) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kChar, "int8_int8_rows: x must be contiguous 2-D int8");
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kChar && weight.size(1) == x.size(1),
-              "int8_int8_rows: weight must be contiguous (N, K) int8 with x's K columns");
-  TORCH_CHECK(w_sums.scalar_type() == at::kInt && w_sums.is_contiguous() && w_sums.numel() == weight.size(0),
-              "int8_int8_rows: w_sums must be int32 with one value per row of the weight");
+  check_int8_weight(weight, w_sums, x.size(1), "int8_int8_rows");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   auto out = at::empty({M, N}, x.options().dtype(at::kInt));
-  const int8_t* xp = x.data_ptr<int8_t>();
+  const Int8Inputs xi(x.data_ptr<int8_t>(), M, K);
   const int8_t* wp = weight.data_ptr<int8_t>();
   const int32_t* sums = w_sums.data_ptr<int32_t>();
   int32_t* o = out.data_ptr<int32_t>();
-#if defined(LOWBIT_ROWS_AVX512) && defined(__AVX512VNNI__)
-  const int64_t Kp = (K + 63) / 64 * 64;
-  std::vector<uint8_t> xu(static_cast<size_t>(M * Kp), 128);  // padding: 128 - 128 = 0 against any weight
-  for (int64_t i = 0; i < M * K; ++i) xu[(i / K) * Kp + i % K] = static_cast<uint8_t>(xp[i] + 128);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < M; ++m) o[m * N + n] = xi.dot(m, wp + n * K, sums[n]);
+  });
+  return out;
+}
+
+// LLM.int8() (Dettmers et al.) in one pass, as lowbit's eager LLMInt8Kernel computes it: the input columns where
+// some row's |x| reaches the threshold are outlier columns; every other element is rounded to int8 with its row's
+// scale (absmax over the row's non-outlier elements / 127), the int8 product gives exact int32 sums (as
+// int8_int8_rows), and the outlier columns multiply the dequantized weight in float32.
+// x (M, K) float32 or bf16; weight (N, K) int8 (symmetric codes), scale (N,) float32, w_sums as int8_int8_rows.
+// Returns y (M, N) float32 and the number of outlier columns (int64, 0-d).
+std::tuple<at::Tensor, at::Tensor> llm_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                                 const at::Tensor& w_sums, double threshold) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "llm_int8_rows: x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
+  check_int8_weight(weight, w_sums, x.size(1), "llm_int8_rows");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
+              "llm_int8_rows: scale must be float32 with one value per row of the weight");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const float thr = static_cast<float>(threshold);  // torch compares a float32 tensor with the scalar in float32
+  std::vector<float> xf(static_cast<size_t>(M * K));
+  if (x.scalar_type() == at::kFloat) {
+    std::copy_n(x.data_ptr<float>(), M * K, xf.data());
+  } else {
+    const auto* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = load(p, i);
+  }
+  std::vector<char> outlier(static_cast<size_t>(K), 0);
+  std::vector<float> sx(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) {
+    float top = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(xf[m * K + k]);
+      if (a >= thr) outlier[k] = 1; else top = std::max(top, a);
+    }
+    sx[m] = std::max(top, std::numeric_limits<float>::min()) / 127.f;
+  }
+  std::vector<int64_t> cols;
+  for (int64_t k = 0; k < K; ++k)
+    if (outlier[k]) cols.push_back(k);
+  std::vector<int8_t> xq(static_cast<size_t>(M * K), 0);
+  std::vector<float> xc(static_cast<size_t>(M) * cols.size());  // the outlier columns' values, row by row
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (outlier[k]) continue;
+      const float q = std::nearbyint(xf[m * K + k] / sx[m]);  // nearest even, as torch.round
+      xq[m * K + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+    }
+    for (size_t j = 0; j < cols.size(); ++j) xc[m * cols.size() + j] = xf[m * K + cols[j]];
+  }
+  const Int8Inputs xi(xq.data(), M, K);
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* o = y.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const int32_t* sums = w_sums.data_ptr<int32_t>();
+  const float* sp = scale.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* r = wp + n * K;
       for (int64_t m = 0; m < M; ++m) {
-        const uint8_t* xr = xu.data() + m * Kp;
-        __m512i acc = _mm512_setzero_si512();
-        int64_t k = 0;
-        for (; k + 64 <= K; k += 64)
-          acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xr + k), _mm512_loadu_si512(r + k));
-        if (k < K) {  // the weight's ragged end masked to zero
-          const __mmask64 mk = (~0ULL) >> (64 - (K - k));
-          acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xr + k), _mm512_maskz_loadu_epi8(mk, r + k));
-        }
-        o[m * N + n] = _mm512_reduce_add_epi32(acc) - 128 * sums[n];
+        float v = static_cast<float>(xi.dot(m, r, sums[n])) * sx[m] * sp[n];
+        float extra = 0.f;
+        for (size_t j = 0; j < cols.size(); ++j) extra += xc[m * cols.size() + j] * (static_cast<float>(r[cols[j]]) * sp[n]);
+        o[m * N + n] = v + extra;
       }
     }
   });
-#else
-  (void)sums;
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t m = 0; m < M; ++m) {
-        int32_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += int32_t(xp[m * K + k]) * int32_t(wp[n * K + k]);
-        o[m * N + n] = s;
-      }
-  });
-#endif
-  return out;
+  return {y, at::scalar_tensor(static_cast<int64_t>(cols.size()), x.options().dtype(at::kLong))};
 }
 
 // (B, 1, H, D) attention of q (B, H, D) over k, v (B, Hkv, L, D) (any strides but the last), query
@@ -335,6 +413,7 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("dense_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int8_rows(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("int8_int8_rows(Tensor x, Tensor weight, Tensor w_sums) -> Tensor");
+  m.def("llm_int8_rows(Tensor x, Tensor weight, Tensor scale, Tensor w_sums, float threshold) -> (Tensor, Tensor)");
   m.def("one_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
@@ -342,5 +421,6 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("dense_rows", &dense_rows);
   m.impl("int8_rows", &int8_rows);
   m.impl("int8_int8_rows", &int8_int8_rows);
+  m.impl("llm_int8_rows", &llm_int8_rows);
   m.impl("one_query_attention", &one_query_attention);
 }
