@@ -63,3 +63,39 @@ def test_a_quantized_kv_cache_is_refused(tiny_model) -> None:  # type: ignore[no
     with pytest.raises(ValueError, match="static"):
         measure_speed(tiny_model("llama").eval(), vocab_size=200, prompt_tokens=4, new_tokens=2, repeats=1,
                       new_cache=lambda: None, compiled=True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_each_model_keeps_its_own_compiled_step(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """The compiled step skips the checks on a model's modules (guards). Models of one structure must still
+    each run their own graph: one whose norms hold another constant (baked into a graph, checked only by a
+    module guard), and a quantized one (its step breaks the graph, so it takes transformers' guarded path)."""
+    import copy
+
+    torch._dynamo.reset()
+    dense = tiny_model("llama").eval()
+    other = copy.deepcopy(dense)
+    for module in other.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.5
+    quantized = copy.deepcopy(dense)
+    quantize_model(quantized, resolve_recipe("w4a16", group_size=32), progress=False)
+    prompt = torch.tensor([PROMPTS[1]])
+
+    def logits(model: torch.nn.Module, decoder: CompiledDecoder | None) -> torch.Tensor:
+        with torch.inference_mode():
+            if decoder is None:  # eager, no cache: every position at once
+                ids = torch.cat([prompt, torch.tensor([[11, 23]])], dim=1)
+                return model(ids).logits[0, -2:]
+            decoder.reset()
+            decoder.prefill(prompt)
+            return torch.cat([decoder.step(torch.tensor([[11]])), decoder.step(torch.tensor([[23]]))])
+
+    models = {"dense": dense, "other": other, "quantized": quantized}
+    decoders = {name: CompiledDecoder(m, 16) for name, m in models.items()}
+    for name in ["dense", "other", "quantized", "dense"]:  # each compiles after the one before; then the first again
+        eager, compiled = logits(models[name], None), logits(models[name], decoders[name])
+        assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4), name
+        assert decoders[name].eager_reason is None
+    for name in ("other", "quantized"):  # the models' outputs differ by far more than the tolerance above
+        assert (logits(dense, None) - logits(models[name], None)).abs().max() > 1e-2

@@ -2,18 +2,29 @@
 so torch.compile (inductor) builds it once and runs it without Python's per-operator overhead,
 which at batch 1 on a CPU is a large part of a step of a small model.
 
-Both ways reuse transformers' own machinery: ``generate`` compiles its decode forward itself when
-given a static cache and a compile config that allows CPUs (:func:`generate_kwargs`), and
-:class:`CompiledDecoder` (the speed measurement's loop) calls the same compiled ``__call__``
-(``model.get_compiled_call``). The prompt's forward stays eager, as in ``generate``: its shape
-changes with every prompt. The first compiled step takes tens of seconds (compilation); later
+Two ways: ``generate`` compiles its decode forward itself when given a static cache and a compile
+config that allows CPUs (:func:`generate_kwargs`), and :class:`CompiledDecoder` (the speed
+measurement's loop, ``bench-speed --compile``) runs :func:`compiled_step` on a cache of its own. The
+prompt's forward stays eager, as in ``generate``: its shape changes with every prompt.
+
+Guards: before each call torch.compile checks that what it compiled against still holds, by
+default every attribute of every module (about 8,600 checks for SmolLM2: 2 ms of a 9 ms int8
+step). :func:`compiled_step` compiles a function of its own per decoder (its own code object, so
+its compiled graphs are never offered to another model or cache; torch keeps them per code
+object) and drops the checks on the model's modules (``skip_guard_on_all_nn_modules_unsafe``);
+those on the step's inputs stay. So a model must not change while its decoder runs (its kernels,
+classes, hooks); lowbit never does, and a new decoder compiles anew. ``generate`` keeps every
+guard: it makes a new static cache for a longer request, and with the modules' checks dropped a
+graph built for the old cache ran on the new one (tried, not kept). The first compiled step takes tens of seconds (compilation); later
 calls reuse it. Where compilation fails (an operator inductor cannot trace), the step runs
 eagerly on the same static cache, with one warning.
 """
 
 from __future__ import annotations
 
+import types
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,8 +41,41 @@ def compile_config():  # type: ignore[no-untyped-def]
     return config
 
 
+def compiled_step(model: nn.Module) -> Callable[..., object]:
+    """``model(*args, **kwargs)`` compiled for the decode steps of one cache (see the module
+    docstring): one whole graph in a code object of its own, without guards on the model's
+    modules; where the step does not trace as one graph, transformers' compiled forward with every
+    guard (a graph break compiles the modules' own forward functions as frames of their own, shared
+    by every module of a class, which only the modules' guards tell apart)."""
+
+    def step(*args: object, **kwargs: object) -> object:
+        return model(*args, **kwargs)
+
+    code = step.__code__.replace(co_name=f"lowbit_step_{id(model):x}")  # a new code object: its own graphs
+    own = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
+    config = compile_config()
+    whole = torch.compile(own, fullgraph=True, dynamic=config.dynamic, backend=config.backend,
+                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    chosen: list[Callable[..., object]] = []
+
+    def run(*args: object, **kwargs: object) -> object:
+        if not chosen:
+            try:
+                out = whole(*args, **kwargs)
+            except torch._dynamo.exc.Unsupported:  # a graph break: nothing ran
+                chosen.append(model.get_compiled_call(config))  # type: ignore[operator]
+            else:
+                chosen.append(whole)
+                return out
+        return chosen[0](*args, **kwargs)
+
+    return run
+
+
 def generate_kwargs(model: nn.Module) -> dict[str, object]:
-    """Arguments of ``model.generate`` that decode with a static cache and a compiled step."""
+    """Arguments of ``model.generate`` that decode with a static cache and a compiled step
+    (transformers' own compiled forward, every guard kept: ``generate`` makes a new cache for a
+    longer request, which the checks on the model's modules are needed to notice)."""
     check_compilable(model)
     return {"cache_implementation": "static", "compile_config": compile_config()}
 
@@ -60,7 +104,7 @@ class CompiledDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.max_len = max_len
         self.position = 0
-        self.compiled = model.get_compiled_call(compile_config())  # type: ignore[operator]
+        self.compiled = compiled_step(model)
         self.eager_reason: str | None = None
 
     def reset(self) -> None:
