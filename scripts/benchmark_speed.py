@@ -57,6 +57,11 @@ ROWS = [
     ("BF16, compiled", None, "bfloat16", False, True, True),
     ("int8 weight-only, compiled", "int8", "auto", False, True, True),
     ("int4 g128, compiled", "w4a16", "auto", False, True, True),
+    # the token embedding and tied head int8 per row too, as llama.cpp's Q8_0 / Q4_0 mixes store token_embd
+    ("int8, 8-bit embedding and head", "int8-e8", "auto", False, False, True),
+    ("int4 g128, 8-bit embedding and head", "w4a16-e8", "auto", False, False, True),
+    ("int8, 8-bit embedding and head, compiled", "int8-e8", "auto", False, True, True),
+    ("int4 g128, 8-bit embedding and head, compiled", "w4a16-e8", "auto", False, True, True),
     ("FP32, plain torch", None, "float32", False, False, False),
     ("BF16, plain torch", None, "bfloat16", False, False, False),
 ]
@@ -67,8 +72,11 @@ GOALS = {"int8 weight-only (per-channel)": 1.5, "int4 g128 (symmetric)": 2.0}  #
 # the lowbit rows beside it with the goal of their batch-1 decode against it (issue 19)
 LLAMA_CPP = [
     ("llama.cpp F32", "gguf-f32", ["FP32", "FP32, compiled"], None),
-    ("llama.cpp Q8_0", "gguf-q8_0-mix", ["int8 weight-only (per-channel)", "int8 weight-only, compiled"], 0.7),
-    ("llama.cpp Q4_0", "gguf-q4_0-mix", ["int4 g128 (symmetric)", "int4 g128, compiled"], 0.7),
+    ("llama.cpp Q8_0", "gguf-q8_0-mix", ["int8 weight-only (per-channel)", "int8 weight-only, compiled",
+                                         "int8, 8-bit embedding and head", "int8, 8-bit embedding and head, compiled"],
+     0.7),
+    ("llama.cpp Q4_0", "gguf-q4_0-mix", ["int4 g128 (symmetric)", "int4 g128, compiled", "int4 g128, 8-bit embedding "
+                                         "and head", "int4 g128, 8-bit embedding and head, compiled"], 0.7),
 ]
 LOWBIT = [sys.executable, "-m", "lowbit"]
 
@@ -140,8 +148,8 @@ def decode_profile(spec: str, dtype: str, w8a8: bool = False, steps: int = 16) -
     def post(mod, _inp, _out):  # type: ignore[no-untyped-def]
         spent["LM head" if mod is head else "block linears"] += time.perf_counter() - starts[id(mod)]
 
-    for m in model.modules():
-        if isinstance(m, QuantLinear | torch.nn.Linear):
+    for m in model.modules():  # a quantized token embedding is a QuantLinear too: not a product
+        if isinstance(m, QuantLinear | torch.nn.Linear) and m is not model.get_input_embeddings():
             m.register_forward_pre_hook(pre)
             m.register_forward_hook(post)
     ids = torch.randint(0, head.out_features, (1, 128), generator=torch.Generator().manual_seed(0))

@@ -98,18 +98,6 @@ def test_quantized_tied_embedding_shares_its_codes_with_the_head(tiny_model) -> 
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_native_folder_refuses_a_quantized_embedding(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from lowbit.io.lowbit_format import save_quantized
-    from lowbit.models import LoadedModel
-
-    model = tiny_model("llama")
-    model.lowbit_recipe = Recipe.from_dict({"codec": {"name": "q8_0"}})
-    quantize_embeddings(model, model.lowbit_recipe.codec, None)
-    with pytest.raises(LowbitError, match="GGUF"):
-        save_quantized(LoadedModel(model, None, "tiny", None), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 def test_mix_preset_end_to_end_reads_back_exactly(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """gguf-q4_k_m on a model with 256-wide rows: every k-quant and legacy type of the mix in one
     file, which lowbit's reader gives back block for block with equal logits."""

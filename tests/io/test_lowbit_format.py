@@ -234,3 +234,39 @@ def test_corrupt_quantized_metadata(saved: Path) -> None:
     _rewrite(saved, lambda t, meta: meta.__setitem__("lowbit.quantized", "{nope"))
     with pytest.raises(LowbitError, match="corrupt lowbit.quantized"):
         load_quantized(saved)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
+def test_a_quantized_embedding_round_trips(tiny_model, char_tokenizer, tmp_path, tied: bool) -> None:  # type: ignore[no-untyped-def]
+    """int8-e8: the token embedding int8 per row; a tied head shares its codes (stored once), an untied
+    one is quantized on its own."""
+    from lowbit.modules import QuantEmbedding
+
+    loaded = _quantized(tiny_model, char_tokenizer, "llama", recipe="int8-e8", tie_word_embeddings=tied)
+    emb, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
+    assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert (head.qweight_codes is emb.qweight_codes) == tied
+    want = _logits(loaded.model)
+    out = save_quantized(loaded, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight.codes" in keys and ("lm_head.weight.codes" in keys) == (not tied)
+    assert "model.embed_tokens.weight" not in keys and "lm_head.weight" not in keys
+    back = load_quantized(out).model
+    emb2, head2 = back.get_input_embeddings(), back.get_output_embeddings()
+    assert isinstance(emb2, QuantEmbedding) and isinstance(head2, QuantLinear)
+    assert (head2.qweight_codes is emb2.qweight_codes) == tied
+    assert torch.equal(emb2.qweight_codes, emb.qweight_codes)
+    assert torch.equal(_logits(back), want)
+
+
+def test_a_compressed_tensors_export_refuses_a_quantized_embedding(tiny_model, char_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.io.formats import check_layout
+
+    model = tiny_model("llama")
+    for layout, ok in (("native", True), ("gguf", True), ("compressed-tensors", False), ("gptq", False)):
+        if ok:
+            check_layout(layout, resolve_recipe("int8-e8"), model)
+        else:
+            with pytest.raises(LowbitError, match="token embedding or LM head"):
+                check_layout(layout, resolve_recipe("int8-e8"), model)

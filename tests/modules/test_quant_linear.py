@@ -135,3 +135,35 @@ def test_a_layer_moved_to_cuda_computes_there_and_comes_back_unchanged() -> None
     torch.testing.assert_close(y.cpu(), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     holder.cpu()
     assert torch.equal(layer.qweight_codes, codes)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
+def test_an_int8_table_looks_rows_up_in_the_heads_kernel(tiny_model, tied: bool) -> None:  # type: ignore[no-untyped-def]
+    """With kernels, an int8-per-row token embedding keeps no codes of its own: its rows are decoded from the
+    int8 kernel's (the tied head's, else its own), only those looked up, as the dense table holds them."""
+    from lowbit.evaluation.speed import held_bytes
+    from lowbit.modules import QuantEmbedding, enable_fast_kernels, keep_dequantized_weights
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipes import resolve_recipe
+
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    model.tie_weights()
+    quantize_model(model, resolve_recipe("int8-e8"), progress=False)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(emb, QuantEmbedding)
+    table = emb.qweight.dequantize(torch.float64)
+    ids = torch.tensor([[0, 5, 5, 199], [3, 1, 2, 7]])
+    before = held_bytes(model)
+    counts = enable_fast_kernels(model)
+    keep_dequantized_weights(model, torch.bfloat16)
+    assert emb.kernel is not None and (emb.kernel is head.kernel) == tied
+    assert counts == {"int8-cpu": 15, f"embedding rows (int8{', the tied head' + chr(39) + 's codes' if tied else ''})": 1}
+    assert emb._dense is None and emb.qweight_codes.numel() == 0  # the kernel holds the codes
+    rows = emb(ids)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (2, 4, table.shape[1])
+    # float32 decoding, rounded once to bf16
+    assert torch.equal(rows, table[ids].to(torch.float32).to(torch.bfloat16)) or \
+        ((rows.double() - table[ids]).abs() <= 2 ** -8 * table[ids].abs() + 1e-7).all()
+    assert torch.equal(emb.qweight.dequantize(), table.float())  # the stored codes, unchanged
+    if tied:  # one int8 copy of the table (the kernel's, counted once): a second would add its numel
+        assert held_bytes(model) < before + table.numel()

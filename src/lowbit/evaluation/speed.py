@@ -175,9 +175,11 @@ def held_bytes(model: nn.Module) -> int:
 
     for t in [*model.parameters(), *model.buffers()]:
         add(t)
+    kernels: set[int] = set()
     for m in model.modules():
         kernel = getattr(m, "kernel", None)
-        if kernel is not None:
+        if kernel is not None and id(kernel) not in kernels:  # a tied embedding shares its head's
+            kernels.add(id(kernel))
             total += kernel.nbytes
         add(getattr(m, "_dense", None))
     return total

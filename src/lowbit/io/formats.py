@@ -94,9 +94,12 @@ def check_layout(layout: str, recipe: "Recipe", model: nn.Module) -> None:
     from lowbit.modules import linear_weight
 
     lay = LAYOUTS[layout]
-    if layout != "gguf" and (recipe.gguf_mix or recipe.embedding or recipe.lm_head):
+    if layout != "gguf" and recipe.gguf_mix:
         raise LowbitError(f"{recipe.label()} is a GGUF type mix (it quantizes the token embedding): "
                           "write a GGUF file (--out FILE.gguf)")
+    if layout not in ("gguf", "native") and (recipe.embedding or recipe.lm_head):
+        raise LowbitError(f"{recipe.label()} quantizes the token embedding or LM head, which the {layout} layout "
+                          "cannot hold: write a lowbit folder (--format native) or a GGUF file (--out FILE.gguf)")
     for name, module in model.named_modules():
         if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
             continue

@@ -261,7 +261,8 @@ def assemble(
     unexpected = sorted(k for k in result.unexpected_keys if not k.endswith(".inv_freq"))
     if unexpected:
         raise LowbitError(f"{path}: unexpected tensors {unexpected[:5]}")
-    model.tie_weights()
+    if not isinstance(model.get_input_embeddings(), QuantLinear):  # a quantized table's tied head is set already
+        model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing:
         raise LowbitError(f"{path}: missing tensors {missing[:5]}")

@@ -11,7 +11,9 @@ A folder::
                          key "lowbit.quantized" maps NAME to its codec and logical shape; with
                          static input scales (the recipe's activations), NAME.input_scale
                          (and NAME.input_zero) in float32; with a KV cache of static scales,
-                         ATTN.k_scale and ATTN.v_scale per attention module, float32 (1,)
+                         ATTN.k_scale and ATTN.v_scale per attention module, float32 (1,);
+                         a quantized token embedding is stored as a linear of its name (a
+                         tied LM head, sharing its codes, is not stored again)
     tokenizer files
 
 It is written into a hidden temporary folder beside the target and renamed only when complete,
@@ -52,8 +54,12 @@ def quantized_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict[st
     """Tensors to store and the per-linear headers; tied tensors are stored once."""
     tensors: dict[str, torch.Tensor] = {}
     headers: dict[str, str] = {}
+    stored: set[int] = set()  # a tied LM head shares the token embedding's codes: stored once, as the embedding
     for mod_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
+            if id(module.qweight_codes) in stored:
+                continue
+            stored.add(id(module.qweight_codes))
             qt = module.qweight
             headers[mod_name] = qt.header()
             prefix = f"{mod_name}." if mod_name else ""
@@ -71,9 +77,6 @@ def save_quantized(loaded: "LoadedModel", out: Path, overwrite: bool = False, so
     recipe = getattr(model, "lowbit_recipe", None)
     if recipe is None:
         raise LowbitError("the model is not quantized (no recipe attached)")
-    if any(isinstance(m, QuantEmbedding) for m in model.modules()):
-        raise LowbitError("this recipe quantizes the token embedding (a GGUF type mix): write a GGUF file "
-                          "(--out FILE.gguf)")
     out = Path(out)
     with atomic_folder(out, overwrite) as tmp:
         tensors, headers = quantized_state(model, getattr(torch, recipe.dense_dtype))
@@ -151,6 +154,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         except (ValueError, KeyError, AttributeError) as e:
             raise LowbitError(f"{path}: bad quantized tensor {name}: {e}") from None
         consumed.update(qt.state_dict(f"{name}.weight"))
+    _set_quantized_embedding(model, quantized, tensors, path)
     inputs = input_quantization(recipe, quantized, tensors, path)
     consumed.update(f"{name}.input_{k}" for name, (_, scale) in inputs.items() for k in scale or {})
     scales = read_kv_scales(path, tensors, consumed)
@@ -165,6 +169,30 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         raise LowbitError(f"{path}: missing tensors {missing[:5]}")
     model.lowbit_recipe = recipe
     return LoadedModel(model, tokenizer, str(marker.get("source", path)), path)
+
+
+def _set_quantized_embedding(model: nn.Module, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],
+                             path: Path) -> None:
+    """A quantized token embedding (taken out of ``quantized``, which then holds linears only) set in
+    as a QuantEmbedding, and a tied LM head as a QuantLinear over the same codes."""
+    emb = model.get_input_embeddings()
+    name = next((n for n in quantized if model.get_submodule(n) is emb), None)
+    if name is None:
+        return
+    qt = quantized.pop(name)
+    if tuple(emb.weight.shape) != qt.shape:
+        raise LowbitError(f"{path}: {name} is stored as a {qt.shape[0]}x{qt.shape[1]} table, the model's is "
+                          f"{emb.weight.shape[0]}x{emb.weight.shape[1]}")
+    model.set_input_embeddings(QuantEmbedding(qt))
+    head = model.get_output_embeddings()
+    if head is not None and getattr(model.config, "tie_word_embeddings", False):
+        if f"{_name_of(model, head)}.weight" in tensors:
+            raise LowbitError(f"{path}: the LM head is tied to the quantized token embedding, yet stored too")
+        model.set_output_embeddings(QuantLinear(qt))
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def input_quantization(recipe: Recipe, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],

@@ -2,7 +2,10 @@
 
 llama.cpp's type mixes store the token embedding quantized (Q8_0, Q6_K, ...); a tied LM head
 then shares it. :func:`quantize_embeddings` does that to a transformers model in place, so that
-the model lowbit evaluates holds exactly the values the GGUF file stores.
+the model lowbit evaluates holds exactly the values the GGUF file stores. lowbit folders hold one
+too (the ``*-e8`` presets: int8 per row), and where the table's codes are int8 per row the running
+model keeps them once, in the tied head's int8 kernel, and decodes only the rows looked up
+(:meth:`QuantEmbedding.use_rows_of`).
 """
 
 from __future__ import annotations
@@ -13,16 +16,37 @@ from torch import nn
 
 from lowbit.codecs import Codec
 from lowbit.errors import LowbitError
+from lowbit.modules.kernels import Int8PackedKernel, affine_form
 from lowbit.modules.quant_linear import QuantLinear
 
 
 class QuantEmbedding(QuantLinear):
     """Rows of the ``(vocab, hidden)`` table looked up by token id, decoded on use (float32, or
-    the dtype :func:`cache_dequantized_weights` caches)."""
+    the dtype :func:`cache_dequantized_weights` caches); with an int8 kernel's codes
+    (:meth:`use_rows_of`), only the rows looked up are decoded, in ``lookup_dtype``."""
 
-    kernel_capable = False
+    kernel_capable = False  # enable_fast_kernels gives it an int8 kernel's codes to look rows up in, no product
+    lookup_dtype = torch.float32  # of the rows a kernel-backed lookup returns (keep_dequantized_weights sets it)
+
+    def use_rows_of(self, kernel: Int8PackedKernel) -> bool:
+        """Look rows up in ``kernel``'s int8 codes (``q - 128`` per row of this table: a tied LM head's
+        kernel, or one of the table's own), decoding ``(q - 128) * scale + shift`` in float32 with the
+        table's per-row float32 scale data; the layer's own packed codes are released (the kernel holds
+        them). False, and nothing changed, where the codes are not affine with one scale per row."""
+        form = affine_form(self.qweight)
+        if form is None or form[1].shape[1] != 1 or tuple(kernel.shape) != (self.out_features, self.in_features):
+            return False
+        _, scale, offset = form
+        self._row_scale = scale.contiguous()  # (vocab, 1) float32
+        self._row_shift = (offset + 128 * scale).contiguous()  # the offset of q - 128
+        self.use_kernel(kernel)  # type: ignore[arg-type]
+        return True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.kernel is not None:
+            w = self.kernel.weight  # type: ignore[attr-defined]
+            rows = w[ids].to(torch.float32) * self._row_scale[ids] + self._row_shift[ids]
+            return rows.to(self.lookup_dtype)
         table = self._dense if self._dense is not None else self.dense_weight(torch.float32)
         return F.embedding(ids, table)
 

@@ -21,7 +21,7 @@ from lowbit.codecs import QuantizedTensor
 from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs.base import ScaleData
 from lowbit.codecs.packing import pack_codes
-from lowbit.modules.kernels import LinearKernel, build_kernel
+from lowbit.modules.kernels import Int8PackedKernel, LinearKernel, build_kernel
 
 _PART_PREFIX = "qweight_"
 
@@ -146,14 +146,26 @@ def enable_fast_kernels(model: nn.Module, w8a8: bool = False) -> dict[str, int]:
     once); ``w8a8``: int8-weight layers that do not quantize their inputs yet quantize them too
     (dynamic, per token). Returns how many layers each kernel (and the reference path) took."""
     counts: dict[str, int] = {}
+    # a quantized token embedding (no product of its own) and the tied head that shares its codes
+    tables = {id(m.qweight_codes): m for m in model.modules() if isinstance(m, QuantLinear) and not m.kernel_capable}
+    tied: dict[int, LinearKernel] = {}
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel_capable:
             if w8a8 and m.input_quant is None and m.qweight.get_codec().code_bits == 8:
                 m.set_input_quant(W8A8_DYNAMIC)
             kernel = (build_kernel(m.qweight, m.input_quant, m.input_scale)
                       if m.qweight_codes.device.type == "cpu" else None)
+            if kernel is not None and id(m.qweight_codes) in tables:
+                tied[id(tables[id(m.qweight_codes)])] = kernel
             m.use_kernel(kernel)
             name = "reference" if kernel is None else kernel.name
+            counts[name] = counts.get(name, 0) + 1
+    for table in tables.values():
+        kernel = tied.get(id(table))
+        if kernel is None and table.qweight_codes.device.type == "cpu":
+            kernel = build_kernel(table.qweight)  # an untied table: int8 codes of its own to look rows up in
+        if isinstance(kernel, Int8PackedKernel) and hasattr(table, "use_rows_of") and table.use_rows_of(kernel):
+            name = "embedding rows (int8" + (", the tied head's codes)" if id(table) in tied else ")")
             counts[name] = counts.get(name, 0) + 1
     return counts
 
@@ -166,6 +178,8 @@ def keep_dequantized_weights(model: nn.Module, dtype: torch.dtype) -> int:
         if isinstance(m, QuantLinear) and m.kernel is None:
             m._dense = m.dense_weight(dtype)
             n += 1
+        elif isinstance(m, QuantLinear) and not m.kernel_capable:  # a table's rows decoded from a kernel's codes
+            m.lookup_dtype = dtype  # type: ignore[attr-defined]
     return n
 
 

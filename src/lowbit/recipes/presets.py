@@ -24,6 +24,8 @@ def _calibrated(algorithm: dict[str, Any], base: dict[str, Any]) -> dict[str, An
     return {**base, "algorithm": algorithm, "calibration": {"source": "pydoc-calib", "samples": 128, "seq_len": 512}}
 
 
+# the codec of a quantized token embedding / LM head: int8, one scale per row (per token)
+_E8: dict[str, Any] = {"name": "int", "bits": 8, "symmetric": True, "granularity": "channel", "group_size": None}
 # GPTQ's defaults, as the int and NF4 presets run it
 _GPTQ = "GPTQ (act-order, static groups)"
 # dynamic per-token int8 inputs, as vLLM's W8A8 kernels quantize them
@@ -62,6 +64,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("int8 per-channel symmetric, RTN", _int(8, group_size=None)),
     "w8a16": ("same as int8", _int(8, group_size=None)),
     "w4a16": ("int4 groups of 128 symmetric, RTN", _int(4, group_size=128)),
+    # the token embedding (and a tied LM head, which shares it) int8 per row too, as llama.cpp's Q8_0 and
+    # Q4_0 mixes store token_embd in Q8_0: a decode step reads an 8-bit head
+    "int8-e8": ("int8 per-channel symmetric, RTN; token embedding (and tied LM head) int8 per row",
+                {**_int(8, group_size=None), "embedding": _E8, "lm_head": _E8}),
+    "w4a16-e8": ("int4 groups of 128 symmetric, RTN; token embedding (and tied LM head) int8 per row",
+                 {**_int(4, group_size=128), "embedding": _E8, "lm_head": _E8}),
     "w4a16-asym": ("int4 groups of 128 asymmetric (fp16 zero), RTN", _int(4, symmetric=False, group_size=128)),
     "w4a16-g64": ("int4 groups of 64 symmetric, RTN", _int(4, group_size=64)),
     "w4a16-asym-g64": ("int4 groups of 64 asymmetric, RTN", _int(4, symmetric=False, group_size=64)),

@@ -104,8 +104,9 @@ class Recipe(BaseModel):
     gguf_mix: str | None = Field(None, description="a llama-quantize type mix (q4_k_m, q3_k_m, ...), resolved "
                                  "against the model when quantizing (lowbit.io.gguf_mixes)")
     embedding: SerializeAsAny[Codec] | None = Field(
-        None, description="codec of the token embedding (and a tied LM head), RTN; GGUF files only")
-    lm_head: SerializeAsAny[Codec] | None = Field(None, description="codec of an untied LM head, RTN; GGUF files only")
+        None, description="codec of the token embedding (and a tied LM head), RTN; GGUF files and lowbit folders")
+    lm_head: SerializeAsAny[Codec] | None = Field(None, description="codec of an untied LM head, RTN; GGUF files and "
+                                                  "lowbit folders")
 
     @field_validator("targets", "ignore")
     @classmethod
