@@ -320,7 +320,7 @@ def render(results: dict[str, dict], kld: dict[str, tuple[float, float, float | 
         lines.append(f"| {label} | {ms['block linears']:.1f} | {ms['LM head']:.1f} | {ms['rest']:.1f} | "
                      f"{sum(ms.values()):.1f} |")
     rows = sorted({r for _, r, _, _ in cross})
-    lines += ["", "Packed operator vs dequantize + bf16 matmul (AMX), ms per call by input rows (the kernels switch "
+    lines += ["", "Packed operator vs dequantize + bf16 matmul (AMX where the CPU has it), ms per call by input rows (the kernels switch "
               "to the second above `INT4_MAX_ROWS` / `INT8_MAX_ROWS` rows):", "",
               "| linear | " + " | ".join(f"{r} rows" for r in rows) + " |", "|---|" + "---:|" * len(rows)]
     for name in dict.fromkeys(n for n, _, _, _ in cross):

@@ -8,18 +8,19 @@ measurement's loop, ``bench-speed --compile``) runs :func:`compiled_step` on a c
 prompt's forward stays eager, as in ``generate``: its shape changes with every prompt.
 
 Guards: before each call torch.compile checks that what it compiled against still holds, by
-default every attribute of every module (about 8,600 checks for SmolLM2: 2 ms of a 9 ms int8
-step). :func:`compiled_step` compiles a function of its own per decoder (its own code object, so
-its compiled graphs are never offered to another model or cache; torch keeps them per code
-object) and drops the checks on the model's modules (``skip_guard_on_all_nn_modules_unsafe``);
-those on the step's inputs stay. So a model must not change while its decoder runs (its kernels,
-classes, hooks); lowbit never does, and a new decoder compiles anew. Its graph runs through
-inductor's C++ wrapper (the graph's calls made from C++, not Python: an int4 step 6.3 -> 5.6 ms
-here), whose first compile takes a few minutes; torch's cache keeps it for later processes. ``generate`` keeps every
-guard: it makes a new static cache for a longer request, and with the modules' checks dropped a
-graph built for the old cache ran on the new one (tried, not kept). The first compiled step takes tens of seconds (compilation); later
-calls reuse it. Where compilation fails (an operator inductor cannot trace), the step runs
-eagerly on the same static cache, with one warning.
+default every attribute of every module (thousands of checks: a large share of a small model's
+step; BENCHMARKS.md, "Speed and memory"). :func:`compiled_step` compiles a function of its own
+per decoder (its own code object, so its compiled graphs are never offered to another model or
+cache; torch keeps them per code object) and drops the checks on the model's modules
+(``skip_guard_on_all_nn_modules_unsafe``); those on the step's inputs stay. So a model must not
+change while its decoder runs (its kernels, classes, hooks); lowbit never does, and a new decoder
+compiles anew. ``generate`` keeps every guard: it makes a new static cache for a longer request,
+and with the modules' checks dropped a graph built for the old cache ran on the new one (tried,
+not kept). The decoder's graph runs through inductor's C++ wrapper (its calls made from C++, not
+Python), whose first compile takes a few minutes; torch's cache keeps it for later processes.
+
+The first compiled step compiles; later calls reuse it. Where compilation fails (an operator
+inductor cannot trace), the step runs eagerly on the same static cache, with one warning.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def compiled_step(model: nn.Module) -> Callable[..., object]:
     code = step.__code__.replace(co_name=f"lowbit_step_{id(model):x}")  # a new code object: its own graphs
     own = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
     config = compile_config()
-    # cpp_wrapper: the graph's calls in C++, not Python (an int4 step 6.3 -> 5.6 ms here; the first compile
-    # takes minutes, then torch's cache has it)
+    # cpp_wrapper: the graph's calls in C++, not Python (the first compile takes minutes, then torch's cache has it)
     whole = torch.compile(own, fullgraph=True, dynamic=config.dynamic, backend=config.backend,
                           options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
                                    "cpp_wrapper": True})
