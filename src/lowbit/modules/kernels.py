@@ -77,17 +77,26 @@ def affine_form(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     inner = QuantizedTensor(qt.codec, qt.shape, {k: v for k, v in qt.data.items() if k != "g_idx"})
     codes, scale_data = codec.unpack(inner)
     R, G, _ = codes.shape
-    every_code = torch.arange(1 << codec.code_bits, dtype=torch.uint8).expand(R, G, -1)
-    values = codec.decode(every_code, scale_data).to(torch.float64)  # (R, G, codes)
-    # the step from the two ends: float32 scales decode each value with its own rounding, and a
-    # step taken from two neighbouring codes would carry theirs 255-fold
-    offset, scale = values[..., 0], (values[..., -1] - values[..., 0]) / ((1 << codec.code_bits) - 1)
-    line = offset.unsqueeze(-1) + every_code.to(torch.float64) * scale.unsqueeze(-1)
-    if not bool(((values - line).abs() <= 1e-6 * values.abs().amax(-1, keepdim=True) + 1e-30).all()):
-        return None
+    n = 1 << codec.code_bits
+    # rows at a time where the scale data is per row: a token embedding's 49152 rows x 256 codes in float64
+    # at once would hold hundreds of MB for a moment
+    per_row = all(t.dim() > 0 and t.shape[0] == R for t in scale_data.values())
+    step = max(1, (1 << 20) // (G * n)) if per_row else R
+    offsets, scales = [], []
+    for r0 in range(0, R, step):
+        part = {k: v[r0:r0 + step] for k, v in scale_data.items()} if per_row else scale_data
+        every_code = torch.arange(n, dtype=torch.uint8).expand(min(step, R - r0), G, -1)
+        values = codec.decode(every_code, part).to(torch.float64)  # (rows, G, codes)
+        # the step from the two ends: float32 scales decode each value with its own rounding, and a
+        # step taken from two neighbouring codes would carry theirs 255-fold
+        offset, scale = values[..., 0], (values[..., -1] - values[..., 0]) / (n - 1)
+        line = offset.unsqueeze(-1) + every_code.to(torch.float64) * scale.unsqueeze(-1)
+        if not bool(((values - line).abs() <= 1e-6 * values.abs().amax(-1, keepdim=True) + 1e-30).all()):
+            return None
+        offsets.append(offset.to(torch.float32))
+        scales.append(scale.to(torch.float32))
     rows = qt.shape[0]
-    return (grouping.merge(codes, qt.shape), scale.to(torch.float32).expand(rows, -1),
-            offset.to(torch.float32).expand(rows, -1))
+    return (grouping.merge(codes, qt.shape), torch.cat(scales).expand(rows, -1), torch.cat(offsets).expand(rows, -1))
 
 
 class Int4PackedKernel:
