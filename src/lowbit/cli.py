@@ -239,9 +239,11 @@ def _add_prefill_chunk_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="decode on a static KV cache with the one-token step compiled by torch.compile (the first "
-                        "run compiles for tens of seconds; later steps skip Python's per-operator overhead); "
-                        "greedy tokens as without it")
+                   help="decode on a static KV cache with the one-token step compiled by torch.compile (later steps "
+                        "skip Python's per-operator overhead; greedy tokens as without it). The first run compiles: "
+                        "tens of seconds for generate; bench-speed's step (one graph through inductor's C++ wrapper, "
+                        "without guards on the model's modules) 2-3 minutes the first time on a machine, then "
+                        "torch's cache has it")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:

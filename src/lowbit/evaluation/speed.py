@@ -160,7 +160,8 @@ def cache_nbytes(cache: object) -> int:
 
 def held_bytes(model: nn.Module) -> int:
     """Bytes of every tensor the model holds, each storage once: parameters, buffers, the
-    fast kernels' weights, and dequantized copies kept for the reference path."""
+    fast kernels' weights (a kernel two modules share, once), dequantized copies kept for the
+    reference path, and a quantized table's per-row scale data."""
     seen: set[int] = set()
     total = 0
 
@@ -181,7 +182,8 @@ def held_bytes(model: nn.Module) -> int:
         if kernel is not None and id(kernel) not in kernels:  # a tied embedding shares its head's
             kernels.add(id(kernel))
             total += kernel.nbytes
-        add(getattr(m, "_dense", None))
+        for name in ("_dense", "_row_scale", "_row_shift"):  # dequantized copies; a table's per-row scale data
+            add(getattr(m, name, None))
     return total
 
 
