@@ -356,7 +356,18 @@ void attend(const T* q, const T* k, const T* v, std::array<int64_t, 3> ks, std::
       for (int64_t j = 0; j < L; ++j) {
         if (p[j] == 0.f) continue;
         const Row row{v + b * vs[0] + kvh * vs[1] + j * vs[2]};
+#ifdef LOWBIT_ROWS_AVX512
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16)
+          _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(pj, row.at(d), _mm512_loadu_ps(acc.data() + d)));
+        if (d < D) {  // acc is padded to a multiple of 16; the row's ragged end is read masked
+          const __m512 tail = row.tail(d, static_cast<__mmask16>((1u << (D - d)) - 1));
+          _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(pj, tail, _mm512_loadu_ps(acc.data() + d)));
+        }
+#else
         for (int64_t d = 0; d < D; ++d) acc[d] += p[j] * row.at1(d);
+#endif
       }
       // every key masked: 0 / 0, NaN, as SDPA gives
       for (int64_t d = 0; d < D; ++d) store(out, bh * D + d, acc[d] / total);
