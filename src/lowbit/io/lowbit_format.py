@@ -154,7 +154,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         except (ValueError, KeyError, AttributeError) as e:
             raise LowbitError(f"{path}: bad quantized tensor {name}: {e}") from None
         consumed.update(qt.state_dict(f"{name}.weight"))
-    _set_quantized_embedding(model, quantized, tensors, path)
+    _set_quantized_embedding(model, quantized, path)
     inputs = input_quantization(recipe, quantized, tensors, path)
     consumed.update(f"{name}.input_{k}" for name, (_, scale) in inputs.items() for k in scale or {})
     scales = read_kv_scales(path, tensors, consumed)
@@ -171,8 +171,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
     return LoadedModel(model, tokenizer, str(marker.get("source", path)), path)
 
 
-def _set_quantized_embedding(model: nn.Module, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],
-                             path: Path) -> None:
+def _set_quantized_embedding(model: nn.Module, quantized: dict[str, QuantizedTensor], path: Path) -> None:
     """A quantized token embedding (taken out of ``quantized``, which then holds linears only) set in
     as a QuantEmbedding, and a tied LM head as a QuantLinear over the same codes."""
     emb = model.get_input_embeddings()
@@ -184,15 +183,9 @@ def _set_quantized_embedding(model: nn.Module, quantized: dict[str, QuantizedTen
         raise LowbitError(f"{path}: {name} is stored as a {qt.shape[0]}x{qt.shape[1]} table, the model's is "
                           f"{emb.weight.shape[0]}x{emb.weight.shape[1]}")
     model.set_input_embeddings(QuantEmbedding(qt))
-    head = model.get_output_embeddings()
-    if head is not None and getattr(model.config, "tie_word_embeddings", False):
-        if f"{_name_of(model, head)}.weight" in tensors:
-            raise LowbitError(f"{path}: the LM head is tied to the quantized token embedding, yet stored too")
+    # a tied head's weight stored anyway is an unexpected tensor to assemble()
+    if model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False):
         model.set_output_embeddings(QuantLinear(qt))
-
-
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
 
 
 def input_quantization(recipe: Recipe, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],

@@ -266,27 +266,20 @@ at::Tensor int8_int8_rows(const at::Tensor& x, const at::Tensor& weight, const a
 // Returns y (M, N) float32 and the number of outlier columns (int64, 0-d).
 std::tuple<at::Tensor, at::Tensor> llm_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                                  const at::Tensor& w_sums, double threshold) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "llm_int8_rows: x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
+  check_input(x, weight, "llm_int8_rows");
   check_int8_weight(weight, w_sums, x.size(1), "llm_int8_rows");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
               "llm_int8_rows: scale must be float32 with one value per row of the weight");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const float thr = static_cast<float>(threshold);  // torch compares a float32 tensor with the scalar in float32
-  std::vector<float> xf(static_cast<size_t>(M * K));
-  if (x.scalar_type() == at::kFloat) {
-    std::copy_n(x.data_ptr<float>(), M * K, xf.data());
-  } else {
-    const auto* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = load(p, i);
-  }
+  int64_t ldx = 0;
+  const std::vector<float> xf = padded_rows(x, ldx);
   std::vector<char> outlier(static_cast<size_t>(K), 0);
   std::vector<float> sx(static_cast<size_t>(M));
   for (int64_t m = 0; m < M; ++m) {
     float top = 0.f;
     for (int64_t k = 0; k < K; ++k) {
-      const float a = std::fabs(xf[m * K + k]);
+      const float a = std::fabs(xf[m * ldx + k]);
       if (a >= thr) outlier[k] = 1; else top = std::max(top, a);
     }
     sx[m] = std::max(top, std::numeric_limits<float>::min()) / 127.f;
@@ -299,10 +292,10 @@ std::tuple<at::Tensor, at::Tensor> llm_int8_rows(const at::Tensor& x, const at::
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) {
       if (outlier[k]) continue;
-      const float q = std::nearbyint(xf[m * K + k] / sx[m]);  // nearest even, as torch.round
+      const float q = std::nearbyint(xf[m * ldx + k] / sx[m]);  // nearest even, as torch.round
       xq[m * K + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
     }
-    for (size_t j = 0; j < cols.size(); ++j) xc[m * cols.size() + j] = xf[m * K + cols[j]];
+    for (size_t j = 0; j < cols.size(); ++j) xc[m * cols.size() + j] = xf[m * ldx + cols[j]];
   }
   const Int8Inputs xi(xq.data(), M, K);
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
