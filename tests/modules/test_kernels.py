@@ -16,13 +16,17 @@ from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs import IntCodec, QuantizedTensor
 from lowbit.codecs.registry import codec_from_dict
 from lowbit.modules import QuantLinear, enable_fast_kernels
+from lowbit.modules import kernels
 from lowbit.modules.kernels import INT4_MAX_ROWS, INT8_MAX_ROWS, affine_form, build_kernel
+from lowbit.modules.native import int4_rows
 from lowbit.pipeline import quantize_model
 from lowbit.recipes import resolve_recipe
 
 # bf16 keeps 8 significant bits: a scale (and so every weight of its group) moves by at most
 # 2**-9 of itself, zero points by 2**-9 of theirs
 BF16_REL = 2.0**-8
+# the int4 kernel this machine runs: lowbit's row operator where it is built with AVX-512 BF16, else torch's
+INT4_KERNEL = "int4-rows-cpu" if int4_rows() else "int4-packed-cpu"
 
 CODECS = {
     "int4 g128 sym (ragged 576)": dict(bits=4, group_size=128),
@@ -57,8 +61,13 @@ def _cases() -> list[tuple[str, QuantizedTensor]]:
             + ggml + blocked)
 
 
+@pytest.mark.parametrize("own_int4", [True, False], ids=["lowbit int4", "torch int4"])
 @pytest.mark.parametrize("label,qt", _cases(), ids=[c[0] for c in _cases()])
-def test_kernel_matches_reference(label: str, qt: QuantizedTensor) -> None:
+def test_kernel_matches_reference(label: str, qt: QuantizedTensor, own_int4: bool,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if own_int4 and not int4_rows():
+        pytest.skip("lowbit's int4 operator is not built with AVX-512 BF16 here")
+    monkeypatch.setattr(kernels, "int4_rows", lambda: own_int4)  # each int4 kernel where both run
     kernel = build_kernel(qt)
     assert kernel is not None, label
     ref = qt.dequantize()
@@ -92,10 +101,10 @@ def test_quant_linear_with_kernel_releases_codes_and_keeps_its_state(codec: dict
     bias = torch.randn(96)
     model = nn.Sequential(QuantLinear(qt, bias))
     before = copy.deepcopy(model.state_dict())
-    assert enable_fast_kernels(model) == {"int4-packed-cpu": 1}
+    assert enable_fast_kernels(model) == {INT4_KERNEL: 1}
     layer = model[0]
     assert layer.qweight_codes.numel() == 0  # the kernel holds the only copy of the codes
-    assert "kernel=int4-packed-cpu" in repr(layer)
+    assert f"kernel={INT4_KERNEL}" in repr(layer)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(layer.qweight.data["codes"], qt.data["codes"])
@@ -116,7 +125,7 @@ def test_tiny_model_logits_follow_the_reference(tiny_model) -> None:  # type: ig
         ref = model(ids).logits
         fast = copy.deepcopy(model)
         counts = enable_fast_kernels(fast)
-        assert counts.get("int4-packed-cpu", 0) > 0 and "reference" not in counts
+        assert counts.get(INT4_KERNEL, 0) > 0 and "reference" not in counts
         got = fast(ids).logits
         # prefill (12 rows) and one decode step (1 row) go through both paths
         step = fast(ids[:, :1]).logits

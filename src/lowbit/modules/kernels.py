@@ -1,4 +1,6 @@
-"""Fast CPU paths behind :class:`QuantLinear`: PyTorch's own packed int4 and int8 matmuls.
+"""Fast CPU paths behind :class:`QuantLinear`: PyTorch's own packed int4 and int8 matmuls, and lowbit's
+own int4 operator (:mod:`lowbit.modules.int4_rows_kernel`), which takes 4-bit weights where this CPU has
+AVX-512 BF16 (faster than torch's at every row count measured: BENCHMARKS.md "Speed and memory").
 
 A kernel is built once from a stored :class:`QuantizedTensor` (at load time, never per call)
 and holds the weight in the operator's layout; :func:`enable_fast_kernels` then drops the
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from lowbit.codecs import QuantizedTensor
 from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs.base import ScaleData, group_order
-from lowbit.modules.native import native_ops, row_products
+from lowbit.modules.int4_rows_kernel import Int4RowsKernel, layer_columns
+from lowbit.modules.native import int4_rows, native_ops, row_products
 
 #: rows of the input up to which each packed operator runs; above it, dequantize + bf16 matmul
 #: (the crossover table of ``scripts/benchmark_speed.py``, BENCHMARKS.md "Speed and memory")
@@ -182,12 +185,7 @@ class Int4PackedKernel:
 
     def codes(self) -> torch.Tensor:
         """The ``(N, K)`` codes in the layer's column order (``g_idx`` order when permuted)."""
-        codes = self._padded_codes()[:, : self.shape[1]]
-        if self.order is None:
-            return codes
-        out = torch.empty_like(codes)
-        out[:, self.order] = codes
-        return out
+        return layer_columns(self._padded_codes()[:, : self.shape[1]], self.order)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The ``(N, K)`` weight as the operator sees it (scale and zero rounded to bf16), in
@@ -197,7 +195,7 @@ class Int4PackedKernel:
         sz = self.scale_zero.transpose(0, 1).to(dtype)
         w = (q - 8) * sz[..., 0:1] + sz[..., 1:2]
         w = w.reshape(rows, self.padded)[:, :cols]
-        return w if self.order is None else w.index_select(1, torch.argsort(self.order))
+        return layer_columns(w, self.order)
 
 
 @functools.lru_cache(maxsize=64)
@@ -428,7 +426,7 @@ def build_kernel(qt: QuantizedTensor, input_quant: "ActivationQuantizer | None" 
     elif bits == 4 and granularity == "group" and grouping.group_size in _INT4_GROUPS:
         group_size = grouping.group_size
     elif bits == 4 and granularity != "group":  # one scale per row or tensor: operator groups repeat it
-        group_size = next((g for g in reversed(_INT4_GROUPS) if cols % g == 0), None)
+        group_size = 256 if int4_rows() else next((g for g in reversed(_INT4_GROUPS) if cols % g == 0), None)
         if group_size is None:
             return None
     else:
@@ -447,6 +445,12 @@ def build_kernel(qt: QuantizedTensor, input_quant: "ActivationQuantizer | None" 
             return Int8StaticActivationKernel(codes, scale, offset, input_scale["scale"])
         return Int8PackedKernel(codes, scale, offset)
     assert group_size is not None
+    if int4_rows():  # lowbit's own operator: any row width, the codec's own groups
+        if granularity != "group":
+            groups = -(-cols // 256)
+            return Int4RowsKernel(codes, scale.expand(rows, groups), offset.expand(rows, groups), 256, None)
+        order = group_order(qt.data["g_idx"], grouping, qt.shape) if "g_idx" in qt.data else None
+        return Int4RowsKernel(codes if order is None else codes[:, order], scale, offset, grouping.group_size, order)
     if granularity != "group":
         groups = cols // group_size
         return Int4PackedKernel(codes, scale.expand(rows, groups), offset.expand(rows, groups), group_size, None)

@@ -1,6 +1,6 @@
 """lowbit's own CPU operators (``native_ops.cpp``: W8A8's fused input rounding and output rescale;
 ``native_decode.cpp``: a decode step's products of a few rows with a whole weight, and its
-one-query attention), compiled with the machine's C++ compiler on
+one-query attention; ``native_int4.cpp``: the same product for 4-bit weights), compiled with the machine's C++ compiler on
 first use (about 20 s, once per machine and source version; torch's extension cache keeps the
 library) and loaded by later processes in well under a second.
 
@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("native_ops.cpp", "native_decode.cpp", "native_common.h")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("native_ops.cpp", "native_decode.cpp", "native_int4.cpp", "native_common.h")]
 _loaded: list[ModuleType | None] = []  # empty until the first call; then the module or None
 _shapes_declared: list[bool] = []  # torch.library takes each operator's fake implementation once per process
 
@@ -36,8 +36,8 @@ def _cpu_flags() -> str:
 
 def native_ops() -> ModuleType | None:
     """The compiled operators (``quantize_rows``, ``dequantize_rows``, ``rows_vectorized``; loading it
-    registers ``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows``, ``llm_int8_rows`` and
-    ``one_query_attention``), or None where they are turned off or
+    registers ``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows``, ``llm_int8_rows``,
+    ``int4_rows`` and ``one_query_attention``), or None where they are turned off or
     cannot be built here."""
     if _loaded:
         return _loaded[0]
@@ -56,6 +56,12 @@ def row_products() -> bool:
     plain-loop build is right but slow)."""
     module = native_ops()
     return module is not None and bool(module.rows_vectorized())
+
+
+def int4_rows() -> bool:
+    """Whether ``torch.ops.lowbit.int4_rows`` is here and vectorized (AVX-512 BF16)."""
+    module = native_ops()
+    return module is not None and bool(module.int4_rows_vectorized())
 
 
 def _declare_shapes() -> None:
@@ -81,6 +87,14 @@ def _declare_shapes() -> None:
     @torch.library.register_fake("lowbit::llm_int8_rows")
     def _llm_int8_rows(x, weight, scale, w_sums, threshold):  # type: ignore[no-untyped-def]
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32), x.new_empty((), dtype=torch.int64)
+
+    @torch.library.register_fake("lowbit::int4_rows")
+    def _int4_rows(x, codes, scale, zero, group_size):  # type: ignore[no-untyped-def]
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("lowbit::int4_dense")
+    def _int4_dense(codes, scale, zero, group_size, K, dtype):  # type: ignore[no-untyped-def]
+        return codes.new_empty(codes.shape[0], K, dtype=dtype)
 
     @torch.library.register_fake("lowbit::one_query_attention")
     def _one_query_attention(q, k, v, mask, scale):  # type: ignore[no-untyped-def]

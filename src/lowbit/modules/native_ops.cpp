@@ -138,10 +138,12 @@ at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, c
   return out;
 }
 
-bool rows_vectorized();  // native_decode.cpp
+bool rows_vectorized();       // native_decode.cpp
+bool int4_rows_vectorized();  // native_int4.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "int8 codes and scales of rows (symmetric; dynamic or static scale)");
   m.def("dequantize_rows", &dequantize_rows, "int32 sums times row and column scales, as float32 or bf16");
   m.def("rows_vectorized", &rows_vectorized, "whether lowbit::dense_rows / int8_rows were built with AVX-512");
+  m.def("int4_rows_vectorized", &int4_rows_vectorized, "whether lowbit::int4_rows was built with AVX-512 BF16");
 }
