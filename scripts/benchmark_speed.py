@@ -170,8 +170,9 @@ def decode_profile(spec: str, dtype: str, w8a8: bool = False, steps: int = 16) -
 
 def crossover(repeats: int = 20) -> list[tuple[str, int, float, float]]:
     """For SmolLM2's widest int4 g128 and int8 linears (1536 x 576, 576 x 1536): milliseconds of
-    the packed operator and of dequantize + bf16 matmul, by input rows: where ``INT4_MAX_ROWS``
-    and ``INT8_MAX_ROWS`` (the switch between them in ``lowbit.modules.kernels``) come from."""
+    the packed (or row) operator and of dequantize + bf16 matmul, by input rows: where ``INT4_ROWS_MAX_ROWS``
+    (lowbit's int4 operator; ``INT4_MAX_ROWS`` for torch's, where AVX-512 BF16 is missing) and
+    ``INT8_MAX_ROWS`` (the switch between them in ``lowbit.modules``) come from."""
     from lowbit.codecs import IntCodec
     from lowbit.modules.kernels import build_kernel
 
@@ -180,7 +181,7 @@ def crossover(repeats: int = 20) -> list[tuple[str, int, float, float]]:
     for label, codec in (("int4 g128", IntCodec(bits=4, group_size=128)), ("int8 channel", IntCodec(bits=8, granularity="channel"))):
         for shape in ((1536, 576), (576, 1536)):
             kernel = build_kernel(codec.quantize(torch.randn(*shape, generator=g)))
-            for rows in (1, 8, 32, 128, 256, 512):
+            for rows in (1, 8, 16, 32, 128, 512):
                 x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
 
                 def packed() -> None:
@@ -196,7 +197,7 @@ def crossover(repeats: int = 20) -> list[tuple[str, int, float, float]]:
                     for _ in range(repeats):
                         f()
                     times.append(1e3 * (time.perf_counter() - t0) / repeats)
-                out.append((f"{label} {shape[0]}x{shape[1]}", rows, times[0], times[1]))
+                out.append((f"{label} {shape[0]}x{shape[1]} ({kernel.name})", rows, times[0], times[1]))
     return out
 
 
@@ -219,7 +220,7 @@ def decode_operators(repeats: int = 20) -> list[tuple[str, str, list[tuple[int, 
     operators are not built or not vectorized here."""
     import torch.nn.functional as F
 
-    from lowbit.modules.native import row_products
+    from lowbit.modules.native import int4_rows, row_products
 
     if not row_products():
         return []
@@ -244,6 +245,24 @@ def decode_operators(repeats: int = 20) -> list[tuple[str, str, list[tuple[int, 
                     theirs = functools.partial(F.linear, x, w)
                 cells.append((rows, _ms(ours, repeats), _ms(theirs, repeats)))
             out.append((f"{name} {shape[0]}x{shape[1]}", "rows", cells))
+    if int4_rows():  # lowbit's int4 kernel against torch's packed one (where AVX-512 BF16 is missing), g128
+        from unittest import mock
+
+        from lowbit.codecs import IntCodec
+        from lowbit.modules import kernels
+
+        for shape in ((1536, 576), (49152, 576)):
+            qt = IntCodec(bits=4, group_size=128).quantize(torch.randn(*shape, generator=g))
+            ours_k = kernels.build_kernel(qt)
+            with mock.patch.object(kernels, "int4_rows", lambda: False):
+                theirs_k = kernels.build_kernel(qt)
+            assert ours_k is not None and theirs_k is not None and ours_k.name != theirs_k.name
+            cells = []
+            for rows in (1, 2, 4, 8):
+                x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
+                cells.append((rows, _ms(functools.partial(ours_k.packed_matmul, x), repeats),
+                              _ms(functools.partial(theirs_k.packed_matmul, x), repeats)))
+            out.append((f"int4 g128 {shape[0]}x{shape[1]}", "rows", cells))
     cells = []
     for length in (160, 512, 2048):
         q = torch.randn(1, 9, 64, generator=g).to(torch.bfloat16)
@@ -262,7 +281,9 @@ def render_decode_operators(ops: list[tuple[str, str, list[tuple[int, float, flo
     lines = ["lowbit's decode operators against torch's, ms per call (lowbit / torch; best of 3 x 20 calls, "
              "warm caches: the 1536x576 weights stay in this CPU's cache between calls, the 49152x576 head does not). "
              "Rows: `dense_rows` against `F.linear`, `int8_rows` against `_weight_int8pack_mm` (RowsLinear takes at "
-             "most `DENSE_MAX_ROWS`, the int8 kernel `INT8_NATIVE_MAX_ROWS`); attention: `one_query_attention` "
+             "most `DENSE_MAX_ROWS`, the int8 kernel `INT8_NATIVE_MAX_ROWS`), `int4_rows` against "
+             "`_weight_int4pack_mm_for_cpu` (as the int4 kernels call them: 576 columns are 4.5 groups of 128, so "
+             "torch's takes groups of 64 repeating the scales); attention: `one_query_attention` "
              "against `scaled_dot_product_attention`.", ""]
     for unit in dict.fromkeys(u for _, u, _ in ops):
         group = [(label, cells) for label, u, cells in ops if u == unit]
@@ -320,8 +341,9 @@ def render(results: dict[str, dict], kld: dict[str, tuple[float, float, float | 
         lines.append(f"| {label} | {ms['block linears']:.1f} | {ms['LM head']:.1f} | {ms['rest']:.1f} | "
                      f"{sum(ms.values()):.1f} |")
     rows = sorted({r for _, r, _, _ in cross})
-    lines += ["", "Packed operator vs dequantize + bf16 matmul (AMX where the CPU has it), ms per call by input rows (the kernels switch "
-              "to the second above `INT4_MAX_ROWS` / `INT8_MAX_ROWS` rows):", "",
+    lines += ["", "Packed (or row) operator vs dequantize + bf16 matmul (AMX where the CPU has it), ms per call by input rows "
+              "(the kernels switch to the second above `INT4_ROWS_MAX_ROWS` (lowbit's int4 operator) / `INT4_MAX_ROWS` "
+              "(torch's) / `INT8_MAX_ROWS` rows):", "",
               "| linear | " + " | ".join(f"{r} rows" for r in rows) + " |", "|---|" + "---:|" * len(rows)]
     for name in dict.fromkeys(n for n, _, _, _ in cross):
         cells = {r: (p, d) for n, r, p, d in cross if n == name}

@@ -150,7 +150,7 @@ def decode_continuously(
 
     def pick(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         if temperature == 0:
-            return logits.argmax(-1).cpu()
+            return logits.float().argmax(-1).cpu()  # float32: torch's bf16 argmax is a slow path
         probs = torch.softmax(logits / temperature, dim=-1).cpu()
         out = []
         for j, i in enumerate(rows):

@@ -17,6 +17,12 @@ from lowbit.models.architectures import cache_argument, returned_cache
 _STATUS = Path("/proc/self/status")
 
 
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``(batch, 1)`` token ids of the largest of ``logits`` ``(batch, vocabulary)``, in float32: torch's argmax
+    over bf16 is a slow path (about 155 against 30 us over SmolLM2's 49,152 logits here), the answer the same."""
+    return logits.float().argmax(-1, keepdim=True)
+
 def _status_kib(key: str) -> int | None:
     try:
         for line in _STATUS.read_text().splitlines():
@@ -100,10 +106,10 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
                 t0 = time.perf_counter()
                 logits = decoder.prefill(ids, prefill_chunk)
                 t1 = time.perf_counter()
-                nxt = logits.argmax(-1, keepdim=True)
+                nxt = greedy(logits)
                 t2 = time.perf_counter()
                 for _ in range(new_tokens):
-                    nxt = decoder.step(nxt).argmax(-1, keepdim=True)
+                    nxt = greedy(decoder.step(nxt))
                 t3 = time.perf_counter()
                 cache = decoder.cache
                 compile_s = compile_s if i else t3 - t2
@@ -111,11 +117,11 @@ def measure_speed(model: nn.Module, vocab_size: int, batch: int = 1, prompt_toke
                 t0 = time.perf_counter()
                 out = prefill(model, ids, None if new_cache is None else new_cache(), prefill_chunk)
                 t1 = time.perf_counter()
-                cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
+                cache, nxt = returned_cache(out), greedy(out.logits[:, -1])
                 t2 = time.perf_counter()
                 for _ in range(new_tokens):
                     out = model(nxt, use_cache=True, **{arg: cache})
-                    cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
+                    cache, nxt = returned_cache(out), greedy(out.logits[:, -1])
                 t3 = time.perf_counter()
                 del out
             if i:  # the first run warms caches and allocators

@@ -37,6 +37,9 @@ using lowbit::load;
 using lowbit::store;
 
 constexpr int64_t kChunk = 128;  // columns per 64 bytes of codes
+// rows ahead whose codes each read asks the CPU to fetch: a decode step's linears are short reads of memory that the
+// hardware prefetcher alone meets late (measured here: 16 rows ahead, 1.8 against 2.1 ms for SmolLM2's 210 int4 linears)
+constexpr int64_t kPrefetchRows = 16;
 
 // The code of column k of a weight row in the planes layout (Kp: the row's padded width)
 inline int code_at(const uint8_t* row, int64_t k, int64_t Kp) {
@@ -47,26 +50,34 @@ inline int code_at(const uint8_t* row, int64_t k, int64_t Kp) {
   return (word >> (4 * p)) & 15;
 }
 
-// The input rows rounded to bf16 (stride Kp, zero padded) and, where the weight has zeros, each row's sum over
-// every group of those bf16 values
+// The input rows rounded to bf16 (stride Kp, zero padded: x itself where it is bf16 already and K = Kp) and, where
+// the weight has zeros, each row's sum over every group of those bf16 values
 struct Int4Inputs {
   int64_t M, K, Kp, G, gs;
-  std::vector<uint16_t> xb;  // (M, Kp)
+  const uint16_t* xb;        // (M, Kp)
+  std::vector<uint16_t> own; // xb's storage where x is not used as it is
   std::vector<float> sums;   // (M, G), empty without zeros
   Int4Inputs(const at::Tensor& x, int64_t Kp_, int64_t G_, int64_t gs_, bool with_sums)
       : M(x.size(0)), K(x.size(1)), Kp(Kp_), G(G_), gs(gs_) {
-    xb.assign(static_cast<size_t>(M * Kp), 0);
-    if (with_sums) sums.assign(static_cast<size_t>(M * G), 0.f);
-    for (int64_t m = 0; m < M; ++m) {
-      uint16_t* row = xb.data() + m * Kp;
-      if (x.scalar_type() == at::kBFloat16) {
-        std::copy_n(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K, row);
-      } else {
-        const float* xf = x.data_ptr<float>() + m * K;
-        for (int64_t k = 0; k < K; ++k) store(row, k, xf[k]);
+    if (x.scalar_type() == at::kBFloat16 && K == Kp) {
+      xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    } else {
+      own.assign(static_cast<size_t>(M * Kp), 0);
+      for (int64_t m = 0; m < M; ++m) {
+        uint16_t* row = own.data() + m * Kp;
+        if (x.scalar_type() == at::kBFloat16) {
+          std::copy_n(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K, row);
+        } else {
+          const float* xf = x.data_ptr<float>() + m * K;
+          for (int64_t k = 0; k < K; ++k) store(row, k, xf[k]);
+        }
       }
-      if (with_sums)
-        for (int64_t k = 0; k < K; ++k) sums[m * G + k / gs] += load(row, k);
+      xb = own.data();
+    }
+    if (with_sums) {
+      sums.assign(static_cast<size_t>(M * G), 0.f);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) sums[m * G + k / gs] += load(xb + m * Kp, k);
     }
   }
 };
@@ -90,7 +101,7 @@ void int4_dot(const Int4Weight& w, int64_t n0, const Int4Inputs& in, int64_t m0,
   const __m512i table = _mm512_load_si512(table_bits);
   auto plane = [&](__m512i v, int p) { return (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4 * p), table); };
   const int64_t full = in.Kp / kChunk, Kp = in.Kp;
-  const uint16_t* x0 = in.xb.data() + m0 * Kp;
+  const uint16_t* x0 = in.xb + m0 * Kp;
   __m512 total[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
@@ -117,7 +128,9 @@ void int4_dot(const Int4Weight& w, int64_t n0, const Int4Inputs& in, int64_t m0,
   };
   for (int64_t c = 0; c < full; ++c) {
     for (int r = 0; r < R; ++r) {
-      const __m512i v = _mm512_loadu_si512(w.codes + (n0 + r) * w.row_bytes + c * 64);
+      const uint8_t* src = w.codes + (n0 + r) * w.row_bytes + c * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * w.row_bytes), _MM_HINT_T0);  // never faults
+      const __m512i v = _mm512_loadu_si512(src);
       const __m512bh planes[4] = {plane(v, 0), plane(v, 1), plane(v, 2), plane(v, 3)};
       accumulate(r, planes, 4, c * kChunk);
     }
@@ -147,7 +160,7 @@ void int4_dot(const Int4Weight& w, int64_t n0, const Int4Inputs& in, int64_t m0,
     const float* s = w.scale + (n0 + r) * w.G;
     const float* z = w.zero ? w.zero + (n0 + r) * w.G : nullptr;
     for (int t = 0; t < T; ++t) {
-      const uint16_t* xr = in.xb.data() + (m0 + t) * in.Kp;
+      const uint16_t* xr = in.xb + (m0 + t) * in.Kp;
       float y = 0.f;
       for (int64_t k = 0; k < in.K; ++k) {
         const int64_t g = k / GS;
