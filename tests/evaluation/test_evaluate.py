@@ -120,6 +120,23 @@ def test_kld_matches_float64_reference(tiny_model, tokenizer_stub, text_factory,
     assert r.delta_ppl == pytest.approx(ppl - rppl, rel=1e-3, abs=1e-4)
 
 
+def test_fast_float32_products_leave_the_results_unchanged(tiny_model, tokenizer_stub, text_factory, tmp_path,
+                                                          monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # evaluation's float32 products run oneDNN's GEMM (lowbit.modules.rows_linear); without it, F.linear's (MKL)
+    from lowbit.modules import rows_linear
+
+    ref = tiny_model("llama")
+    model = copy.deepcopy(ref)
+    quantize_model(model, resolve_recipe("w3a16"), progress=False)
+    text = _text(text_factory)
+    fast = evaluate(model, tokenizer_stub, text, ref=ref, seq_len=SEQ, cache_dir=tmp_path / "a", progress=False)
+    monkeypatch.setattr(rows_linear, "onednn_linear", lambda: False)
+    monkeypatch.setattr(rows_linear, "row_products", lambda: False)
+    plain = evaluate(model, tokenizer_stub, text, ref=ref, seq_len=SEQ, cache_dir=tmp_path / "b", progress=False)
+    assert fast.ppl == pytest.approx(plain.ppl, rel=1e-6) and fast.ref_ppl == pytest.approx(plain.ref_ppl, rel=1e-6)
+    assert fast.kld == pytest.approx(plain.kld, rel=1e-4) and fast.top1 == plain.top1
+
+
 def _count_forwards(model) -> list[int]:  # type: ignore[no-untyped-def]
     calls = [0]
     model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))

@@ -11,7 +11,8 @@ from torch import nn
 from lowbit.codecs import IntCodec
 from lowbit.modules import native
 from lowbit.modules.kernels import INT8_NATIVE_MAX_ROWS, Int8PackedKernel, build_kernel
-from lowbit.modules.rows_linear import DENSE_MAX_ROWS, RowsLinear, enable_row_products
+from lowbit.modules.rows_linear import (DENSE_MAX_ROWS, RowsLinear, dense_linear, enable_row_products,
+                                       fast_dense_linears, onednn_linear)
 
 needs_rows = pytest.mark.skipif(native.native_ops() is None, reason="no C++ compiler: the operators could not be built")
 
@@ -96,10 +97,45 @@ def test_rows_linear_uses_torch_above_its_row_limit(dtype: torch.dtype) -> None:
     plain.load_state_dict(layer.state_dict())
     layer.__class__ = RowsLinear
     many = torch.randn(2, DENSE_MAX_ROWS[dtype] + 1, 64).to(dtype)
-    assert torch.equal(layer(many), plain(many))  # torch's own product, bit for bit
+    y = layer(many)  # with gradients: torch's own product, bit for bit, and its backward
+    assert torch.equal(y, plain(many))
+    y.sum().backward()
+    assert layer.weight.grad is not None
     one = torch.randn(1, 1, 64).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(layer(one), plain(one), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not onednn_linear(), reason="oneDNN's linear is not in this torch build")
+@pytest.mark.parametrize("shape", [(1, 600, 576), (37, 40), (2, 3, 100)])
+def test_dense_linear_float32_without_gradients_matches_a_float64_product(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g)
+    w, bias = torch.randn(70, shape[-1], generator=g), torch.randn(70, generator=g)
+    ref = x.double() @ w.double().T + bias.double()
+    scale = x.double().abs() @ w.double().abs().T + bias.double().abs()
+    with torch.inference_mode():
+        y = dense_linear(x, w, bias)
+    assert y.dtype == torch.float32 and y.shape == (*shape[:-1], 70)
+    assert ((y.double() - ref).abs() <= 1e-6 * scale).all()  # float32 sums: a few ulps of the sum of |products|
+
+
+def test_fast_dense_linears_is_undone_after_the_block() -> None:
+    from lowbit.modules import QuantLinear
+
+    model = _model()
+    model["q"] = QuantLinear(IntCodec(bits=4, group_size=32).quantize(torch.randn(16, 64)), None)
+    x = torch.randn(3, 7, 64)
+    with torch.inference_mode():
+        before = model["q"](x)
+        with fast_dense_linears(model):
+            inside = {type(model["proj"]), type(model["head"])}
+            fast = model["q"].fast_dense
+            during = model["q"](x)
+    assert type(model["proj"]) is nn.Linear and type(model["head"]) is nn.Linear and not model["q"].fast_dense
+    here = native.row_products() or onednn_linear()
+    assert inside == ({RowsLinear} if here else {nn.Linear}) and fast == here
+    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)  # oneDNN's float32 product: same up to rounding
 
 
 @needs_rows

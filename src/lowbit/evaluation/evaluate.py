@@ -26,6 +26,7 @@ from lowbit.models.fingerprint import model_fingerprint
 from lowbit.evaluation.windows import make_windows
 from lowbit.models import check_context
 from lowbit.modules import cache_dequantized_weights
+from lowbit.modules.rows_linear import fast_dense_linears
 
 
 @dataclass
@@ -109,7 +110,7 @@ def evaluate(
         agree = 0
         n = 0
         t0 = time.perf_counter()
-        with torch.inference_mode(), cache_dequantized_weights(model, dtype):
+        with torch.inference_mode(), cache_dequantized_weights(model, dtype), fast_dense_linears(model):
             for i, w in enumerate(tqdm(windows, desc=f"eval {text.name}", unit="win", disable=not progress, leave=False)):
                 lp = window_logprobs(model, ids, w)
                 targets = ids[w.first_target : w.end]

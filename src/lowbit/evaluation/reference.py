@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.evaluation.windows import Window
+from lowbit.modules.rows_linear import fast_dense_linears
 
 CACHE_VERSION = 2
 # a row keeps the log-probabilities within this many nats of its largest; below, a token's
@@ -124,7 +125,7 @@ def compute_reference(
         lo = np.empty(n, dtype=np.float32)
         step = np.empty(n, dtype=np.float32)
         pos = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), fast_dense_linears(model):
             for w in tqdm(windows, desc="reference logits", unit="win", disable=not progress, leave=False):
                 lp = window_logprobs(model, ids, w)
                 if out is None:

@@ -20,7 +20,8 @@ from types import ModuleType
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("native_ops.cpp", "native_decode.cpp", "native_int4.cpp", "native_common.h")]
 _loaded: list[ModuleType | None] = []  # empty until the first call; then the module or None
-_shapes_declared: list[bool] = []  # torch.library takes each operator's fake implementation once per process
+_shapes_declared: list[bool] = []
+_vectorized: dict[str, bool] = {}  # row_products() and int4_rows(), once known  # torch.library takes each operator's fake implementation once per process
 
 
 def _cpu_flags() -> str:
@@ -54,14 +55,18 @@ def row_products() -> bool:
     """Whether the decode operators (``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows``,
     ``llm_int8_rows``, ``one_query_attention``) are here and vectorized (AVX-512): callers use them only then (their
     plain-loop build is right but slow)."""
-    module = native_ops()
-    return module is not None and bool(module.rows_vectorized())
+    if "rows" not in _vectorized:  # asked once: a compiled graph's tracing reads the answer, not the library
+        module = native_ops()
+        _vectorized["rows"] = module is not None and bool(module.rows_vectorized())
+    return _vectorized["rows"]
 
 
 def int4_rows() -> bool:
     """Whether ``torch.ops.lowbit.int4_rows`` is here and vectorized (AVX-512 BF16)."""
-    module = native_ops()
-    return module is not None and bool(module.int4_rows_vectorized())
+    if "int4" not in _vectorized:
+        module = native_ops()
+        _vectorized["int4"] = module is not None and bool(module.int4_rows_vectorized())
+    return _vectorized["int4"]
 
 
 def _declare_shapes() -> None:

@@ -1,6 +1,7 @@
 """QuantLinear: a linear layer whose weight is a packed :class:`QuantizedTensor`.
 
-The reference path dequantizes to the input's dtype and calls ``F.linear``. A fast kernel
+The reference path dequantizes to the input's dtype and calls ``F.linear`` (during evaluation
+:func:`lowbit.modules.rows_linear.dense_linear`: float32 through oneDNN's GEMM). A fast kernel
 (:mod:`lowbit.modules.kernels`, attached by :func:`enable_fast_kernels`) replaces it where one
 holds the codec; the kernel then owns the codes. During evaluation,
 :func:`cache_dequantized_weights` keeps one dense copy per layer (reference path) so that
@@ -22,6 +23,7 @@ from lowbit.codecs.activations import ActivationQuantizer
 from lowbit.codecs.base import ScaleData
 from lowbit.codecs.packing import pack_codes
 from lowbit.modules.kernels import Int8PackedKernel, LinearKernel, build_kernel
+from lowbit.modules.rows_linear import dense_linear
 
 _PART_PREFIX = "qweight_"
 
@@ -30,6 +32,7 @@ class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as codes and scale data (module buffers)."""
 
     kernel_capable = True  # whether enable_fast_kernels may give it a kernel
+    fast_dense = False  # the reference path's product through dense_linear (set by rows_linear's fast_dense_linears)
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
                  input_quant: ActivationQuantizer | None = None, input_scale: ScaleData | None = None) -> None:
@@ -124,7 +127,8 @@ class QuantLinear(nn.Module):
             y = self.kernel(x if self.kernel.quantizes_input else self.quantize_input(x))
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(self.quantize_input(x), self.dense_weight(x.dtype), bias)
+        product = dense_linear if self.fast_dense else F.linear
+        return product(self.quantize_input(x), self.dense_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         qt = self.qweight
