@@ -8,10 +8,11 @@ layer's own packed codes, so the weights' resident memory stays at their bits pe
 stored tensor is always recoverable exactly (:meth:`Int4PackedKernel.codes`), so saving and the
 reference path keep working.
 
-Both operators compute in bf16 on this CPU's fast path (their float32 paths are scalar loops,
-20-30x slower), so activations are rounded to bf16 at each kernel-backed linear. With more than
-:data:`INT4_MAX_ROWS` / :data:`INT8_MAX_ROWS` rows (prefill) the packed operators lose to AMX's
-bf16 matmul: the kernel then dequantizes its weight to bf16 and calls ``F.linear``.
+All of them take bf16 inputs on their fast paths (torch's float32 paths are scalar loops, 20-30x
+slower), so activations are rounded to bf16 at each kernel-backed linear. With more than
+:data:`INT4_MAX_ROWS` (lowbit's int4 operator: ``INT4_ROWS_MAX_ROWS``) / :data:`INT8_MAX_ROWS` rows
+(prefill) the packed operators lose to a bf16 matmul: the kernel then dequantizes its weight to bf16
+and calls ``F.linear``.
 
 Which codecs run here: those whose weight is ``w = scale * q + offset`` per group (lowbit's
 ``int`` codec, GGUF's Q4_0, Q4_1 and Q4_K), with 4-bit codes and 32/64/128/256-wide groups
