@@ -122,14 +122,17 @@ def test_kld_matches_float64_reference(tiny_model, tokenizer_stub, text_factory,
 
 def test_fast_float32_products_leave_the_results_unchanged(tiny_model, tokenizer_stub, text_factory, tmp_path,
                                                           monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # evaluation's float32 products run oneDNN's GEMM (lowbit.modules.rows_linear); without it, F.linear's (MKL)
+    # evaluation's float32 products run oneDNN's GEMM (lowbit.modules.rows_linear) and its windows lowbit's causal
+    # attention (decode_attention); without them, F.linear's (MKL) and SDPA
     from lowbit.modules import rows_linear
 
     ref = tiny_model("llama")
     model = copy.deepcopy(ref)
     quantize_model(model, resolve_recipe("w3a16"), progress=False)
     text = _text(text_factory)
+    before = model.config._attn_implementation
     fast = evaluate(model, tokenizer_stub, text, ref=ref, seq_len=SEQ, cache_dir=tmp_path / "a", progress=False)
+    assert model.config._attn_implementation == before  # lowbit's attention only inside evaluate
     monkeypatch.setattr(rows_linear, "onednn_linear", lambda: False)
     monkeypatch.setattr(rows_linear, "row_products", lambda: False)
     plain = evaluate(model, tokenizer_stub, text, ref=ref, seq_len=SEQ, cache_dir=tmp_path / "b", progress=False)

@@ -69,16 +69,52 @@ def test_the_operator_reads_a_static_cache_in_place(dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
-def test_more_queries_take_transformers_sdpa_path() -> None:
+@pytest.mark.parametrize("case", ["bf16 window", "masked window", "queries after a cache", "not causal"])
+def test_more_queries_take_transformers_sdpa_path(case: str) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 5, 32, generator=g), torch.randn(1, 2, 5, 32, generator=g),
-               torch.randn(1, 2, 5, 32, generator=g))
+    keys = 7 if case == "queries after a cache" else 5
+    q, k, v = (torch.randn(1, 4, 5, 32, generator=g), torch.randn(1, 2, keys, 32, generator=g),
+               torch.randn(1, 2, keys, 32, generator=g))
+    if case == "bf16 window":
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    mask = torch.ones(1, 1, 5, keys, dtype=torch.bool).tril(keys - 5) if case == "masked window" else None
     module = _Module(2)
-    ours, _ = one_query_attention(module, q, k, v, None, scaling=0.2)
-    theirs, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.2)
+    module.is_causal = case != "not causal"
+    ours, _ = one_query_attention(module, q, k, v, mask, scaling=0.2)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.2)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.skipif(not native.row_products(), reason="lowbit's operators are not built (or not vectorized) here")
+@pytest.mark.parametrize("heads,kv_heads,length,dim", [(9, 3, 512, 64), (4, 4, 37, 40), (14, 2, 200, 64),
+                                                       (2, 1, 2, 16)])
+def test_a_whole_float32_window_takes_lowbits_causal_attention(heads: int, kv_heads: int, length: int,
+                                                               dim: int) -> None:
+    g = torch.Generator().manual_seed(length)
+    # the query as transformers passes it: (B, H, L, D) over a (B, L, H, D) tensor
+    q = torch.randn(2, length, heads, dim, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, kv_heads, length, dim, generator=g) for _ in range(2))
+    decode_attention._operator_here[0] = True
+    calls = []
+    real = torch.ops.lowbit.causal_attention
+
+    class Spy:
+        def __call__(self, *args: object) -> torch.Tensor:
+            calls.append(1)
+            return real(*args)
+
+    ops = torch.ops.lowbit
+    try:
+        torch.ops.lowbit.__dict__["causal_attention"] = Spy()
+        out, _ = one_query_attention(_Module(heads // kv_heads), q, k, v, None, scaling=dim ** -0.5)
+    finally:
+        ops.__dict__["causal_attention"] = real
+    assert calls == [1] and out.shape == (2, length, heads, dim) and out.dtype == torch.float32
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    expected = _reference(q, k, v, causal, dim ** -0.5)
+    assert (out.double() - expected).abs().max() < 1e-5
 
 
 def test_a_model_decodes_the_same_tokens_with_it() -> None:

@@ -6,8 +6,10 @@ torch's fused SDPA kernel on a CPU has a large fixed cost per call for one query
 (``torch.ops.lowbit.one_query_attention``, :mod:`lowbit.modules.native`) computes every head in
 float32 in one pass over the cache; where it is not built (or for an additive mask), two small
 matmuls and a softmax, the numerics of transformers' ``eager`` attention (scores in the model's
-dtype, the softmax in float32, its weights rounded to the model's dtype). More than one query
-(prefill, evaluation windows) goes to transformers' SDPA path unchanged.
+dtype, the softmax in float32, its weights rounded to the model's dtype). A whole float32 causal window
+(evaluation, a prompt without padding) takes ``torch.ops.lowbit.causal_attention`` (``native_prefill.cpp``:
+1.5x torch's flash kernel on SmolLM2's 512-token windows here); any other query block goes to
+transformers' SDPA path unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def one_query_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     a boolean (True: attend) or additive mask broadcastable to ``(B, H, q, L)``; returns ``(B, q, H, D)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _causal_native(module, query, key, value, attention_mask, dropout, kwargs):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return torch.ops.lowbit.causal_attention(query, key, value, scale), None
     if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
             or key.shape[1] == 0 or query.shape[1] % key.shape[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -65,6 +70,20 @@ def _native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     if mask is not None and (mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[0] not in (1, query.shape[0])):
         return False
     return _operator_here[0]
+
+
+def _causal_native(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
+    """Whether ``lowbit::causal_attention`` takes this call: a whole causal window (as many queries as keys, no
+    mask: SDPA's ``is_causal`` case), float32 CPU tensors, no softcap / bias / dropout / sliding window."""
+    if not _operator_here[0] or mask is not None or dropout or query.shape[2] < 2 or query.shape[2] != key.shape[2] \
+            or not (kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)) \
+            or kwargs.get("softcap") is not None \
+            or kwargs.get("position_bias") is not None or kwargs.get("sliding_window") is not None:
+        return False
+    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
+            and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0 and key.shape == value.shape
+            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1)
 
 
 def _register() -> None:

@@ -1,6 +1,7 @@
 """lowbit's own CPU operators (``native_ops.cpp``: W8A8's fused input rounding and output rescale;
 ``native_decode.cpp``: a decode step's products of a few rows with a whole weight, and its
-one-query attention; ``native_int4.cpp``: the same product for 4-bit weights), compiled with the machine's C++ compiler on
+one-query attention; ``native_int4.cpp``: the same product for 4-bit weights; ``native_prefill.cpp``: causal
+attention of whole windows), compiled with the machine's C++ compiler on
 first use (about 20 s, once per machine and source version; torch's extension cache keeps the
 library) and loaded by later processes in well under a second.
 
@@ -18,7 +19,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("native_ops.cpp", "native_decode.cpp", "native_int4.cpp", "native_common.h")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("native_ops.cpp", "native_decode.cpp", "native_int4.cpp",
+                                                          "native_prefill.cpp", "native_common.h")]
 _loaded: list[ModuleType | None] = []  # empty until the first call; then the module or None
 _shapes_declared: list[bool] = []
 _vectorized: dict[str, bool] = {}  # row_products() and int4_rows(), once known  # torch.library takes each operator's fake implementation once per process
@@ -38,7 +40,7 @@ def _cpu_flags() -> str:
 def native_ops() -> ModuleType | None:
     """The compiled operators (``quantize_rows``, ``dequantize_rows``, ``rows_vectorized``; loading it
     registers ``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows``, ``llm_int8_rows``,
-    ``int4_rows`` and ``one_query_attention``), or None where they are turned off or
+    ``int4_rows``, ``int4_dense``, ``causal_attention`` and ``one_query_attention``), or None where they are turned off or
     cannot be built here."""
     if _loaded:
         return _loaded[0]
@@ -100,6 +102,10 @@ def _declare_shapes() -> None:
     @torch.library.register_fake("lowbit::int4_dense")
     def _int4_dense(codes, scale, zero, group_size, K, dtype):  # type: ignore[no-untyped-def]
         return codes.new_empty(codes.shape[0], K, dtype=dtype)
+
+    @torch.library.register_fake("lowbit::causal_attention")
+    def _causal_attention(q, k, v, scale):  # type: ignore[no-untyped-def]
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
     @torch.library.register_fake("lowbit::one_query_attention")
     def _one_query_attention(q, k, v, mask, scale):  # type: ignore[no-untyped-def]

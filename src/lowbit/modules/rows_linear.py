@@ -104,7 +104,11 @@ def enable_row_products(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def fast_dense_linears(model: nn.Module) -> Iterator[None]:
-    """:func:`enable_row_products` for the ``with`` block (evaluation); the model is as it was after it."""
+    """:func:`enable_row_products` for the ``with`` block (evaluation), and lowbit's attention
+    (:mod:`lowbit.modules.decode_attention`: whole float32 causal windows through ``lowbit::causal_attention``);
+    the model is as it was after it."""
+    from lowbit.modules.decode_attention import NAME, use_one_query_attention
+
     here = row_products() or onednn_linear()
     linears = _plain_linears(model) if here else []
     quantized = [m for m in _quantized_linears(model) if not m.fast_dense] if here else []
@@ -112,6 +116,8 @@ def fast_dense_linears(model: nn.Module) -> Iterator[None]:
         m.__class__ = RowsLinear
     for m in quantized:
         m.fast_dense = True
+    # whole float32 windows through lowbit's causal attention (decode_attention), SDPA again after the block
+    attention = use_one_query_attention(model) if row_products() else False
     try:
         yield
     finally:
@@ -119,3 +125,5 @@ def fast_dense_linears(model: nn.Module) -> Iterator[None]:
             m.__class__ = nn.Linear
         for m in quantized:
             m.fast_dense = False
+        if attention and model.config._attn_implementation == NAME:  # type: ignore[union-attr]
+            model.config._attn_implementation = "sdpa"  # type: ignore[union-attr]
