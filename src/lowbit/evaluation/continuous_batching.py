@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.evaluation.speed import greedy
 from lowbit.models.architectures import cache_argument, returned_cache
 
 
@@ -150,7 +151,7 @@ def decode_continuously(
 
     def pick(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         if temperature == 0:
-            return logits.float().argmax(-1).cpu()  # float32: torch's bf16 argmax is a slow path
+            return greedy(logits)[:, 0].cpu()
         probs = torch.softmax(logits / temperature, dim=-1).cpu()
         out = []
         for j, i in enumerate(rows):

@@ -446,21 +446,18 @@ def build_kernel(qt: QuantizedTensor, input_quant: "ActivationQuantizer | None" 
             return Int8StaticActivationKernel(codes, scale, offset, input_scale["scale"])
         return Int8PackedKernel(codes, scale, offset)
     assert group_size is not None
-    if int4_rows():  # lowbit's own operator: any row width, the codec's own groups
-        if granularity != "group":
-            groups = -(-cols // 256)
-            return Int4RowsKernel(codes, scale.expand(rows, groups), offset.expand(rows, groups), 256, None)
-        order = group_order(qt.data["g_idx"], grouping, qt.shape) if "g_idx" in qt.data else None
-        return Int4RowsKernel(codes if order is None else codes[:, order], scale, offset, grouping.group_size, order)
-    if granularity != "group":
-        groups = cols // group_size
-        return Int4PackedKernel(codes, scale.expand(rows, groups), offset.expand(rows, groups), group_size, None)
     order = None
-    if "g_idx" in qt.data:
+    if granularity != "group":  # the operator's groups repeat the row's (or tensor's) one scale
+        groups = -(-cols // group_size)
+        scale, offset = scale.expand(rows, groups), offset.expand(rows, groups)
+    elif "g_idx" in qt.data:
         order = group_order(qt.data["g_idx"], grouping, qt.shape)
         codes = codes[:, order]
-    finer, source = grouping.whole_groups(cols)
-    if finer != group_size and finer in _INT4_GROUPS:
-        # a shorter last group: finer whole groups repeating their scales spare padding each input
-        scale, offset, group_size = scale[:, source], offset[:, source], finer
+    if int4_rows():  # lowbit's own operator: any row width, the codec's own groups
+        return Int4RowsKernel(codes, scale, offset, group_size, order)
+    if granularity == "group":
+        finer, source = grouping.whole_groups(cols)
+        if finer != group_size and finer in _INT4_GROUPS:
+            # a shorter last group: finer whole groups repeating their scales spare padding each input
+            scale, offset, group_size = scale[:, source], offset[:, source], finer
     return Int4PackedKernel(codes, scale, offset, group_size, order)

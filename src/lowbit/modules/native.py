@@ -22,8 +22,8 @@ from types import ModuleType
 _SOURCES = [Path(__file__).with_name(n) for n in ("native_ops.cpp", "native_decode.cpp", "native_int4.cpp",
                                                           "native_prefill.cpp", "native_common.h")]
 _loaded: list[ModuleType | None] = []  # empty until the first call; then the module or None
-_shapes_declared: list[bool] = []
-_vectorized: dict[str, bool] = {}  # row_products() and int4_rows(), once known  # torch.library takes each operator's fake implementation once per process
+_shapes_declared: list[bool] = []  # torch.library takes each operator's fake implementation once per process
+_vectorized: dict[str, bool] = {}  # row_products() and int4_rows(), once known
 
 
 def _cpu_flags() -> str:
@@ -57,18 +57,21 @@ def row_products() -> bool:
     """Whether the decode operators (``torch.ops.lowbit.dense_rows``, ``int8_rows``, ``int8_int8_rows``,
     ``llm_int8_rows``, ``one_query_attention``) are here and vectorized (AVX-512): callers use them only then (their
     plain-loop build is right but slow)."""
-    if "rows" not in _vectorized:  # asked once: a compiled graph's tracing reads the answer, not the library
-        module = native_ops()
-        _vectorized["rows"] = module is not None and bool(module.rows_vectorized())
-    return _vectorized["rows"]
+    return _vectorized_here("rows_vectorized")
 
 
 def int4_rows() -> bool:
     """Whether ``torch.ops.lowbit.int4_rows`` is here and vectorized (AVX-512 BF16)."""
-    if "int4" not in _vectorized:
+    return _vectorized_here("int4_rows_vectorized")
+
+
+def _vectorized_here(flag: str) -> bool:
+    """The library's answer to ``flag`` (False where it is not built), asked once: a compiled graph's tracing reads
+    the answer, not the library."""
+    if flag not in _vectorized:
         module = native_ops()
-        _vectorized["int4"] = module is not None and bool(module.int4_rows_vectorized())
-    return _vectorized["int4"]
+        _vectorized[flag] = module is not None and bool(getattr(module, flag)())
+    return _vectorized[flag]
 
 
 def _declare_shapes() -> None:

@@ -87,19 +87,26 @@ def _quantized_linears(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(type(m), "fast_dense")]
 
 
+def _switch_on(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Plain linears made :class:`RowsLinear` and quantized layers switched to :func:`dense_linear` (those not
+    already), as ``(linears, quantized)``; nothing where neither the row operator nor oneDNN's linear is here."""
+    if not (row_products() or onednn_linear()):
+        return [], []
+    linears = _plain_linears(model)
+    quantized = [m for m in _quantized_linears(model) if not m.fast_dense]
+    for m in linears:
+        m.__class__ = RowsLinear
+    for m in quantized:
+        m.fast_dense = True
+    return linears, quantized
+
+
 def enable_row_products(model: nn.Module) -> int:
     """Every plain ``nn.Linear`` of ``model`` (float32 or bf16 weight, on the CPU) becomes a
     :class:`RowsLinear` in place (its class only: parameters and ties stay), and quantized layers' reference
     products take :func:`dense_linear`; returns how many plain linears. None where neither the row operator
     (built and vectorized) nor oneDNN's linear is here."""
-    if not (row_products() or onednn_linear()):
-        return 0
-    linears = _plain_linears(model)
-    for m in linears:
-        m.__class__ = RowsLinear
-    for m in _quantized_linears(model):
-        m.fast_dense = True
-    return len(linears)
+    return len(_switch_on(model)[0])
 
 
 @contextlib.contextmanager
@@ -109,13 +116,7 @@ def fast_dense_linears(model: nn.Module) -> Iterator[None]:
     the model is as it was after it."""
     from lowbit.modules.decode_attention import NAME, use_one_query_attention
 
-    here = row_products() or onednn_linear()
-    linears = _plain_linears(model) if here else []
-    quantized = [m for m in _quantized_linears(model) if not m.fast_dense] if here else []
-    for m in linears:
-        m.__class__ = RowsLinear
-    for m in quantized:
-        m.fast_dense = True
+    linears, quantized = _switch_on(model)
     # whole float32 windows through lowbit's causal attention (decode_attention), SDPA again after the block
     attention = use_one_query_attention(model) if row_products() else False
     try:
