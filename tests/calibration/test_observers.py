@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lowbit.calibration.observers import AbsHistogram, Entropy, MinMax, MovingAverage, MSE, Percentile
+from lowbit.calibration.observers import AbsHistogram, Entropy, MinMax, MovingAverage, MSE, Percentile, WithoutChannels
 from lowbit.codecs.activations import ActivationQuantizer
 
 INT8 = ActivationQuantizer("int8", "tensor")
@@ -33,6 +33,20 @@ def test_minmax_per_tensor_and_per_channel() -> None:
     assert t.range() == (whole.min(), whole.max())
     lo, hi = c.range()
     assert torch.equal(lo, whole.amin(0)) and torch.equal(hi, whole.amax(0))
+
+
+def test_an_observer_without_channels_sees_only_the_other_features() -> None:
+    xs = batches()  # the outliers sit in features 0..5
+    kept = torch.tensor([0, 1, 2, 3, 4, 5])
+    rest = torch.cat(xs)[:, 6:]
+    for observer in (MinMax(), Percentile(q=99.0)):
+        state = WithoutChannels(observer.start(False, INT8), kept, 32)
+        direct = observer.start(False, INT8)
+        for x in xs:
+            state.add(x.view(16, 16, 32))
+            direct.add(x[:, 6:])
+        assert state.n == direct.n == rest.shape[0]
+        assert state.range() == direct.range()
 
 
 def test_moving_average_is_pytorchs_update_rule() -> None:

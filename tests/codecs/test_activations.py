@@ -78,3 +78,29 @@ def test_bad_combinations_are_refused() -> None:
         ActivationQuantizer("int8", "channel").fit(_x())
     with pytest.raises(ValueError, match="per tensor or per channel"):
         ActivationQuantizer("int8", "token").from_range(torch.tensor(-1.0), torch.tensor(1.0))
+
+
+def test_fixed_outlier_channels_keep_their_values_and_leave_the_scale_to_the_rest() -> None:
+    x = _x()  # (..., 64)
+    x[..., 9] *= 100
+    x[..., 30] *= 60
+    q = ActivationQuantizer("int8", "token", outlier_channels=2)
+    abs_max = x.reshape(-1, 64).abs().amax(0)
+    channels = q.choose_channels(abs_max)
+    assert channels.tolist() == [9, 30]  # sorted, the two largest
+    y = q.fake_quantize(x, None, channels)
+    assert torch.equal(y[..., channels], x[..., channels])
+    # float64: every token's scale is the absmax of its other features
+    rest = x.double().index_fill(-1, channels, 0)
+    s = rest.abs().amax(-1, keepdim=True) / 127
+    want = (torch.round(rest / s) * s).index_copy(-1, channels, x.double().index_select(-1, channels))
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-7)
+    # without channels (what an observer measures) every feature is quantized
+    assert not torch.equal(q.fake_quantize(x)[..., channels], x[..., channels])
+    assert "2 fixed channels in 16-bit" in q.describe()
+    with pytest.raises(ValueError, match="leave none"):
+        ActivationQuantizer("int8", "tensor", outlier_channels=64).choose_channels(abs_max)
+    with pytest.raises(ValueError, match="symmetric int8"):
+        ActivationQuantizer("fp8_e4m3", "token", outlier_channels=2)
+    with pytest.raises(ValueError, match="not both"):
+        ActivationQuantizer("int8", "token", outlier_threshold=6.0, outlier_channels=2)

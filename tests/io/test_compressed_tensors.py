@@ -547,7 +547,8 @@ def test_input_quantization_it_cannot_hold_is_refused_before_writing(tiny_model,
     from lowbit.io.formats import check_layout
 
     for acts, why in (({"granularity": "group", "group_size": 16}, "dynamic per-group"),
-                      ({"outlier_threshold": 6.0}, "LLM.int8"), ({"format": "fp8_e5m2"}, "fp8_e5m2")):
+                      ({"outlier_threshold": 6.0}, "LLM.int8"), ({"format": "fp8_e5m2"}, "fp8_e5m2"),
+                      ({"dynamic": False, "outlier_channels": 4}, "fixed 16-bit input channels")):
         recipe = Recipe.from_dict({"codec": W8, "activations": acts})
         with pytest.raises(LowbitError, match=why):
             check_layout("compressed-tensors", recipe, tiny_model("llama"))

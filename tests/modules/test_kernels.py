@@ -175,3 +175,40 @@ def test_static_w8a8_uses_the_calibrated_scale_and_clips_beyond_it() -> None:
     # other input formats stay on the layer: it quantizes, the plain int8 kernel multiplies
     fp8 = build_kernel(qt, ActivationQuantizer("fp8_e4m3", "token"))
     assert fp8 is not None and fp8.name == "int8-cpu" and not fp8.quantizes_input
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_w8a8_with_fixed_channels_multiplies_them_exactly(static: bool, rows: int, dtype: torch.dtype) -> None:
+    qt = IntCodec(bits=8, granularity="channel").quantize(_weight())
+    quantizer = ActivationQuantizer("int8", "tensor" if static else "token", outlier_channels=3)
+    channels = torch.tensor([5, 100, 400])
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(4))
+    x[:, channels] *= 50  # outliers a shared scale could not hold
+    x = x.to(dtype)
+    scale = quantizer.from_range(torch.tensor(-2.5), torch.tensor(2.5)) if static else None
+    kernel = build_kernel(qt, quantizer, scale, channels)
+    assert kernel is not None and kernel.name == ("w8a8-static-int8-channels-cpu" if static else "w8a8-int8-channels-cpu")
+    # float64: the other features rounded to int8 (each token's scale from them alone when dynamic), the kept
+    # ones exact, times the stored weight
+    xd = x.double()
+    rest = xd.index_fill(1, channels, 0)
+    sx = torch.tensor(2.5 / 127, dtype=torch.float64) if static else rest.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(rest / sx).clamp(-128, 127) * sx
+    xq[:, channels] = xd[:, channels]
+    expected = xq @ qt.dequantize().double().t()
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7  # bf16 outputs keep 8 significant bits
+    y = kernel(x)
+    assert y.dtype == dtype
+    assert torch.allclose(y.double(), expected, rtol=tol, atol=tol * expected.abs().max())
+    if dtype != torch.float32:
+        return
+    # the layer's reference path computes the same; without its channels a layer refuses the quantizer
+    layer = QuantLinear(qt, None, quantizer, scale, channels)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="3 expected, got none"):
+        QuantLinear(qt, None, quantizer, scale)
+    # asymmetric int8 weights have no such kernel: the reference path runs
+    asym = IntCodec(bits=8, granularity="channel", symmetric=False).quantize(_weight())
+    assert build_kernel(asym, quantizer, scale, channels) is None

@@ -83,7 +83,9 @@ def test_smoothquant_before_w8a8_cuts_the_error_of_outlier_channels(tiny_model) 
 
 @pytest.mark.parametrize("activations", [{"dynamic": False, "observer": "percentile"},
                                          {"dynamic": False, "granularity": "channel", "symmetric": False},
-                                         {"format": "fp8_e4m3"}])
+                                         {"format": "fp8_e4m3"},
+                                         {"dynamic": False, "observer": "mse", "outlier_channels": 4},
+                                         {"outlier_channels": 3}])
 def test_a_lowbit_folder_keeps_the_input_quantization(tiny_model, tmp_path: Path, activations: dict) -> None:  # type: ignore[no-untyped-def]
     from lowbit.io.formats import save_model
     from lowbit.models import LoadedModel, load_model
@@ -106,6 +108,9 @@ def test_a_lowbit_folder_keeps_the_input_quantization(tiny_model, tmp_path: Path
             assert (b.input_scale is None) == (m.input_scale is None)
             for k, v in (m.input_scale or {}).items():
                 assert b.input_scale[k].dtype == torch.float32 and torch.equal(b.input_scale[k], v)
+            assert (b.input_channels is None) == (m.input_channels is None)
+            if m.input_channels is not None:
+                assert torch.equal(b.input_channels, m.input_channels)
     assert back.model.layers[0].mlp.down_proj.input_quant is None  # the rule's activations: false
 
 
@@ -150,3 +155,59 @@ def test_awq_scored_by_the_algorithm_runs_gptq_on_each_candidate(tiny_model, mon
     # (3 exponents and no scaling) of every sub-step the transform scales: at least q/k/v (from
     # the attention norm) and gate/up (from the MLP norm) in every layer
     assert counts["algorithm"] >= counts["rtn"] + 4 * 2 * model.config.num_hidden_layers, counts
+
+
+def test_fixed_outlier_channels_are_the_largest_features_and_static_scales_leave_them_out(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    base = with_outliers(tiny_model("llama"))
+    seen: list[torch.Tensor] = []
+    q_proj = base.model.layers[0].self_attn.q_proj
+    handle = q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    cal = calib()
+    with torch.no_grad():
+        for batch in cal.tokens.split(8):
+            base(batch)
+    handle.remove()
+    x = torch.cat(seen).reshape(-1, q_proj.in_features)
+    want = x.abs().amax(0).topk(3).indices.sort().values
+    assert set(want.tolist()) == {3, 20, 41}  # the planted outliers are the largest features
+    errors = {}
+    for name, act in (("static", {"dynamic": False}), ("kept", {"dynamic": False, "outlier_channels": 3})):
+        model = copy.deepcopy(base)
+        quantize_model(model, Recipe.from_dict({"codec": W8, "activations": act}), calibration=cal, progress=False)
+        errors[name] = kld(model, base, cal.tokens[:4])
+        q = model.model.layers[0].self_attn.q_proj
+        if name == "kept":
+            assert torch.equal(q.input_channels, want)
+            rest = x.index_fill(1, want, 0).abs().max()  # minmax over the other features only
+            assert float(q.input_scale["scale"]) == pytest.approx(float(rest) / 127, rel=1e-6)
+            y = q(x[:5])  # the kept features reach the product exactly
+            ref = q.input_quant.fake_quantize(x[:5], q.input_scale, want) @ q.weight.t()
+            torch.testing.assert_close(y, ref)
+            assert torch.equal(q.quantize_input(x[:5])[:, want], x[:5, want])
+    assert errors["kept"] < 0.2 * errors["static"], errors
+
+
+def test_outlier_channels_as_wide_as_an_input_are_refused_before_any_work(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    width = model.model.layers[0].self_attn.q_proj.in_features
+    recipe = Recipe.from_dict({"codec": W8, "activations": {"dynamic": False, "outlier_channels": width}})
+    with pytest.raises(LowbitError, match=r"model\.layers\.0\.self_attn\.q_proj: outlier_channels \d+ keeps all"):
+        quantize_model(model, recipe, calibration=calib(), progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # nothing was quantized
+
+
+def test_the_second_pass_of_kept_channels_records_no_replay_twice(tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.pipeline.replay import LinearReplay
+
+    kept_at_start: list[int] = []
+    real_start = LinearReplay.start
+
+    def start(self: LinearReplay) -> None:
+        kept_at_start.append(len(self.kept or []))
+        real_start(self)
+
+    monkeypatch.setattr(LinearReplay, "start", start)
+    cal = calib(n=8)
+    recipe = Recipe.from_dict({"codec": W8, "activations": {"dynamic": False, "outlier_channels": 2}})
+    quantize_model(tiny_model("llama"), recipe, calibration=cal, progress=False, batch_size=4)
+    assert kept_at_start and set(kept_at_start) == {2}  # o_proj's and down_proj's inputs: one per batch of 4

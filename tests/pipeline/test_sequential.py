@@ -141,11 +141,15 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("inputs", [None, {"dynamic": False, "observer": "mse", "outlier_channels": 4}],
+                         ids=["weights", "static inputs with kept channels"])
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model, tmp_path: Path, monkeypatch,  # type: ignore[no-untyped-def]
+                                                           inputs: dict | None) -> None:
     base = tiny_model("llama", num_hidden_layers=3)
     cal = calib()
     full = copy.deepcopy(base)
-    whole = quantize_model(full, recipe("gptq"), calibration=cal, progress=False)
+    extra = {} if inputs is None else {"bits": 8, "activations": inputs}
+    whole = quantize_model(full, recipe("gptq", **extra), calibration=cal, progress=False)
 
     calls = {"n": 0}
     real = seq.quantize_block_sequential
@@ -160,12 +164,12 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model, tmp_path:
     interrupted = copy.deepcopy(base)
     monkeypatch.setattr("lowbit.pipeline.quantize.quantize_block_sequential", dies_on_block_2)
     with pytest.raises(Interrupt):
-        quantize_model(interrupted, recipe("gptq"), calibration=cal, progress=False, resume=ResumeState(folder, "fp"))
+        quantize_model(interrupted, recipe("gptq", **extra), calibration=cal, progress=False, resume=ResumeState(folder, "fp"))
     assert ResumeState(folder, "fp").finished_blocks() == 2
     monkeypatch.setattr("lowbit.pipeline.quantize.quantize_block_sequential", real)
 
     resumed = copy.deepcopy(base)
-    report = quantize_model(resumed, recipe("gptq"), calibration=cal, progress=False, resume=ResumeState(folder, "fp"))
+    report = quantize_model(resumed, recipe("gptq", **extra), calibration=cal, progress=False, resume=ResumeState(folder, "fp"))
     assert report.sequential.resumed_blocks == 2
     # the report counts the restored blocks' linears too, in the same order as an uninterrupted run
     assert report.quantized == whole.quantized and len(report.quantized) == 21
@@ -173,6 +177,14 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_model, tmp_path:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the restored blocks quantize their inputs as they did when quantized (static scales, kept channels)
+    for name, m in full.named_modules():
+        if isinstance(m, QuantLinear):
+            r = resumed.get_submodule(name)
+            assert r.input_quant == m.input_quant, name
+            assert (r.input_scale is None) == (m.input_scale is None) and (r.input_channels is None) == (m.input_channels is None)
+            if m.input_scale is not None:
+                assert torch.equal(r.input_scale["scale"], m.input_scale["scale"]) and torch.equal(r.input_channels, m.input_channels)
 
 
 def test_mismatched_resume_is_refused(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

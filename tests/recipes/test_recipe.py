@@ -32,7 +32,7 @@ def test_presets_resolve(name: str) -> None:
     assert r == get_preset(name)
     assert r.name == name and r.label() == name
     # RTN presets that calibrate: a transform's statistics, static input scales
-    calibrated_rtn = {"w8a8-smoothquant", "w8a8-static"}
+    calibrated_rtn = {"w8a8-smoothquant", "w8a8-static", "w8a8-static-channels"}
     calibrated = name.endswith(("-gptq", "-awq", "-imatrix")) or name in calibrated_rtn
     assert isinstance(r.algorithm, RTN) != name.endswith(("-gptq", "-awq"))
     assert r.needs_calibration == calibrated

@@ -61,6 +61,23 @@ class ObserverState(ABC):
         return flat.amin(), flat.amax()
 
 
+class WithoutChannels(ObserverState):
+    """Another state that sees every input feature but ``channels`` (int64 ``(k,)``: features kept
+    in 16-bit, which a static scale need not cover)."""
+
+    def __init__(self, inner: ObserverState, channels: torch.Tensor, n_features: int) -> None:
+        super().__init__(inner.per_channel)
+        keep = torch.ones(n_features, dtype=torch.bool)
+        keep[channels.cpu()] = False
+        self.inner, self.keep = inner, keep.nonzero().view(-1)
+
+    def _add(self, flat: torch.Tensor) -> None:
+        self.inner.add(flat.index_select(1, self.keep.to(flat.device)))
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.range()
+
+
 class Observer(Registered, ABC):
     registry: ClassVar[dict[str, type["Observer"]]] = {}
     per_channel_ok: ClassVar[bool] = True

@@ -10,6 +10,13 @@ granularity along the input, applied through the same fit / encode / decode step
 * ``channel``: one scale per input feature, static only (from calibration): the per-channel
   grouping on ``(K, N)``.
 
+With ``outlier_channels = k`` (int8, symmetric, per token or per tensor), each linear keeps ``k``
+input features in 16-bit, the same features for every input: the ones with the largest calibrated
+``|x|``, chosen once from calibration (the indices travel with the layer, beside its static scale).
+The other features are quantized as usual, their scale fitted without the kept ones. It is
+LLM.int8()'s decomposition with its columns fixed in advance, which lets a static per-tensor scale
+cover the rest: SmolLM2's massive activations sit in a few fixed features.
+
 Scales are dynamic (fitted to each input as it comes, :meth:`ActivationQuantizer.fit`) or static:
 fitted once to a range an observer chose (:meth:`ActivationQuantizer.from_range`, the same fit
 applied to the two values ``lo, hi``), then applied to every input. Symmetric int8 uses the
@@ -40,6 +47,7 @@ class ActivationQuantizer:
     group_size: int | None = None
     symmetric: bool = True
     outlier_threshold: float | None = None  # LLM.int8(): columns with some |x| >= it stay exact
+    outlier_channels: int | None = None  # this many input features (fixed from calibration) stay exact
 
     def __post_init__(self) -> None:
         if self.granularity == "group" and not self.group_size:
@@ -48,6 +56,14 @@ class ActivationQuantizer:
             raise ValueError(f"{self.format} activations are symmetric")
         if self.outlier_threshold is not None and (self.format, self.granularity, self.symmetric) != ("int8", "token", True):
             raise ValueError("an outlier threshold (LLM.int8()) needs symmetric int8 per-token inputs")
+        if self.outlier_channels is not None:
+            if self.outlier_channels < 1:
+                raise ValueError(f"outlier_channels must be at least 1, got {self.outlier_channels}")
+            if (self.format, self.symmetric) != ("int8", True) or self.granularity not in ("token", "tensor"):
+                raise ValueError("fixed outlier channels need symmetric int8 inputs per token or per tensor")
+            if self.outlier_threshold is not None:
+                raise ValueError("outlier channels are fixed (outlier_channels) or chosen per input (outlier_threshold), "
+                                 "not both")
 
     @property
     def codec(self) -> GroupedCodec:
@@ -103,10 +119,27 @@ class ActivationQuantizer:
         elements = flat.abs() >= self.outlier_threshold
         return elements, elements.any(0)
 
-    def fake_quantize(self, x: torch.Tensor, scale: ScaleData | None = None) -> torch.Tensor:
+    def choose_channels(self, abs_max: torch.Tensor) -> torch.Tensor:
+        """The ``outlier_channels`` input features with the largest calibrated ``abs_max`` ``(K,)``:
+        sorted int64 indices ``(k,)``."""
+        assert self.outlier_channels is not None
+        if self.outlier_channels >= abs_max.numel():
+            raise ValueError(f"{self.outlier_channels} outlier channels of {abs_max.numel()} input features leave none "
+                             "to quantize")
+        return abs_max.to(torch.float32).topk(self.outlier_channels).indices.sort().values
+
+    def fake_quantize(self, x: torch.Tensor, scale: ScaleData | None = None,
+                      channels: torch.Tensor | None = None) -> torch.Tensor:
         """The values ``x`` takes through this format, in ``x``'s dtype and shape. With an outlier
         threshold (LLM.int8(), as bitsandbytes): each token's scale comes from its values without
-        the outlier elements, and the outlier columns keep their exact values."""
+        the outlier elements, and the outlier columns keep their exact values. ``channels``
+        (int64 ``(k,)``, with ``outlier_channels``): the fixed features that keep their values;
+        the others are quantized, a dynamic scale fitted without the kept ones (without
+        ``channels`` every feature is quantized: what an observer measures)."""
+        if channels is not None:
+            plain = ActivationQuantizer(self.format, self.granularity, self.group_size, self.symmetric)
+            q = plain.fake_quantize(x.index_fill(-1, channels, 0), scale)
+            return q.index_copy(-1, channels, x.index_select(-1, channels))
         if self.outlier_threshold is not None:
             elements, cols = self.outlier_columns(x)
             flat = x.reshape(-1, x.shape[-1])
@@ -122,4 +155,6 @@ class ActivationQuantizer:
         kind = {"token": "per-token", "tensor": "per-tensor", "channel": "per-channel"}.get(
             self.granularity, f"g{self.group_size}")
         outliers = f", |x| >= {self.outlier_threshold:g} in 16-bit" if self.outlier_threshold is not None else ""
+        if self.outlier_channels is not None:
+            outliers = f", {self.outlier_channels} fixed channels in 16-bit"
         return f"{self.format} {kind}{'' if self.symmetric else ' asym'}{outliers}"

@@ -140,6 +140,8 @@ def activations_reason(act: Any) -> str | None:
     tensor (int8 static ones asymmetric too)."""
     if act.outlier_threshold is not None:
         return "LLM.int8()'s 16-bit outlier columns have no compressed-tensors scheme; lowbit's own format holds them"
+    if act.outlier_channels is not None:
+        return "fixed 16-bit input channels have no compressed-tensors scheme; lowbit's own format holds them"
     if act.format not in ("int8", "fp8_e4m3"):
         return f"{act.format} inputs have no compressed-tensors scheme (int8 and fp8 E4M3 do)"
     if (act.dynamic, act.granularity) not in ((True, "token"), (False, "tensor")):
@@ -190,6 +192,8 @@ def _input_problem(name: str, layer: QuantLinear) -> str | None:
     static = layer.input_scale is not None
     if getattr(layer, "outlier_threshold", None) is not None:
         return f"{name}: LLM.int8()'s 16-bit outlier columns have no compressed-tensors scheme"
+    if layer.input_channels is not None:
+        return f"{name}: fixed 16-bit input channels have no compressed-tensors scheme"
     if q.format not in ("int8", "fp8_e4m3") or (static, q.granularity) not in ((False, "token"), (True, "tensor")) \
             or (not static and not q.symmetric):
         how = "static" if static else "dynamic"

@@ -10,7 +10,8 @@ A folder::
                          (NAME.weight.scale, NAME.weight.zero, ...); the safetensors metadata
                          key "lowbit.quantized" maps NAME to its codec and logical shape; with
                          static input scales (the recipe's activations), NAME.input_scale
-                         (and NAME.input_zero) in float32; with a KV cache of static scales,
+                         (and NAME.input_zero) in float32; with fixed 16-bit input
+                         channels, NAME.input_channels (int64 feature indices); with a KV cache of static scales,
                          ATTN.k_scale and ATTN.v_scale per attention module, float32 (1,);
                          a quantized token embedding is stored as a linear of its name (a
                          tied LM head, sharing its codes, is not stored again)
@@ -66,6 +67,8 @@ def quantized_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict[st
             tensors.update({k: v.contiguous() for k, v in qt.state_dict(f"{prefix}weight").items()})
             for k, v in (module.input_scale or {}).items():  # static input scales, float32 as calibrated
                 tensors[f"{prefix}input_{k}"] = v.contiguous()
+            if module.input_channels is not None:  # the input features kept in 16-bit
+                tensors[f"{prefix}input_channels"] = module.input_channels.contiguous()
     tensors.update(dense_state(model, dense_dtype))
     tensors.update(kv_scale_tensors(model))  # static KV cache scales, float32
     return tensors, headers
@@ -156,11 +159,12 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         consumed.update(qt.state_dict(f"{name}.weight"))
     _set_quantized_embedding(model, quantized, path)
     inputs = input_quantization(recipe, quantized, tensors, path)
-    consumed.update(f"{name}.input_{k}" for name, (_, scale) in inputs.items() for k in scale or {})
+    consumed.update(f"{name}.input_{k}" for name, (_, scale, _) in inputs.items() for k in scale or {})
+    consumed.update(f"{name}.input_channels" for name, (_, _, channels) in inputs.items() if channels is not None)
     scales = read_kv_scales(path, tensors, consumed)
     result = assemble(model, path, quantized, tensors, consumed, dtype)
-    for name, (quantizer, scale) in inputs.items():
-        model.get_submodule(name).set_input_quant(quantizer, scale)
+    for name, (quantizer, scale, channels) in inputs.items():
+        model.get_submodule(name).set_input_quant(quantizer, scale, channels)
     set_kv_scales(model, scales)
     # lowbit writes every persistent tensor: one the folder lacks is missing even when the
     # model could build it (a buffer), unless it is tied or a quantized linear's own
@@ -189,11 +193,12 @@ def _set_quantized_embedding(model: nn.Module, quantized: dict[str, QuantizedTen
 
 
 def input_quantization(recipe: Recipe, quantized: dict[str, QuantizedTensor], tensors: dict[str, torch.Tensor],
-                       path: Path) -> dict[str, tuple[ActivationQuantizer, ScaleData | None]]:
-    """Per quantized linear whose input the recipe quantizes: its quantizer and, for static
-    scales, the scale data stored as ``NAME.input_scale`` (``NAME.input_zero``), exactly the parts
-    the format has; LowbitError for a missing or ill-shaped one."""
-    out: dict[str, tuple[ActivationQuantizer, ScaleData | None]] = {}
+                       path: Path) -> dict[str, tuple[ActivationQuantizer, ScaleData | None, torch.Tensor | None]]:
+    """Per quantized linear whose input the recipe quantizes: its quantizer, for static scales
+    the scale data stored as ``NAME.input_scale`` (``NAME.input_zero``), exactly the parts the
+    format has, and with fixed outlier channels their indices (``NAME.input_channels``);
+    LowbitError for a missing or ill-shaped one."""
+    out: dict[str, tuple[ActivationQuantizer, ScaleData | None, torch.Tensor | None]] = {}
     for name, qt in quantized.items():
         act = recipe.activations_for(name)
         if act is None:
@@ -210,7 +215,16 @@ def input_quantization(recipe: Recipe, quantized: dict[str, QuantizedTensor], te
                     raise LowbitError(f"{path}: {name}.input_{part} should be ({rows}, 1) {dtype} (static input scales "
                                       f"of the recipe), found {found}")
                 scale[part] = t
-        out[name] = (quantizer, scale)
+        channels = None
+        if act.outlier_channels is not None:
+            channels = tensors.get(f"{name}.input_channels")
+            k, width = act.outlier_channels, qt.shape[1]
+            if channels is None or tuple(channels.shape) != (k,) or channels.dtype != torch.int64 \
+                    or channels.unique().numel() != k or int(channels.min()) < 0 or int(channels.max()) >= width:
+                found = "missing" if channels is None else f"{tuple(channels.shape)} {channels.dtype}"
+                raise LowbitError(f"{path}: {name}.input_channels should be ({k},) distinct int64 indices below {width} "
+                                  f"(the recipe's fixed outlier channels), found {found}")
+        out[name] = (quantizer, scale, channels)
     return out
 
 

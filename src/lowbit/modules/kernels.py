@@ -250,7 +250,7 @@ class Int8PackedKernel:
 
     @property
     def nbytes(self) -> int:
-        extra = (self.shift, self.row_scale, getattr(self, "w_sums", None))
+        extra = (self.shift, self.row_scale, getattr(self, "w_sums", None), getattr(self, "kept", None))
         parts = [self.weight, self.scale] + [t for t in extra if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
@@ -404,18 +404,77 @@ class Int8StaticActivationKernel(Int8DynamicActivationKernel):
         return self._static
 
 
+class _FixedChannels:
+    """W8A8 with fixed 16-bit input channels (``outlier_channels`` from calibration): the weight's
+    int8 columns at those channels are zeroed, so whatever codes the input gets there add nothing,
+    and ``x[:, channels] @ W[:, channels].T`` is added in float32. A dynamic per-token scale is
+    fitted with those channels zeroed, as the reference (``fake_quantize``) fits it."""
+
+    def _keep_channels(self, channels: torch.Tensor) -> None:
+        self.channels = channels.to(torch.int64)
+        cols = self.weight[:, self.channels].to(torch.float32) * self.scale.reshape(-1, 1)
+        self.kept = cols.t().contiguous()  # (k, N) float32
+        self._kept_as = {torch.float32: self.kept}  # the kept columns in each output dtype met
+        self.weight = self.weight.index_fill(1, self.channels, 0)
+        if self.w_sums is not None:
+            self.w_sums = self.weight.to(torch.int32).sum(1, dtype=torch.int32)
+
+    def _add_kept(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        flat, out = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        kept_x = flat.index_select(1, self.channels)
+        if y.dtype != torch.float32 and flat.shape[0] <= INT8_NATIVE_MAX_ROWS:
+            # a few rows (decode): torch's bf16 GEMM costs 2.6x the float32 one at one row here
+            return y.add_((kept_x.to(torch.float32) @ self.kept).view(y.shape).to(y.dtype))
+        kept = self._kept_as.get(y.dtype)
+        if kept is None:
+            kept = self._kept_as[y.dtype] = self.kept.to(y.dtype)
+        out.addmm_(kept_x.to(y.dtype), kept)  # added inside the small GEMM (beta = 1): no extra pass over y
+        return y
+
+
+class Int8FixedChannelsKernel(_FixedChannels, Int8DynamicActivationKernel):
+    """W8A8 dynamic per token, with fixed 16-bit input channels (:class:`_FixedChannels`)."""
+
+    name = "w8a8-int8-channels-cpu"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, channels: torch.Tensor) -> None:
+        super().__init__(codes, scale, offset)
+        assert self.shift is None, "fixed outlier channels need symmetric int8 weights"
+        self._keep_channels(channels)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_kept(super().__call__(x.index_fill(-1, self.channels, 0)), x)
+
+
+class Int8StaticFixedChannelsKernel(_FixedChannels, Int8StaticActivationKernel):
+    """W8A8 static per tensor, with fixed 16-bit input channels (:class:`_FixedChannels`): the
+    input is rounded whole (its kept channels saturate, against zeroed weight columns)."""
+
+    name = "w8a8-static-int8-channels-cpu"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, input_scale: torch.Tensor,
+                 channels: torch.Tensor) -> None:
+        super().__init__(codes, scale, offset, input_scale)
+        assert self.shift is None, "fixed outlier channels need symmetric int8 weights"
+        self._keep_channels(channels)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_kept(super().__call__(x), x)
+
+
 def _int8_activations(q: "ActivationQuantizer | None", granularity: str) -> bool:
     return q is not None and q.format == "int8" and q.symmetric and q.granularity == granularity
 
 
 def build_kernel(qt: QuantizedTensor, input_quant: "ActivationQuantizer | None" = None,
-                 input_scale: "ScaleData | None" = None) -> LinearKernel | None:
+                 input_scale: "ScaleData | None" = None, input_channels: torch.Tensor | None = None,
+                 ) -> LinearKernel | None:
     """The fastest CPU kernel that computes ``x @ W.T`` for this stored weight, or None (the
     reference path) when no kernel holds its codec. ``input_quant``: how the layer quantizes its
     input; int8 weights with symmetric int8 inputs, dynamic per token or static per tensor
     (``input_scale``), multiply in int8 (:class:`Int8DynamicActivationKernel`,
-    :class:`Int8StaticActivationKernel`); for other input formats the layer quantizes the input
-    itself before the kernel."""
+    :class:`Int8StaticActivationKernel`, and their kinds with fixed 16-bit ``input_channels``); for
+    other input formats the layer quantizes the input itself before the kernel."""
     codec = qt.get_codec()
     grouping = getattr(codec, "grouping", None)
     if grouping is None:
@@ -436,6 +495,14 @@ def build_kernel(qt: QuantizedTensor, input_quant: "ActivationQuantizer | None" 
     if form is None:
         return None
     codes, scale, offset = form
+    if input_channels is not None:  # fixed 16-bit channels: only the int8 kernels above hold them
+        if bits != 8 or bool((offset[:, 0] + 128 * scale[:, 0]).any()):  # symmetric int8 weights only
+            return None
+        if _int8_activations(input_quant, "token") and input_scale is None:
+            return Int8FixedChannelsKernel(codes, scale, offset, input_channels)
+        if _int8_activations(input_quant, "tensor") and input_scale is not None:
+            return Int8StaticFixedChannelsKernel(codes, scale, offset, input_scale["scale"], input_channels)
+        return None
     if bits == 8:
         if _int8_activations(input_quant, "token") and input_scale is None:
             assert input_quant is not None

@@ -35,7 +35,8 @@ class QuantLinear(nn.Module):
     fast_dense = False  # the reference path's product through dense_linear (set by rows_linear's fast_dense_linears)
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
-                 input_quant: ActivationQuantizer | None = None, input_scale: ScaleData | None = None) -> None:
+                 input_quant: ActivationQuantizer | None = None, input_scale: ScaleData | None = None,
+                 input_channels: torch.Tensor | None = None) -> None:
         super().__init__()
         self.codec = dict(qweight.codec)
         self.out_features, self.in_features = qweight.shape
@@ -48,23 +49,39 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self._dense: torch.Tensor | None = None
         self.kernel: LinearKernel | None = None
-        # how the input is quantized (None: it is not); static scale data (float32), None when dynamic
+        # how the input is quantized (None: it is not); static scale data (float32), None when dynamic;
+        # the input features kept in 16-bit (int64 indices) when the quantizer has fixed outlier channels
         self.input_quant: ActivationQuantizer | None = None
         self.input_scale: ScaleData | None = None
+        self.input_channels: torch.Tensor | None = None
         if input_quant is not None:
-            self.set_input_quant(input_quant, input_scale)
+            self.set_input_quant(input_quant, input_scale, input_channels)
 
-    def set_input_quant(self, quantizer: ActivationQuantizer | None, scale: ScaleData | None = None) -> None:
+    def set_input_quant(self, quantizer: ActivationQuantizer | None, scale: ScaleData | None = None,
+                        channels: torch.Tensor | None = None) -> None:
         """Quantize the input with ``quantizer`` (static ``scale`` data, or dynamic when None), or
-        not at all (None). A kernel already built is dropped: its choice depends on the input's."""
+        not at all (None); ``channels``: the input features kept in 16-bit, int64 ``(k,)``, exactly
+        when the quantizer has ``outlier_channels = k``. A kernel already built is dropped: its
+        choice depends on the input's."""
+        want = None if quantizer is None else quantizer.outlier_channels
+        if channels is not None:
+            channels = channels.detach().to(torch.int64).reshape(-1)
+        if (want is None) != (channels is None) or (channels is not None and (
+                channels.numel() != want or channels.unique().numel() != want
+                or int(channels.min()) < 0 or int(channels.max()) >= self.in_features)):
+            got = "none" if channels is None else f"{channels.numel()} (distinct, within 0..{self.in_features - 1}?)"
+            raise ValueError(f"input channels kept in 16-bit: {want or 0} expected, got {got}")
         self.input_quant = quantizer
         self.input_scale = None if scale is None else {k: v.detach().to(torch.float32) for k, v in scale.items()}
+        self.input_channels = channels
         if self.kernel is not None:
             self.use_kernel(None)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the layer's input quantization leaves it (unchanged when there is none)."""
-        return x if self.input_quant is None else self.input_quant.fake_quantize(x, self.input_scale)
+        if self.input_quant is None:
+            return x
+        return self.input_quant.fake_quantize(x, self.input_scale, self.input_channels)
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -120,6 +137,8 @@ class QuantLinear(nn.Module):
         for p, t in parts.items():
             moved = getattr(self, _PART_PREFIX + p)
             self._buffers[_PART_PREFIX + p] = t.to(moved.device)
+        if self.input_channels is not None:
+            self.input_channels = self.input_channels.to(self.qweight_codes.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +176,7 @@ def enable_fast_kernels(model: nn.Module, w8a8: bool = False) -> dict[str, int]:
         if isinstance(m, QuantLinear) and m.kernel_capable:
             if w8a8 and m.input_quant is None and m.qweight.get_codec().code_bits == 8:
                 m.set_input_quant(W8A8_DYNAMIC)
-            kernel = (build_kernel(m.qweight, m.input_quant, m.input_scale)
+            kernel = (build_kernel(m.qweight, m.input_quant, m.input_scale, m.input_channels)
                       if m.qweight_codes.device.type == "cpu" else None)
             if kernel is not None and id(m.qweight_codes) in tables:
                 tied[id(tables[id(m.qweight_codes)])] = kernel

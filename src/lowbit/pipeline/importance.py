@@ -74,6 +74,7 @@ def calibration_users(recipe: Recipe, importance: ImportanceMatrix | None) -> li
     users = [f"algorithm {a.name}" for a in recipe.algorithms
              if a.needs_calibration and not (supplied and takes_importance(a))]
     static = [f"static input scales ({a.observer.name})" for a in recipe.all_activations if not a.dynamic]  # type: ignore[union-attr]
+    static += [f"fixed outlier channels ({a.outlier_channels})" for a in recipe.all_activations if a.outlier_channels]
     return list(dict.fromkeys(users + [f"transform {t.name}" for t in recipe.transforms] + static + kv_calibration(recipe)))
 
 

@@ -105,6 +105,19 @@ def check_observed_tokens(recipe: Recipe, calibration: CalibrationSet, width: in
                               "needed (raise --calib-samples or --calib-seq-len)")
 
 
+def check_outlier_channels(model: nn.Module, arch: Architecture, names: list[str], recipe: Recipe) -> None:
+    """LowbitError, before any work, naming the first linear of ``names`` (full names) whose input
+    features would all be kept in 16-bit by the recipe's ``outlier_channels``."""
+    for name in names:
+        act = recipe.activations_for(name)
+        if act is None or act.outlier_channels is None:
+            continue
+        width = int(linear_weight(model.get_submodule(name))[0].shape[1])
+        if act.outlier_channels >= width:
+            raise LowbitError(f"{name}: outlier_channels {act.outlier_channels} keeps all of its {width} input features "
+                              "in 16-bit (none left to quantize)")
+
+
 def planned_bytes(model: nn.Module, recipe: Recipe) -> int:
     """About how many bytes ``model`` takes once quantized by ``recipe`` (resolved against it, see
     :func:`lowbit.io.gguf_mixes.resolve_gguf_mix`): each selected linear at its codec's exact
@@ -170,7 +183,7 @@ def quantize_model(
         check_context(model, int(calibration.tokens.shape[1]), "calibration seq_len")  # type: ignore[union-attr]
     if recipe.kv_cache is not None:
         recipe.kv_cache.check_model(model)
-    check_selection(model, arch, recipe)
+    check_outlier_channels(model, arch, check_selection(model, arch, recipe), recipe)
     untransformed = check_transforms(model, arch, recipe)
     if calibration is not None and needs:
         widths = [linear_weight(block.get_submodule(n))[0].shape[1] for block in arch.block_list(model)[:1]
@@ -230,7 +243,7 @@ def _run_sequential(
     report.importance = empty_importance(calibration)
     done = resume.finished_blocks() if resume is not None else 0
     for i in range(done):
-        resume.restore_block(blocks[i], i)  # type: ignore[union-attr]
+        resume.restore_block(blocks[i], i, recipe, f"{arch.blocks}.{i}")  # type: ignore[union-attr]
         # restored linears count among the quantized ones: the report speaks of the whole model
         report.quantized.extend(f"{arch.blocks}.{i}.{n}" for n, m in blocks[i].named_modules() if isinstance(m, QuantLinear))
     seq.resumed_blocks = done

@@ -79,11 +79,15 @@ class LinearReplay:
         else:
             self.kept.append(x)
 
-    def start(self) -> None:
-        """Replay from the next pass on (the linear is quantized by now)."""
+    def stop_recording(self) -> None:
+        """Record no more (a later pass over the same batches would record them twice)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+    def start(self) -> None:
+        """Replay from the next pass on (the linear is quantized by now)."""
+        self.stop_recording()
         if self.kept:
             self.module.forward = self._replay  # type: ignore[method-assign]
 

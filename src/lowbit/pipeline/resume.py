@@ -77,19 +77,32 @@ class ResumeState:
             )
         return int(state["finished"])
 
-    def restore_block(self, block: nn.Module, index: int) -> None:
-        """Install the saved quantized block ``index`` into ``block`` (which may be on meta)."""
+    def restore_block(self, block: nn.Module, index: int, recipe: "Recipe", prefix: str) -> None:
+        """Install the saved quantized block ``index`` (``prefix``: its full name) into ``block``
+        (which may be on meta), with the input quantization ``recipe`` gives its linears (static
+        scales and fixed 16-bit channels as saved)."""
+        from lowbit.io.lowbit_format import input_quantization
+
         path = self.folder / f"block_{index:04d}.safetensors"
         with safe_open(str(path), framework="pt") as f:
             headers = json.loads((f.metadata() or {}).get(QUANT_KEY, "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         consumed: set[str] = set()
+        quantized: dict[str, QuantizedTensor] = {}
         for name, header in headers.items():
-            qt = QuantizedTensor.from_state_dict(header, tensors, f"{name}.weight")
+            quantized[name] = qt = QuantizedTensor.from_state_dict(header, tensors, f"{name}.weight")
             bias = tensors.get(f"{name}.bias")
             block.set_submodule(name, QuantLinear(qt, bias))
             consumed.update(qt.state_dict(f"{name}.weight"))
             consumed.add(f"{name}.bias")
+        full = {f"{prefix}.{n}": qt for n, qt in quantized.items()}
+        inputs = input_quantization(recipe, full, {f"{prefix}.{k}": v for k, v in tensors.items()}, path)
+        for name, (quantizer, scale, channels) in inputs.items():
+            short = name[len(prefix) + 1:]
+            block.get_submodule(short).set_input_quant(quantizer, scale, channels)
+            consumed.update(f"{short}.input_{k}" for k in scale or {})
+            if channels is not None:
+                consumed.add(f"{short}.input_channels")
         rest = {k: v for k, v in tensors.items() if k not in consumed}
         result = block.load_state_dict(rest, strict=False, assign=True)
         if result.unexpected_keys:

@@ -27,8 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibration.observers import ObserverState
+from lowbit.calibration.observers import ObserverState, WithoutChannels
+from lowbit.calibration.statistics import InputStatistics, StatsRequest
 from lowbit.codecs.activations import ActivationQuantizer
+from lowbit.errors import LowbitError
 from lowbit.models import Architecture
 from lowbit.modules import QuantLinear
 from lowbit.modules.experts import UnfusedExperts
@@ -42,8 +44,8 @@ from lowbit.pipeline.linears import (
     takes_importance,
 )
 from lowbit.pipeline.passes import collect_step_statistics, run_block
-from lowbit.pipeline.plan import BlockPlan
-from lowbit.pipeline.replay import plan_replays
+from lowbit.pipeline.plan import BlockPlan, StepPlan
+from lowbit.pipeline.replay import LinearReplay, plan_replays
 from lowbit.pipeline.resume import BlockInputs
 from lowbit.recipes import Recipe
 from lowbit.transforms import StepContext
@@ -105,9 +107,7 @@ def quantize_block_sequential(
                 r.record()  # before the statistics hooks, which stop the pass at this linear
             request = merge_requests(a.stats_request() for _, a in assigned.values())
             quantizers = step.input_quantizers()
-            observers = {n: a.observer.start(a.granularity == "channel", quantizers[n])  # type: ignore[union-attr, arg-type]
-                         for n, a in step.static.items()}
-            stats = collect_step_statistics(block, names, inputs, request, compute_dtype, observers)
+            stats, observers, channels = observe_step(block, step, inputs, request, compute_dtype, prefix, recording)
             for run in shared_runs(names, assigned, stats, importance is not None):
                 codec, algorithm = assigned[run[0]]
                 full = [f"{prefix}.{n}" for n in run]
@@ -116,7 +116,7 @@ def quantize_block_sequential(
                     given = supplied_importance(importance, full[0])
                 done = quantize_linears([block.get_submodule(n) for n in run], full, codec, algorithm, stats[run[0]], given)
                 for n, (q, result) in zip(run, done):
-                    set_input_quantization(q, quantizers[n], observers.get(n), result)
+                    set_input_quantization(q, quantizers[n], observers.get(n), result, channels.get(n))
                     block.set_submodule(n, q)
                     results.append(result)
             for r in recording:
@@ -130,10 +130,46 @@ def quantize_block_sequential(
     return results, next_inputs
 
 
+def observe_step(block: nn.Module, step: StepPlan, inputs: BlockInputs, request: StatsRequest,
+                 compute_dtype: torch.dtype, prefix: str, recording: list[LinearReplay],
+                 ) -> tuple[dict[str, InputStatistics], dict[str, ObserverState], dict[str, torch.Tensor]]:
+    """One sub-step's calibration pass: the statistics ``request`` asks of its linears' inputs, the
+    observers of their static input scales and, for quantizers with fixed outlier channels, the
+    channels (the largest ``|x|``); static scales of such inputs then observe the other features in
+    a second pass (the channels must be known first; ``recording`` replays record the first only)."""
+    names, quantizers = step.names, step.input_quantizers()
+    kept = [n for n in names if quantizers[n] is not None and quantizers[n].outlier_channels]  # type: ignore[union-attr]
+    if kept:
+        request = request.merge(StatsRequest(absmax=True))
+    observers = {n: a.observer.start(a.granularity == "channel", quantizers[n])  # type: ignore[union-attr, arg-type]
+                 for n, a in step.static.items()}
+    stats = collect_step_statistics(block, names, inputs, request, compute_dtype,
+                                    {n: o for n, o in observers.items() if n not in kept})
+    channels = {n: choose_channels(quantizers[n], stats[n], f"{prefix}.{n}") for n in kept}  # type: ignore[arg-type]
+    second = [n for n in kept if n in observers]
+    if second:
+        for r in recording:
+            r.stop_recording()
+        observers.update({n: WithoutChannels(observers[n], channels[n], stats[n].n_features) for n in second})
+        collect_step_statistics(block, second, inputs, StatsRequest(), compute_dtype, observers)
+    return stats, observers, channels
+
+
+def choose_channels(quantizer: ActivationQuantizer, stats: InputStatistics, name: str) -> torch.Tensor:
+    """The input features a linear keeps in 16-bit (``quantizer.outlier_channels`` of them): those
+    with the largest ``|x|`` in ``stats``."""
+    assert stats.abs_max is not None
+    try:
+        return quantizer.choose_channels(stats.abs_max.cpu())
+    except ValueError as e:
+        raise LowbitError(f"{name}: {e}") from None
+
+
 def set_input_quantization(q: QuantLinear, quantizer: ActivationQuantizer | None, observer: ObserverState | None,
-                           result: LinearResult) -> None:
+                           result: LinearResult, channels: torch.Tensor | None = None) -> None:
     """Give a freshly quantized linear its input quantization: dynamic, or static with the scales
-    its observer's range gives (dynamic, with a note, when no calibration token reached it)."""
+    its observer's range gives (dynamic, with a note, when no calibration token reached it), and
+    the input features it keeps in 16-bit (``channels``), if any."""
     if quantizer is None:
         return
     scale = None
@@ -142,7 +178,7 @@ def set_input_quantization(q: QuantLinear, quantizer: ActivationQuantizer | None
             scale = quantizer.from_range(*observer.range())
         else:
             result.note = (result.note + "; " if result.note else "") + "no calibration token reached it: dynamic input scales"
-    q.set_input_quant(quantizer, scale)
+    q.set_input_quant(quantizer, scale, channels)
 
 
 def apply_transforms(block: nn.Module, plan: BlockPlan, arch: Architecture, inputs: BlockInputs,

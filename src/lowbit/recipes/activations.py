@@ -16,7 +16,10 @@ class Activations(BaseModel):
     feature), symmetric or not; scales ``dynamic`` (fitted to each input at run time: per token,
     per tensor or per group) or static (fitted once from calibration data by ``observer``: per
     tensor or per channel). ``outlier_threshold`` (LLM.int8(), dynamic int8 per token only): input
-    columns where some token's ``|x|`` exceeds it are kept in 16-bit, the rest quantized."""
+    columns where some token's ``|x|`` exceeds it are kept in 16-bit, the rest quantized.
+    ``outlier_channels`` (symmetric int8, per token or per tensor, dynamic or static): that many input
+    features of each linear, those with the largest ``|x|`` on the calibration data, are kept in
+    16-bit for every input; the rest are quantized, a static scale observed without them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -29,6 +32,8 @@ class Activations(BaseModel):
     observer: SerializeAsAny[Observer] | None = Field(None, description="static scales: how the input range is "
                                                       "measured (default minmax)")
     outlier_threshold: float | None = Field(None, gt=0, description="LLM.int8(): |x| above it keeps its column in 16-bit")
+    outlier_channels: int | None = Field(None, gt=0, description="input features per linear kept in 16-bit, fixed: "
+                                         "those with the largest |x| on the calibration data")
 
     @field_validator("observer", mode="before")
     @classmethod
@@ -56,6 +61,9 @@ class Activations(BaseModel):
         if self.outlier_threshold is not None and not (self.dynamic and self.format == "int8" and self.granularity == "token"
                                                        and self.symmetric):
             raise ValueError("outlier_threshold (LLM.int8()) needs dynamic symmetric int8 per-token inputs")
+        if self.outlier_channels is not None and not (self.format == "int8" and self.symmetric
+                                                      and self.granularity in ("token", "tensor")):
+            raise ValueError("outlier_channels needs symmetric int8 inputs, per token or per tensor")
         self.quantizer()  # the format's own checks (FP8 is symmetric)
         if not self.dynamic:
             self.observer.start(self.granularity == "channel", self.quantizer())  # type: ignore[union-attr]
@@ -64,7 +72,7 @@ class Activations(BaseModel):
     def quantizer(self) -> ActivationQuantizer:
         try:
             return ActivationQuantizer(self.format, self.granularity or "token", self.group_size, self.symmetric,
-                                       self.outlier_threshold)
+                                       self.outlier_threshold, self.outlier_channels)
         except ValueError as e:
             raise ValueError(str(e)) from None
 

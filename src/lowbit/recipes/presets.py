@@ -34,6 +34,9 @@ _W8A8_INPUTS: dict[str, Any] = {"format": "int8", "granularity": "token"}
 # "Quantized activations"; percentiles clip its largest inputs and cost 10x more); SmoothQuant's a
 # is searched there, the static per-tensor inputs in the search's loop (3x less loss than a = 0.5)
 _STATIC_OBSERVER: dict[str, Any] = {"name": "mse"}
+# fixed 16-bit input features per linear (w8a8-static-channels): SmolLM2's massive activations sit in a
+# few features; 16 brought its static KLD to that of dynamic per-token inputs (BENCHMARKS, activations)
+_KEPT_CHANNELS = 16
 # AWQ's scaling before GPTQ, each candidate scale scored by the codes GPTQ chooses for it (scored by
 # RTN's codes, AWQ then GPTQ lost more than GPTQ alone on SmolLM2: BENCHMARKS.md, "GPTQ's defaults")
 _AWQ_FOR_GPTQ: dict[str, Any] = {"name": "awq", "score": "algorithm"}
@@ -109,6 +112,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                     _calibrated({"name": "rtn"}, {**_int(8, group_size=None), "activations": {
                         "format": "int8", "dynamic": False, "granularity": "tensor", "observer": _STATIC_OBSERVER},
                         "transforms": [{"name": "smoothquant", "alpha": None}]})),
+    "w8a8-static-channels": (f"int8 per-channel weights, int8 inputs with static per-tensor scales "
+                             f"({_STATIC_OBSERVER['name']} observer) except each linear's {_KEPT_CHANNELS} input features "
+                             "with the largest calibrated |x|, kept in 16-bit (lowbit's format only), RTN",
+                             _calibrated({"name": "rtn"}, {**_int(8, group_size=None), "activations": {
+                                 "format": "int8", "dynamic": False, "granularity": "tensor",
+                                 "observer": _STATIC_OBSERVER, "outlier_channels": _KEPT_CHANNELS}})),
     "fp8-dynamic": ("FP8 E4M3 per-channel weights, FP8 E4M3 inputs dynamic per token (compressed-tensors FP8_DYNAMIC)",
                     {**_rtn("fp8", fmt="e4m3", granularity="channel"),
                      "activations": {"format": "fp8_e4m3", "granularity": "token"}}),

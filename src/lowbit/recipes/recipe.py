@@ -199,7 +199,7 @@ class Recipe(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        static = any(not a.dynamic for a in self.all_activations) or (self.kv_cache is not None and self.kv_cache.static)
+        static = any(not a.dynamic or a.outlier_channels for a in self.all_activations) or (self.kv_cache is not None and self.kv_cache.static)
         return static or bool(self.transforms) or any(a.needs_calibration for a in self.algorithms)
 
     def with_kv_cache(self, spec: str) -> "Recipe":
