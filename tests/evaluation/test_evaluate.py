@@ -140,6 +140,29 @@ def test_fast_float32_products_leave_the_results_unchanged(tiny_model, tokenizer
     assert fast.kld == pytest.approx(plain.kld, rel=1e-4) and fast.top1 == plain.top1
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "opt"])
+def test_the_lm_head_scored_some_rows_at_a_time_gives_the_whole_windows_results(  # type: ignore[no-untyped-def]
+        tiny_model, tokenizer_stub, text_factory, tmp_path, monkeypatch, family: str) -> None:
+    from lowbit.evaluation import reference
+
+    ref = tiny_model(family)
+    model = copy.deepcopy(ref)
+    quantize_model(model, resolve_recipe("w3a16"), progress=False)
+    head = model.get_output_embeddings()
+    # Gemma 2 soft-caps its logits after the head: its windows are scored from the model's own logits
+    assert (reference._separable_head(model) is None) == (family == "gemma2")
+    monkeypatch.setattr(reference, "SCORE_ROWS", 7)  # 63 scored rows a window: 9 chunks
+    text = _text(text_factory)
+    ids = [ord(c) % 256 for c in text.text]
+    r = evaluate(model, tokenizer_stub, text, ref=ref, seq_len=SEQ, cache_dir=tmp_path, progress=False)
+    assert model.get_output_embeddings() is head  # the head is back in place
+    p_rows, q_rows = ref_logprobs(ref, ids, SEQ), ref_logprobs(model, ids, SEQ)
+    kl = np.concatenate([(np.exp(p) * (p - q)).sum(-1) for (p, _), (q, _) in zip(p_rows, q_rows)])
+    assert r.ppl == pytest.approx(ref_ppl(q_rows)[0], rel=1e-5)
+    assert r.ref_ppl == pytest.approx(ref_ppl(p_rows)[0], rel=1e-5)
+    assert r.kld > 1e-4 and r.kld == pytest.approx(kl.mean(), rel=1e-3)
+
+
 def _count_forwards(model) -> list[int]:  # type: ignore[no-untyped-def]
     calls = [0]
     model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import Text
 from lowbit.errors import LowbitError
-from lowbit.evaluation.reference import compute_reference, reference_key, window_logprobs
+from lowbit.evaluation.reference import compute_reference, reference_key, window_logprob_chunks
 from lowbit.models.fingerprint import model_fingerprint
 from lowbit.evaluation.windows import make_windows
 from lowbit.models import check_context
@@ -112,14 +112,15 @@ def evaluate(
         t0 = time.perf_counter()
         with torch.inference_mode(), cache_dequantized_weights(model, dtype), fast_dense_linears(model):
             for i, w in enumerate(tqdm(windows, desc=f"eval {text.name}", unit="win", disable=not progress, leave=False)):
-                lp = window_logprobs(model, ids, w)
                 targets = ids[w.first_target : w.end]
-                nll_sum += float(-lp.gather(1, targets.unsqueeze(1)).sum())
+                window_ref = reference.window(i) if reference is not None else None
+                for r0, lp in window_logprob_chunks(model, ids, w):
+                    nll_sum += float(-lp.gather(1, targets[r0 : r0 + len(lp)].unsqueeze(1)).sum())
+                    if window_ref is not None:
+                        rlp = window_ref[r0 : r0 + len(lp)]
+                        kld_all.append((rlp.exp() * (rlp - lp)).sum(dim=-1))
+                        agree += int((rlp.argmax(-1) == lp.argmax(-1)).sum())
                 n += w.n_scored
-                if reference is not None:
-                    rlp = reference.window(i)
-                    kld_all.append((rlp.exp() * (rlp - lp)).sum(dim=-1))
-                    agree += int((rlp.argmax(-1) == lp.argmax(-1)).sum())
         seconds = time.perf_counter() - t0
 
         result = EvalResult(

@@ -49,12 +49,47 @@ def reference_key(fingerprint: str, ids: torch.Tensor, windows: list[Window], dt
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:32]
 
 
-def window_logprobs(model: nn.Module, ids: torch.Tensor, w: Window) -> torch.Tensor:
-    """Float32 log-softmax ``(w.n_scored, vocab)`` predicting targets ``first_target..end-1``."""
+# LM head rows computed and scored at a time: a 49k vocabulary's float32 logits are 12.6 MB for 64 rows (memory
+# the allocator reuses, and caches still hold) against 100 MB, fresh pages every window, for all 512
+SCORE_ROWS = 64
+# config fields by which a model's forward changes its LM head's output (Gemma 2's soft cap, Cohere's scale, ...)
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def window_logprob_chunks(model: nn.Module, ids: torch.Tensor, w: Window,
+                          rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Float32 log-softmax rows predicting window ``w``'s targets ``first_target..end-1``, ``rows``
+    at a time: ``(first row, (r, vocab))``. Where the model's logits are its LM head's output as
+    is, the forward stops before the head and the head runs on ``rows`` hidden states at a time
+    (default :data:`SCORE_ROWS`)."""
+    rows = rows or SCORE_ROWS
     x = ids[w.begin : w.end].unsqueeze(0)
-    logits = model(input_ids=x, use_cache=False).logits[0]
-    rows = logits[w.first_target - 1 - w.begin : w.end - 1 - w.begin]
-    return torch.log_softmax(rows.float(), dim=-1)
+    lo, hi = w.first_target - 1 - w.begin, w.end - 1 - w.begin
+    head = _separable_head(model)
+    if head is None:
+        logits = model(input_ids=x, use_cache=False).logits[0][lo:hi]
+        for r0 in range(0, hi - lo, rows):
+            yield r0, torch.log_softmax(logits[r0 : r0 + rows].float(), dim=-1)
+        return
+    name, module = head
+    setattr(model, name, nn.Identity())
+    try:
+        hidden = model(input_ids=x, use_cache=False).logits[0][lo:hi]
+    finally:
+        setattr(model, name, module)
+    for r0 in range(0, hi - lo, rows):
+        yield r0, torch.log_softmax(module(hidden[r0 : r0 + rows]).float(), dim=-1)
+
+
+def _separable_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The attribute name and module of ``model``'s LM head where its forward returns that head's
+    output unchanged (so the head may run apart, on some rows at a time), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    configs = [getattr(model, "config", None)]
+    configs.append(getattr(configs[0], "text_config", None))
+    if head is None or any(getattr(c, f, None) is not None for c in configs if c is not None for f in _LOGIT_POSTPROCESSING):
+        return None
+    return next(((name, child) for name, child in model.named_children() if child is head), None)
 
 
 def encode_rows(lp: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,13 +162,14 @@ def compute_reference(
         pos = 0
         with torch.inference_mode(), fast_dense_linears(model):
             for w in tqdm(windows, desc="reference logits", unit="win", disable=not progress, leave=False):
-                lp = window_logprobs(model, ids, w)
-                if out is None:
-                    vocab = lp.shape[-1]
-                    out = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.uint16, shape=(n, vocab))
-                out[pos : pos + w.n_scored], lo[pos : pos + w.n_scored], step[pos : pos + w.n_scored] = encode_rows(lp)
                 targets = ids[w.first_target : w.end]
-                nll[pos : pos + w.n_scored] = (-lp.gather(1, targets.unsqueeze(1)).squeeze(1)).numpy()
+                for r0, lp in window_logprob_chunks(model, ids, w):
+                    if out is None:
+                        vocab = lp.shape[-1]
+                        out = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.uint16, shape=(n, vocab))
+                    a, b = pos + r0, pos + r0 + len(lp)
+                    out[a:b], lo[a:b], step[a:b] = encode_rows(lp)
+                    nll[a:b] = (-lp.gather(1, targets[r0 : r0 + len(lp)].unsqueeze(1)).squeeze(1)).numpy()
                 pos += w.n_scored
         assert out is not None
         out.flush()
