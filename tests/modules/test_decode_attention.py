@@ -88,7 +88,7 @@ def test_more_queries_take_transformers_sdpa_path(case: str) -> None:
 
 
 @pytest.mark.skipif(not native.row_products(), reason="lowbit's operators are not built (or not vectorized) here")
-@pytest.mark.parametrize("heads,kv_heads,length,dim", [(9, 3, 512, 64), (4, 4, 37, 40), (14, 2, 200, 64),
+@pytest.mark.parametrize("heads,kv_heads,length,dim", [(9, 3, 512, 64), (4, 4, 37, 40), (14, 2, 200, 64), (6, 2, 33, 64),
                                                        (2, 1, 2, 16)])
 def test_a_whole_float32_window_takes_lowbits_causal_attention(heads: int, kv_heads: int, length: int,
                                                                dim: int) -> None:
