@@ -112,7 +112,11 @@ def check_outlier_channels(model: nn.Module, arch: Architecture, names: list[str
         act = recipe.activations_for(name)
         if act is None or act.outlier_channels is None:
             continue
-        width = int(linear_weight(model.get_submodule(name))[0].shape[1])
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # a fused MoE expert's linear: checked when its block is reached
+            continue
+        width = int(linear_weight(module)[0].shape[1])
         if act.outlier_channels >= width:
             raise LowbitError(f"{name}: outlier_channels {act.outlier_channels} keeps all of its {width} input features "
                               "in 16-bit (none left to quantize)")
