@@ -128,6 +128,17 @@ class ActivationQuantizer:
                              "to quantize")
         return abs_max.to(torch.float32).topk(self.outlier_channels).indices.sort().values
 
+    def check_channels(self, channels: torch.Tensor, width: int) -> None:
+        """ValueError unless ``channels`` are ``outlier_channels`` distinct integer indices ``(k,)`` of
+        an input's ``width`` features."""
+        k = self.outlier_channels
+        if k is None:
+            raise ValueError("this input quantization keeps no channels in 16-bit")
+        if tuple(channels.shape) != (k,) or channels.dtype.is_floating_point or channels.unique().numel() != k \
+                or int(channels.min()) < 0 or int(channels.max()) >= width:
+            raise ValueError(f"input channels kept in 16-bit: {k} distinct indices within 0..{width - 1} expected, got "
+                             f"{tuple(channels.shape)} {channels.dtype}")
+
     def fake_quantize(self, x: torch.Tensor, scale: ScaleData | None = None,
                       channels: torch.Tensor | None = None) -> torch.Tensor:
         """The values ``x`` takes through this format, in ``x``'s dtype and shape. With an outlier

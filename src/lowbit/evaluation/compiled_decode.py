@@ -17,7 +17,8 @@ decoder's own cache object; those on the step's other inputs stay (about 900 che
 down to about 0.05 ms). So a model must not change while its decoder runs (its kernels, classes,
 hooks, lowbit's module constants); lowbit never does, and a new decoder compiles anew.
 ``generate`` keeps every guard: it makes a new static cache for a longer request, and with the
-modules' checks dropped a graph built for the old cache ran on the new one (tried, not kept). The decoder's graph runs through inductor's C++ wrapper (its calls made from C++, not
+modules' checks dropped a graph built for the old cache ran on the new one (tried, not kept). The
+decoder's graph runs through inductor's C++ wrapper (its calls made from C++, not
 Python), whose first compile takes a few minutes; torch's cache keeps it for later processes.
 
 The first compiled step compiles; later calls reuse it. Where compilation fails (an operator

@@ -159,8 +159,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32) -> "LoadedMod
         consumed.update(qt.state_dict(f"{name}.weight"))
     _set_quantized_embedding(model, quantized, path)
     inputs = input_quantization(recipe, quantized, tensors, path)
-    consumed.update(f"{name}.input_{k}" for name, (_, scale, _) in inputs.items() for k in scale or {})
-    consumed.update(f"{name}.input_channels" for name, (_, _, channels) in inputs.items() if channels is not None)
+    consumed.update(k for name, (_, scale, channels) in inputs.items() for k in input_tensor_names(name, scale, channels))
     scales = read_kv_scales(path, tensors, consumed)
     result = assemble(model, path, quantized, tensors, consumed, dtype)
     for name, (quantizer, scale, channels) in inputs.items():
@@ -216,16 +215,23 @@ def input_quantization(recipe: Recipe, quantized: dict[str, QuantizedTensor], te
                                       f"of the recipe), found {found}")
                 scale[part] = t
         channels = None
-        if act.outlier_channels is not None:
+        if act.outlier_channels is not None:  # the recipe's fixed outlier channels
             channels = tensors.get(f"{name}.input_channels")
-            k, width = act.outlier_channels, qt.shape[1]
-            if channels is None or tuple(channels.shape) != (k,) or channels.dtype != torch.int64 \
-                    or channels.unique().numel() != k or int(channels.min()) < 0 or int(channels.max()) >= width:
-                found = "missing" if channels is None else f"{tuple(channels.shape)} {channels.dtype}"
-                raise LowbitError(f"{path}: {name}.input_channels should be ({k},) distinct int64 indices below {width} "
-                                  f"(the recipe's fixed outlier channels), found {found}")
+            if channels is None or channels.dtype != torch.int64:
+                found = "missing" if channels is None else channels.dtype
+                raise LowbitError(f"{path}: {name}.input_channels should be int64 (the recipe's fixed outlier "
+                                  f"channels), found {found}")
+            try:
+                quantizer.check_channels(channels, qt.shape[1])
+            except ValueError as e:
+                raise LowbitError(f"{path}: {name}.input_channels: {e}") from None
         out[name] = (quantizer, scale, channels)
     return out
+
+
+def input_tensor_names(name: str, scale: ScaleData | None, channels: torch.Tensor | None) -> list[str]:
+    """The tensors of linear ``name``'s input quantization (static scale data, kept channels)."""
+    return [f"{name}.input_{k}" for k in scale or {}] + ([f"{name}.input_channels"] if channels is not None else [])
 
 
 def read_kv_scales(path: Path, tensors: dict[str, torch.Tensor], consumed: set[str]) -> dict[str, tuple[float, float]]:

@@ -64,13 +64,13 @@ class QuantLinear(nn.Module):
         when the quantizer has ``outlier_channels = k``. A kernel already built is dropped: its
         choice depends on the input's."""
         want = None if quantizer is None else quantizer.outlier_channels
-        if channels is not None:
-            channels = channels.detach().to(torch.int64).reshape(-1)
-        if (want is None) != (channels is None) or (channels is not None and (
-                channels.numel() != want or channels.unique().numel() != want
-                or int(channels.min()) < 0 or int(channels.max()) >= self.in_features)):
-            got = "none" if channels is None else f"{channels.numel()} (distinct, within 0..{self.in_features - 1}?)"
+        if (want is None) != (channels is None):
+            got = "none" if channels is None else channels.numel()
             raise ValueError(f"input channels kept in 16-bit: {want or 0} expected, got {got}")
+        if channels is not None:
+            assert quantizer is not None
+            channels = channels.detach().to(torch.int64).reshape(-1)
+            quantizer.check_channels(channels, self.in_features)
         self.input_quant = quantizer
         self.input_scale = None if scale is None else {k: v.detach().to(torch.float32) for k, v in scale.items()}
         self.input_channels = channels

@@ -81,7 +81,7 @@ class ResumeState:
         """Install the saved quantized block ``index`` (``prefix``: its full name) into ``block``
         (which may be on meta), with the input quantization ``recipe`` gives its linears (static
         scales and fixed 16-bit channels as saved)."""
-        from lowbit.io.lowbit_format import input_quantization
+        from lowbit.io.lowbit_format import input_quantization, input_tensor_names
 
         path = self.folder / f"block_{index:04d}.safetensors"
         with safe_open(str(path), framework="pt") as f:
@@ -100,9 +100,7 @@ class ResumeState:
         for name, (quantizer, scale, channels) in inputs.items():
             short = name[len(prefix) + 1:]
             block.get_submodule(short).set_input_quant(quantizer, scale, channels)
-            consumed.update(f"{short}.input_{k}" for k in scale or {})
-            if channels is not None:
-                consumed.add(f"{short}.input_channels")
+            consumed.update(input_tensor_names(short, scale, channels))
         rest = {k: v for k, v in tensors.items() if k not in consumed}
         result = block.load_state_dict(rest, strict=False, assign=True)
         if result.unexpected_keys:

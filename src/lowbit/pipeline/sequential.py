@@ -107,7 +107,8 @@ def quantize_block_sequential(
                 r.record()  # before the statistics hooks, which stop the pass at this linear
             request = merge_requests(a.stats_request() for _, a in assigned.values())
             quantizers = step.input_quantizers()
-            stats, observers, channels = observe_step(block, step, inputs, request, compute_dtype, prefix, recording)
+            stats, observers, channels = observe_step(block, step, quantizers, inputs, request, compute_dtype, prefix,
+                                                      recording)
             for run in shared_runs(names, assigned, stats, importance is not None):
                 codec, algorithm = assigned[run[0]]
                 full = [f"{prefix}.{n}" for n in run]
@@ -130,14 +131,15 @@ def quantize_block_sequential(
     return results, next_inputs
 
 
-def observe_step(block: nn.Module, step: StepPlan, inputs: BlockInputs, request: StatsRequest,
-                 compute_dtype: torch.dtype, prefix: str, recording: list[LinearReplay],
+def observe_step(block: nn.Module, step: StepPlan, quantizers: dict[str, ActivationQuantizer | None],
+                 inputs: BlockInputs, request: StatsRequest, compute_dtype: torch.dtype, prefix: str,
+                 recording: list[LinearReplay],
                  ) -> tuple[dict[str, InputStatistics], dict[str, ObserverState], dict[str, torch.Tensor]]:
     """One sub-step's calibration pass: the statistics ``request`` asks of its linears' inputs, the
-    observers of their static input scales and, for quantizers with fixed outlier channels, the
+    observers of their static input scales and, for ``quantizers`` (per linear) with fixed outlier channels, the
     channels (the largest ``|x|``); static scales of such inputs then observe the other features in
     a second pass (the channels must be known first; ``recording`` replays record the first only)."""
-    names, quantizers = step.names, step.input_quantizers()
+    names = step.names
     kept = [n for n in names if quantizers[n] is not None and quantizers[n].outlier_channels]  # type: ignore[union-attr]
     if kept:
         request = request.merge(StatsRequest(absmax=True))

@@ -61,9 +61,6 @@ class Activations(BaseModel):
         if self.outlier_threshold is not None and not (self.dynamic and self.format == "int8" and self.granularity == "token"
                                                        and self.symmetric):
             raise ValueError("outlier_threshold (LLM.int8()) needs dynamic symmetric int8 per-token inputs")
-        if self.outlier_channels is not None and not (self.format == "int8" and self.symmetric
-                                                      and self.granularity in ("token", "tensor")):
-            raise ValueError("outlier_channels needs symmetric int8 inputs, per token or per tensor")
         self.quantizer()  # the format's own checks (FP8 is symmetric)
         if not self.dynamic:
             self.observer.start(self.granularity == "channel", self.quantizer())  # type: ignore[union-attr]
